@@ -1,0 +1,84 @@
+"""URFM configuration: one dataclass with the recipe's defaults and the ViT presets.
+
+Defaults follow DESIGN.md's recipe table (MAE/MILAN's hyper-parameters, which URFM's code follows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# name -> (embed_dim, depth, num_heads); all patch 16, MLP ratio 4 (timm's vit_*_patch16_224)
+VIT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+
+@dataclass
+class URFMConfig:
+    """Student encoder, decoder, masking and target of the URFM objective."""
+
+    model: str = "vit_base"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    target_dim: int = 768  # BiomedCLIP trunk width; 512 for the projected target
+    mask_ratio: float = 0.75
+    mask_type: str = "random"  # random | block (BEiT's block-wise generator)
+    loss_on: str = "masked"  # masked | all (MILAN)
+    target_norm: bool = False  # LayerNorm (no affine) of targets before the cosine (MaskDistill)
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("embed dims must be divisible by their head counts")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_type not in ("random", "block"):
+            raise ValueError(f"mask_type must be 'random' or 'block', got {self.mask_type!r}")
+        if self.loss_on not in ("masked", "all"):
+            raise ValueError(f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> URFMConfig:
+        """``URFMConfig.preset('vit_tiny', img_size=64)``: a ViT size with the URFM decoder defaults."""
+        if name not in VIT_PRESETS:
+            raise ValueError(f"unknown model {name!r}; choose from {sorted(VIT_PRESETS)}")
+        embed_dim, depth, num_heads = VIT_PRESETS[name]
+        fields = dict(model=name, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_visible(self) -> int:
+        """Visible patches per image: fixed per batch so every shape in the hot path is static."""
+        # int() as in MAE's random_masking: 196 patches at ratio 0.75 keep 49.
+        return max(1, int(self.num_patches * (1.0 - self.mask_ratio)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> URFMConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,128 @@
+"""The URFM hot path behind one switch: Triton kernels or their torch references.
+
+Every op is differentiable and keeps the signature of its torch reference in ``urfm_fast.kernels``.
+
+    URFM_KERNELS=auto    Triton for CUDA tensors (sm80+, triton importable), torch otherwise
+    URFM_KERNELS=triton  always Triton; with TRITON_INTERPRET=1 this runs on CPU tensors
+    URFM_KERNELS=torch   always the torch references
+
+Tests flip the backend with ``set_backend`` or the ``use_backend`` context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+
+import torch
+
+from urfm_fast.kernels.attention import attention_ref
+from urfm_fast.kernels.cosine_loss import cosine_loss_ref
+from urfm_fast.kernels.gather import gather_tokens_ref, gather_visible_ref, unshuffle_ref
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "torch")
+_backend: str | None = None
+
+
+def get_backend() -> str:
+    global _backend
+    if _backend is None:
+        _backend = os.environ.get("URFM_KERNELS", "auto").lower()
+        if _backend not in BACKENDS:
+            raise ValueError(f"URFM_KERNELS={_backend!r}; expected one of {BACKENDS}")
+        log.info("urfm_fast kernels backend: %s (triton available: %s)", _backend, triton_available())
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}; expected one of {BACKENDS}")
+    global _backend
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
+def _cuda_sm80(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the op on tensor ``t`` should run the Triton kernel."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("URFM_KERNELS=triton but triton cannot be imported")
+        return True
+    return t.is_cuda and triton_available() and _cuda_sm80(t.device.index or 0)
+
+
+def _triton_ops():
+    # Imported on first use so that a machine without triton never imports it.
+    from urfm_fast.kernels import triton_ops
+
+    return triton_ops
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B,N,D], idx [B,K] int64 -> [B,K,D]."""
+    if use_triton(x):
+        return _triton_ops().gather_tokens(x, idx)
+    return gather_tokens_ref(x, idx)
+
+
+def gather_visible(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Encoder input: x [B,N,D], idx [B,K], pos [1+N,D], cls [D] -> [B,1+K,D] (CLS first, pos added)."""
+    if use_triton(x):
+        return _triton_ops().gather_visible(x, idx, pos, cls)
+    return gather_visible_ref(x, idx, pos, cls)
+
+
+def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Decoder input: x [B,1+K,D], mask_token [D], ids_restore [B,N], pos [1+N,D] -> [B,1+N,D]."""
+    if use_triton(x):
+        return _triton_ops().unshuffle(x, mask_token, ids_restore, pos)
+    return unshuffle_ref(x, mask_token, ids_restore, pos)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B,H,N,Dh] each -> softmax(q k^T / sqrt(Dh)) v."""
+    if use_triton(q):
+        return _triton_ops().attention(q, k, v)
+    return attention_ref(q, k, v)
+
+
+def cosine_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    target_norm: bool = False,
+) -> torch.Tensor:
+    """pred [M,D], target [M,D] -> scalar fp32 mean(1 - cos); no gradient to target."""
+    if use_triton(pred):
+        return _triton_ops().cosine_loss(pred, target, weight, target_norm)
+    return cosine_loss_ref(pred, target, weight, target_norm)

@@ -1,0 +1,157 @@
+"""The frozen BiomedCLIP vision tower that provides URFM's targets.
+
+BiomedCLIP (microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, MIT licence) is an open_clip
+model whose vision tower is a timm ``vit_base_patch16_224`` trunk (keys ``visual.trunk.*``) and a
+768 -> 512 projection without bias (``visual.head.proj.weight``). We rebuild the trunk with our own
+ViT code (identical keys and maths) so it runs through ``urfm_fast.ops`` like the student, and load
+only the vision keys of the open_clip file; the text tower is ignored.
+
+Targets are the final-LayerNorm patch tokens ``trunk.forward_features(x)[:, 1:]`` (768-d), or with
+``target='proj'`` those tokens projected to the 512-d joint space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from urfm_fast.vit import ViTEncoder
+
+log = logging.getLogger(__name__)
+
+HF_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRUNK_PREFIX = "visual.trunk."
+PROJ_KEY = "visual.head.proj.weight"
+
+
+class TeacherUnavailable(RuntimeError):
+    """The BiomedCLIP weights cannot be found offline (and cannot be downloaded here)."""
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def _find_in_folder(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise TeacherUnavailable(f"no {' or '.join(WEIGHT_FILES)} in {folder}")
+
+
+def _from_hub(hub_id: str) -> Path:
+    """Existing Hugging Face cache first; download only where a network exists."""
+    from huggingface_hub import hf_hub_download
+
+    repo = hub_id.removeprefix("hf-hub:")
+    errors = []
+    for local_only in (True, False):
+        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            break
+        for name in WEIGHT_FILES:
+            try:
+                return Path(hf_hub_download(repo, name, local_files_only=local_only))
+            except Exception as e:  # offline, missing file, no cache: try the next option
+                errors.append(f"{name}: {type(e).__name__}")
+    raise TeacherUnavailable(
+        f"BiomedCLIP weights for {repo} are not in the Hugging Face cache and could not be downloaded "
+        f"({'; '.join(errors[-2:])}). Download open_clip_pytorch_model.bin from "
+        f"https://huggingface.co/{repo} on a machine with network and pass --teacher PATH, "
+        "or use --teacher random for a smoke test."
+    )
+
+
+class BiomedCLIPTeacher(nn.Module):
+    """Frozen BiomedCLIP vision trunk: float images [B,3,H,W] in [0,1] -> patch targets [B,N,768|512]."""
+
+    def __init__(self, target: str = "tokens", img_size: int = 224):
+        super().__init__()
+        if target not in ("tokens", "proj"):
+            raise ValueError(f"target must be 'tokens' or 'proj', got {target!r}")
+        self.target = target
+        self.trunk = ViTEncoder(img_size=img_size, embed_dim=768, depth=12, num_heads=12)
+        self.proj = nn.Linear(768, 512, bias=False)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.source = "random"
+        self.freeze()
+
+    @property
+    def out_dim(self) -> int:
+        return 768 if self.target == "tokens" else 512
+
+    def freeze(self) -> BiomedCLIPTeacher:
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> BiomedCLIPTeacher:
+        return super().train(False)  # always eval: no dropout, and nothing here is trained
+
+    @classmethod
+    def load(cls, source: str | os.PathLike = HF_HUB_ID, target: str = "tokens") -> BiomedCLIPTeacher:
+        """``source``: an open_clip weights file, a folder holding one, an ``hf-hub:`` id, or ``random``.
+
+        ``random`` builds the identical architecture with timm's ViT initialisation: for tests and
+        smoke runs only, its targets carry no meaning.
+        """
+        teacher = cls(target=target)
+        if str(source) == "random":
+            import timm
+
+            ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+            teacher.trunk.load_state_dict(ref.state_dict(), strict=True)
+            nn.init.normal_(teacher.proj.weight, std=768**-0.5)
+            return teacher.freeze()
+        if str(source).startswith("hf-hub:"):
+            path = _from_hub(str(source))
+        else:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                path = _find_in_folder(path)
+            elif not path.is_file():
+                raise TeacherUnavailable(f"teacher weights not found: {path}")
+        teacher.load_open_clip_state_dict(_read_state_dict(path), origin=str(path))
+        teacher.source = str(path)
+        log.info("BiomedCLIP teacher loaded from %s", path)
+        return teacher.freeze()
+
+    def load_open_clip_state_dict(self, sd: dict[str, torch.Tensor], origin: str = "state dict") -> None:
+        """Take the vision keys of an open_clip BiomedCLIP state dict; fail clearly if any is missing."""
+        trunk = {k[len(TRUNK_PREFIX) :]: v for k, v in sd.items() if k.startswith(TRUNK_PREFIX)}
+        if not trunk or PROJ_KEY not in sd:
+            raise ValueError(
+                f"{origin} is not an open_clip BiomedCLIP checkpoint: expected keys '{TRUNK_PREFIX}*' and "
+                f"'{PROJ_KEY}'"
+            )
+        trunk = {k: v for k, v in trunk.items() if not k.startswith("head.")}  # reset classifier, if any
+        missing, unexpected = self.trunk.load_state_dict(trunk, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{origin}: vision trunk mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.proj.weight.data.copy_(sd[PROJ_KEY])
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] float in [0,1] (full, unmasked view) -> [B, H/16*W/16, 768 or 512] fp32."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"teacher expects [B,3,H,W] images, got {tuple(images.shape)}")
+        x = (images.float() - self.mean) / self.std
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
+        with autocast:
+            tokens = self.trunk.forward_features(x)[:, 1:]  # (B, N, 768), CLS dropped
+            if self.target == "proj":
+                tokens = tokens @ self.proj.weight.t()  # (B, N, 512)
+        return tokens.float()
