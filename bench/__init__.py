@@ -1,0 +1,1 @@
+"""Benchmark suite: ``pytest bench/ --benchmark-only`` (see bench/conftest.py)."""
