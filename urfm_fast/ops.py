@@ -18,6 +18,12 @@ import os
 
 import torch
 
+# Each kernel file holds the torch reference and its Triton op side by side. Importing them does
+# not need triton: urfm_fast.kernels._triton guards the import and HAS_TRITON says whether it worked.
+from urfm_fast.kernels import _triton
+from urfm_fast.kernels import attention as _attention
+from urfm_fast.kernels import cosine_loss as _cosine_loss
+from urfm_fast.kernels import gather as _gather
 from urfm_fast.kernels.attention import attention_ref
 from urfm_fast.kernels.cosine_loss import cosine_loss_ref
 from urfm_fast.kernels.gather import gather_tokens_ref, gather_visible_ref, unshuffle_ref
@@ -55,13 +61,8 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _triton.HAS_TRITON
 
 
 @functools.cache
@@ -81,38 +82,31 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available() and _cuda_sm80(t.device.index or 0)
 
 
-def _triton_ops():
-    # Imported on first use so that a machine without triton never imports it.
-    from urfm_fast.kernels import triton_ops
-
-    return triton_ops
-
-
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B,N,D], idx [B,K] int64 -> [B,K,D]."""
     if use_triton(x):
-        return _triton_ops().gather_tokens(x, idx)
+        return _gather.gather_tokens(x, idx)
     return gather_tokens_ref(x, idx)
 
 
 def gather_visible(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """Encoder input: x [B,N,D], idx [B,K], pos [1+N,D], cls [D] -> [B,1+K,D] (CLS first, pos added)."""
     if use_triton(x):
-        return _triton_ops().gather_visible(x, idx, pos, cls)
+        return _gather.gather_visible(x, idx, pos, cls)
     return gather_visible_ref(x, idx, pos, cls)
 
 
 def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Decoder input: x [B,1+K,D], mask_token [D], ids_restore [B,N], pos [1+N,D] -> [B,1+N,D]."""
     if use_triton(x):
-        return _triton_ops().unshuffle(x, mask_token, ids_restore, pos)
+        return _gather.unshuffle(x, mask_token, ids_restore, pos)
     return unshuffle_ref(x, mask_token, ids_restore, pos)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[B,H,N,Dh] each -> softmax(q k^T / sqrt(Dh)) v."""
     if use_triton(q):
-        return _triton_ops().attention(q, k, v)
+        return _attention.attention(q, k, v)
     return attention_ref(q, k, v)
 
 
@@ -124,5 +118,5 @@ def cosine_loss(
 ) -> torch.Tensor:
     """pred [M,D], target [M,D] -> scalar fp32 mean(1 - cos); no gradient to target."""
     if use_triton(pred):
-        return _triton_ops().cosine_loss(pred, target, weight, target_norm)
+        return _cosine_loss.cosine_loss(pred, target, weight, target_norm)
     return cosine_loss_ref(pred, target, weight, target_norm)

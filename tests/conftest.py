@@ -1,0 +1,40 @@
+"""Test-session setup shared by every test file.
+
+The Triton kernels run under triton's interpreter on CPU tensors when no GPU is present. Triton
+decides that when a kernel is defined (at ``import urfm_fast``), so the variable is set here,
+before any test module imports the package. On a CUDA machine the kernels compile for the GPU
+instead; export TRITON_INTERPRET=1 to force the interpreter there too.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernels under test run: the GPU, or the CPU under the interpreter."""
+    return torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+
+
+@pytest.fixture
+def close_to_fp32():
+    """flash-attention's rule: max|out - ref32| <= 2 * max|ref_same_dtype - ref32| + atol.
+
+    ``ref_same`` is the torch reference run in the kernel's dtype, ``ref32`` the same in fp32; so
+    the kernel may be at most twice as wrong as torch itself is at that precision.
+    """
+
+    def check(out: torch.Tensor, ref_same: torch.Tensor, ref32: torch.Tensor, atol: float, name: str = ""):
+        assert out.shape == ref32.shape, (name, out.shape, ref32.shape)
+        assert torch.isfinite(out).all(), f"{name}: non-finite values"
+        err = (out.double() - ref32.double()).abs().max().item() if out.numel() else 0.0
+        base = (ref_same.double() - ref32.double()).abs().max().item() if out.numel() else 0.0
+        assert err <= 2 * base + atol, f"{name}: max err {err:.3g} > 2 * {base:.3g} + {atol:g}"
+
+    return check
