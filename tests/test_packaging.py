@@ -1,0 +1,32 @@
+"""kernels/ ships as urfm_fast.kernels, never as a top-level `kernels` (a PyPI package of that name exists)."""
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import urfm_fast.kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_package_maps_kernels_folder():
+    assert Path(urfm_fast.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+    assert importlib.util.find_spec("kernels") is None or not str(importlib.util.find_spec("kernels").origin).startswith(
+        str(ROOT)
+    )
+
+
+def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
+    # The non-editable install is what the wheel holds.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("urfm_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "urfm_fast/kernels/__init__.py" in names and "urfm_fast/kernels/gather.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    assert "urfm_fast/ops.py" in names
