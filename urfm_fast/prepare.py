@@ -1,15 +1,54 @@
-"""Placeholder; filled in below."""
+"""`python -m urfm_fast.prepare SRC [SRC ...] --out DIR`: ultrasound archives -> uint8 shards.
 
+Reads PNG (8/16-bit), JPEG, BMP, TIFF and DICOM (pydicom 3: single- and multi-frame, decoded frame
+by frame; MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR; JPEG baseline/lossless through Pillow
+or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix).
+Every image/frame becomes 8-bit grey, is cropped to the scan region, resized to a fixed short side
+and appended to memory-mappable shards:
+
+    DIR/urfm_shards.json   format marker and the short side
+    DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
+    DIR/index.jsonl        one line per image: shard, offset, h, w, src, path, frame, crop
+    DIR/skipped.jsonl      one line per unreadable file: src, path, reason
+    DIR/summary.json       counts of the last run
+
+Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
+regions); otherwise the largest connected bright blob after an opening that erases text and thin
+lines (the fan or rectangle of live image), holes filled; pixels outside it (text, UI, calipers)
+are blanked and the image is cropped to it. When nothing convincing is found the frame is kept whole.
+
+Resumable and idempotent: files already in the index (or in skipped.jsonl) are not read again, so a
+second run adds only new files; a crash loses at most the file being written. No DICOM header value
+(names, IDs, dates, UIDs...) is written anywhere: only the relative path, frame number and pixels.
+
+    python -m urfm_fast.prepare /data/us_archive --out /data/us_shards
+    python -m urfm_fast.pretrain --data /data/us_shards
+"""
+
+import argparse
 import json
+import logging
+import multiprocessing as mp
 import os
+import sys
+import time
+import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-MARKER = "urfm_shards.json"  # {"format": "urfm-shards", "version": 1, "short_side": 256}
-INDEX = "index.jsonl"  # one JSON object per image/frame, see read_index
+MARKER = "urfm_shards.json"
+INDEX = "index.jsonl"
 SKIPPED = "skipped.jsonl"
+SUMMARY = "summary.json"
 SHARD_DIR = "shards"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTS = (".dcm", ".dicom", ".dic")
+SHARD_BYTES = 1 << 30  # start a new shard file after ~1 GiB
+
+
+class PrepareError(Exception):
+    """A problem with the command line inputs (printed as one line, exit status 2)."""
 
 
 def shard_path(root, k):
@@ -73,3 +112,434 @@ def resize_short(g, short_side):
     s = short_side / min(h, w)
     nh, nw = max(short_side, round(h * s)), max(short_side, round(w * s))
     return np.asarray(Image.fromarray(g).resize((nw, nh), Image.BILINEAR))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan region
+
+_WORK = 160  # detection runs on a copy with this short side: fast, and text strokes get thin
+
+
+def _largest_component(m):
+    """bool [h,w] -> bool mask of its largest 4-connected component (flood fills run in C via PIL)."""
+    # .copy(): an image made by fromarray shares the read-only array and ignores flood fills
+    lab = Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).copy()
+    best, best_n, label = None, 0, 1
+    arr = np.asarray(lab)
+    while label < 255:
+        ys, xs = np.nonzero(arr == 255)
+        if len(ys) == 0:
+            break
+        ImageDraw.floodfill(lab, (int(xs[0]), int(ys[0])), label)
+        arr = np.asarray(lab)
+        n = int((arr == label).sum())
+        if n > best_n:
+            best, best_n = label, n
+        label += 1
+    return arr == best if best is not None else np.zeros_like(m)
+
+
+def _hull(points):
+    """Convex hull (Andrew's monotone chain) of [(x, y), ...] -> counter-clockwise vertex list."""
+    pts = sorted(set(points))
+    if len(pts) < 3:
+        return pts
+    cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return lower[:-1] + upper[:-1]
+
+
+def detect_scan_region(g):
+    """uint8 [H,W] -> bool [H,W] mask of the live image (fan or rectangle), or None if unsure.
+
+    On a copy with a short side of 160: mark pixels whose neighbourhood is mostly mid-grey (speckle;
+    text, calipers and UI are near-white strokes on black), open with a 9-px window to cut thin links
+    and strokes, keep the largest blob and take its convex hull (fans and rectangles are convex, so
+    dark cysts, chambers and weak edges inside are kept). The hull must cover >= 10 % of the frame,
+    else None (the caller keeps the frame whole)."""
+    H, W = g.shape
+    f = _WORK / min(H, W)
+    small = np.asarray(Image.fromarray(g).resize((max(1, round(W * f)), max(1, round(H * f))), Image.BOX))
+    mid = Image.fromarray(np.where((small > 3) & (small < 250), 255, 0).astype(np.uint8))
+    m = np.asarray(mid.filter(ImageFilter.BoxBlur(2))) > 128
+    k = 2 * max(2, _WORK // 40) + 1  # odd window, 9 px at the working size
+    opened = Image.fromarray(np.where(m, 255, 0).astype(np.uint8))
+    opened = opened.filter(ImageFilter.MinFilter(k)).filter(ImageFilter.MaxFilter(k))
+    blob = _largest_component(np.asarray(opened) > 0)
+    if blob.sum() < 0.05 * blob.size:
+        return None
+    # Row extents of the blob as pixel-corner points, scaled to full resolution.
+    sy, sx = H / blob.shape[0], W / blob.shape[1]
+    pts = []
+    for y in np.nonzero(blob.any(axis=1))[0]:
+        xs = np.nonzero(blob[y])[0]
+        for yy in (y, y + 1):
+            pts += [(xs[0] * sx, yy * sy), ((xs[-1] + 1) * sx, yy * sy)]
+    hull = Image.new("L", (W, H), 0)
+    ImageDraw.Draw(hull).polygon([(float(x), float(y)) for x, y in _hull(pts)], fill=255)
+    mask = np.asarray(hull) > 0
+    return mask if mask.mean() >= 0.10 else None
+
+
+def crop_to_mask(g, mask):
+    """Blank everything outside mask and crop to its bounding box: uint8 [H,W] -> uint8 [h,w]."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    return np.where(mask, g, 0)[y0:y1, x0:x1]
+
+
+def region_box(ds, shape):
+    """Union (y0, y1, x0, x1) of the 2-D regions of (0018,6011), clipped to the frame, or None."""
+    boxes = []
+    for r in ds.get("SequenceOfUltrasoundRegions", None) or []:
+        try:
+            if int(r.get("RegionSpatialFormat", 1)) != 1:  # 1 = 2-D; skip M-mode, spectral, waveform
+                continue
+            boxes.append((int(r.RegionLocationMinY0), int(r.RegionLocationMaxY1) + 1,
+                          int(r.RegionLocationMinX0), int(r.RegionLocationMaxX1) + 1))
+        except (AttributeError, TypeError, ValueError):
+            continue
+    if not boxes:
+        return None
+    H, W = shape
+    y0, y1 = max(0, min(b[0] for b in boxes)), min(H, max(b[1] for b in boxes))
+    x0, x1 = max(0, min(b[2] for b in boxes)), min(W, max(b[3] for b in boxes))
+    if y1 - y0 < 16 or x1 - x0 < 16:
+        return None
+    return y0, y1, x0, x1
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers (run in worker processes). Each returns a list of (frame, uint8 [h,w], crop kind).
+
+
+def is_dicom(path):
+    """DICOM by content: the 'DICM' magic after the 128-byte preamble (or a DICOM suffix)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            if f.read(4) == b"DICM":
+                return True
+    except OSError:
+        return False
+    return path.lower().endswith(DICOM_EXTS)
+
+
+def _finish(g, short_side, box=None, mask=None):
+    """Crop (region box, else detection) and resize one grey frame -> (uint8 [h,w], crop kind)."""
+    if box is not None:
+        y0, y1, x0, x1 = box
+        g, kind = g[y0:y1, x0:x1], "regions"
+    else:
+        if mask is None or mask.shape != g.shape:
+            mask = detect_scan_region(g)
+        if mask is not None:
+            g, kind = crop_to_mask(g, mask), "detected"
+        else:
+            kind = "full"
+    return np.ascontiguousarray(resize_short(g, short_side)), kind
+
+
+def read_image_file(path, short_side):
+    g = load_image_grey8(path)
+    out, kind = _finish(g, short_side)
+    return [(0, out, kind)]
+
+
+def read_dicom_file(path, short_side, stride=1):
+    """Decode a DICOM frame by frame (pixel data never loaded whole) -> [(frame, uint8, kind)]."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, iter_pixels
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as e:  # the message may quote header bytes: keep the class only
+        raise ValueError(f"not a readable DICOM file ({type(e).__name__})") from None
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ValueError("DICOM without image pixel data")
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    out, mask = [], None
+    box = region_box(ds, (int(ds.Rows), int(ds.Columns)))
+    try:
+        frames = iter_pixels(path, indices=range(0, n, stride))
+        for idx, a in zip(range(0, n, stride), frames):
+            if pi == "PALETTE COLOR":
+                a = apply_color_lut(a, ds)
+            g = to_grey8(a)
+            if pi == "MONOCHROME1":
+                g = 255 - g  # 0 = white in MONOCHROME1
+            if box is None and mask is None:
+                mask = detect_scan_region(g) if g.size else None  # one fan per cine: detect once
+                if mask is None:
+                    mask = np.ones(g.shape, bool)
+            img, kind = _finish(g, short_side, box, mask)
+            if box is None and mask.all():
+                kind = "full"
+            out.append((idx, img, kind))
+    except Exception as e:
+        # Messages of decoders can quote header values: report the class and the standard
+        # transfer-syntax name only, never the message text.
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", "unknown transfer syntax")
+        raise ValueError(f"cannot decode DICOM pixel data ({name}; {type(e).__name__})") from None
+    if not out:
+        raise ValueError("DICOM without frames")
+    return out
+
+
+def _quiet_worker():
+    """Silence decoders in workers: pydicom warnings quote header values (names, dates)."""
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").disabled = True
+    try:
+        import pydicom.config as pc
+
+        pc.settings.reading_validation_mode = pc.IGNORE
+    except Exception:
+        pass
+
+
+def process_file(job):
+    """Worker entry: job = (abs path, rel path, short side, stride) -> ("ok", frames) | ("skip", reason)."""
+    path, rel, short_side, stride = job
+    try:
+        if path.lower().endswith(IMAGE_EXTS) and not is_dicom(path):
+            frames = read_image_file(path, short_side)
+        elif is_dicom(path):
+            try:
+                frames = read_dicom_file(path, short_side, stride)
+            except ValueError as e:
+                return "skip", str(e)
+            except Exception as e:
+                return "skip", f"not a readable DICOM file ({type(e).__name__})"
+        else:
+            return "skip", "not an image or DICOM file"
+        return "ok", [(fr, img.shape[0], img.shape[1], kind, img.tobytes()) for fr, img, kind in frames]
+    except Exception as e:  # a bad file is listed, never a crash
+        msg = str(e).replace(path, rel)[:200]
+        return "skip", f"unreadable image ({type(e).__name__}: {msg})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def walk_sources(sources, out):
+    """-> sorted [(src name, rel path, abs path)] of every file under the sources (out excluded)."""
+    out_abs = os.path.abspath(out)
+    jobs, names = [], {}
+    for s in sources:
+        a = os.path.abspath(s)
+        if not os.path.exists(a):
+            raise PrepareError(f"source {s} does not exist")
+        if os.path.isfile(a):
+            jobs.append(("", os.path.basename(a), a))
+            continue
+        name = os.path.basename(os.path.normpath(a))
+        if name in names and names[name] != a:
+            raise PrepareError(f"two sources share the folder name {name!r}; give them distinct names")
+        names[name] = a
+        for d, dirs, files in os.walk(a):
+            dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != out_abs)
+            for f in sorted(files):
+                p = os.path.join(d, f)
+                jobs.append((name, os.path.relpath(p, a).replace(os.sep, "/"), p))
+    return jobs
+
+
+def _open_out(out, short_side):
+    """Create or reopen the shard folder; refuse a non-empty folder that is not ours."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not is_shard_dir(out):
+        raise PrepareError(f"--out {out} is not empty and not a shard folder; choose an empty or new folder")
+    os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
+    mpath = os.path.join(out, MARKER)
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            meta = json.load(f)
+        if meta.get("short_side") != short_side:
+            raise PrepareError(
+                f"{out} holds images with short side {meta.get('short_side')}; use --short-side "
+                f"{meta.get('short_side')} or another --out"
+            )
+    else:
+        with open(mpath, "w") as f:
+            json.dump({"format": "urfm-shards", "version": 1, "short_side": short_side}, f)
+            f.write("\n")
+    # A crash mid-line leaves a torn last line: cut it before appending.
+    for name in (INDEX, SKIPPED):
+        p = os.path.join(out, name)
+        if os.path.exists(p):
+            with open(p, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+
+
+class _ShardWriter:
+    """Appends images to new shard files (never rewrites an existing one)."""
+
+    def __init__(self, out):
+        self.out = out
+        existing = [int(f[6:11]) for f in os.listdir(os.path.join(out, SHARD_DIR)) if f.startswith("shard-")]
+        self.k = max(existing, default=-1)
+        self.f = None
+
+    def write(self, data):
+        """-> (shard number, byte offset) of data."""
+        if self.f is None or self.f.tell() >= SHARD_BYTES:
+            if self.f is not None:
+                self.f.close()
+            self.k += 1
+            self.f = open(shard_path(self.out, self.k), "wb")
+        off = self.f.tell()
+        self.f.write(data)
+        return self.k, off
+
+    def flush(self):
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+
+
+def prepare(sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True):
+    """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs."""
+    if frame_stride < 1:
+        raise PrepareError("--frame-stride must be >= 1")
+    files = walk_sources(sources, out)
+    if not files:
+        raise PrepareError(f"no files found under {' '.join(map(str, sources))}")
+    _open_out(out, short_side)
+    done = {(r["src"], r["path"]) for r in read_index(out)}
+    old_skips = _read_jsonl(os.path.join(out, SKIPPED))
+    if retry_skipped:  # forget old skips; they are listed again if they fail again
+        _write_jsonl(os.path.join(out, SKIPPED), [r for r in old_skips if (r["src"], r["path"]) in done])
+    else:
+        done |= {(r["src"], r["path"]) for r in old_skips}
+    todo = [(s, rel, p) for s, rel, p in files if (s, rel) not in done]
+    counts = {"files_seen": len(files), "files_already_done": len(files) - len(todo), "files_added": 0,
+              "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {}}
+    t0 = time.time()
+    writer = _ShardWriter(out)
+    jobs = [(p, rel, short_side, frame_stride) for _, rel, p in todo]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    with open(os.path.join(out, INDEX), "a", encoding="utf-8") as index, \
+            open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skipped:
+        if workers == 1:
+            _quiet_worker()
+            results = map(process_file, jobs)
+            pool = None
+        else:
+            pool = mp.get_context("spawn").Pool(workers, initializer=_quiet_worker)
+            results = pool.imap(process_file, jobs, chunksize=1)  # ordered: same input, same shards
+        try:
+            bar = _progress(len(jobs), progress)
+            for (src, rel, _), (status, payload) in zip(todo, results):
+                if status == "skip":
+                    skipped.write(json.dumps({"src": src, "path": rel, "reason": payload}) + "\n")
+                    skipped.flush()
+                    counts["files_skipped"] += 1
+                    key = payload.split(" (")[0]
+                    counts["skip_reasons"][key] = counts["skip_reasons"].get(key, 0) + 1
+                else:
+                    lines = []
+                    for frame, h, w, kind, data in payload:
+                        k, off = writer.write(data)
+                        lines.append(json.dumps({"shard": k, "offset": off, "h": h, "w": w, "src": src,
+                                                 "path": rel, "frame": frame, "crop": kind}))
+                        counts["crop"][kind] = counts["crop"].get(kind, 0) + 1
+                    writer.flush()  # pixels on disk before the index points at them
+                    index.write("\n".join(lines) + "\n")
+                    index.flush()
+                    counts["files_added"] += 1
+                    counts["images_added"] += len(payload)
+                bar.update(1)
+                bar.set_postfix(images=counts["images_added"], skipped=counts["files_skipped"], refresh=False)
+            bar.close()
+        finally:
+            writer.close()
+            if pool is not None:
+                pool.terminate()
+    counts["images_total"] = len(read_index(out))
+    counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
+    counts["seconds"] = round(time.time() - t0, 2)
+    with open(os.path.join(out, SUMMARY), "w") as f:
+        json.dump(counts, f, indent=1)
+        f.write("\n")
+    return counts
+
+
+def _progress(total, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", disable=not enabled, dynamic_ncols=True, desc="prepare")
+
+
+def _read_jsonl(p):
+    if not os.path.exists(p):
+        return []
+    with open(p, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def _write_jsonl(p, rows):
+    tmp = p + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, p)
+
+
+def format_summary(c, out):
+    lines = [
+        f"{c['files_seen']} files seen, {c['files_already_done']} already done, {c['files_added']} added "
+        f"({c['images_added']} images), {c['files_skipped']} skipped",
+        f"{out}: {c['images_total']} images in total; {c['files_skipped_total']} files listed in {SKIPPED}",
+    ]
+    for reason, n in sorted(c["skip_reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  skipped {n:6d}  {reason}")
+    if c["crop"]:
+        lines.append("  scan-region crop: " + ", ".join(f"{k} {v}" for k, v in sorted(c["crop"].items())))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m urfm_fast.prepare",
+        description="Convert folders of ultrasound images and DICOM (cine) files into uint8 shards for "
+        "python -m urfm_fast.pretrain --data DIR.",
+    )
+    ap.add_argument("sources", nargs="+", metavar="SRC", help="folders (searched recursively) or files")
+    ap.add_argument("--out", required=True, help="shard folder to create or extend (resumable)")
+    ap.add_argument("--short-side", type=int, default=256, help="resize every image to this short side")
+    ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine")
+    ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    ap.add_argument("--retry-skipped", action="store_true", help="read files listed in skipped.jsonl again")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
+                    workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(c, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
