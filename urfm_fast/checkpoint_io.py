@@ -1,0 +1,376 @@
+"""Read URFM checkpoints of every kind into one layout: MAE key names, config inferred from shapes.
+
+Formats understood by ``load_checkpoint(path)``:
+
+- the released URFM files (``mae_vit_{base,large,huge}_patch16_dec768d8b_all_biomedclip_1199.pth``):
+  MAE-style pickles with ``model``, ``ema_state_dict``, ``optimizer``, ``epoch`` and ``args`` (an
+  ``argparse.Namespace``);
+- our own ``.pth`` (``python -m urfm_fast.pretrain``): the same keys plus ``step``;
+- DCP folders (torch.distributed.checkpoint), read in one process without a process group;
+- exports (``python -m urfm_fast.export``): a folder with ``model.safetensors`` + ``config.json``, or a
+  bare ``.safetensors`` file (encoder only);
+- a bare state dict (MAE/timm ViT keys) saved with ``torch.save``.
+
+Pickles are read with ``weights_only=True`` and ``argparse.Namespace`` as the one extra allowed
+class, so a checkpoint cannot run code. Caution: a DCP folder's ``.metadata`` file is a plain pickle
+by torch's design; only read DCP folders you (or your own training job) wrote.
+
+Every failure is a ``CheckpointError`` (a ``ValueError``) with a one-line message naming the file and
+the problem, never a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from urfm_fast.config import VIT_PRESETS, URFMConfig
+
+# Prefixes/infixes added by wrappers: DDP/EMA (`module.`), torch.compile (`_orig_mod.`), activation
+# checkpointing and FSDP1. They never occur in a real parameter name of ours.
+_WRAPPER_SEGMENTS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+EMA_KEYS = ("ema_state_dict", "model_ema", "ema")
+MODEL_KEYS = ("model", "state_dict", "model_state_dict")
+ENCODER_REQUIRED = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight")
+# Standard ViT widths -> heads (timm's vit_{tiny,small,base,large,huge}); head dim 64 everywhere.
+WIDTH_TO_HEADS = {dim: heads for dim, _, heads in VIT_PRESETS.values()}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable URFM/ViT checkpoint. The message is one line."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """``state_dict``: MAE-layout keys (encoder = timm ViT keys, plus ``decoder_*``/``mask_token`` when the
+    file has a decoder). ``config``: the URFMConfig the tensors fit. ``meta``: epoch, step, format, which
+    weights were taken (``ema`` or ``model``), the path, the training args as a dict."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: URFMConfig
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def has_decoder(self) -> bool:
+        return "decoder_pred.weight" in self.state_dict
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """timm ViT keys only (what ``export`` writes and ``load_backbone`` loads)."""
+        from urfm_fast.model import DECODER_PREFIXES
+
+        return {k: v for k, v in self.state_dict.items() if not k.startswith(DECODER_PREFIXES)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
+                TypeError, ImportError, KeyError, IndexError, UnicodeDecodeError)
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True and argparse.Namespace allowed; errors become one line."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as e:
+        msg = str(e).strip().splitlines()
+        first = next((m for m in msg if m.strip()), type(e).__name__)
+        if "WeightsUnpickler error" in str(e):
+            after = str(e).split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+            first = after[0].strip() if after else first
+        if "Unsupported global" in str(e):
+            g = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"an object of type {g.group(1)}" if g else "a Python object"
+            raise CheckpointError(
+                f"{path}: holds {what}, which weights_only loading does not allow (only tensors, "
+                "containers and argparse.Namespace are); if you trust the file, re-save its state dicts "
+                "with torch.save"
+            ) from None
+        if zipfile.is_zipfile(path) or "zip archive" in str(e) or "central directory" in str(e):
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first})") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _safe_dcp_planner():
+    """torch's DCP load planner that rebuilds the whole state dict, with safe reading of byte entries."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    class SafeBytesPlanner(_EmptyStateDictLoadPlanner):
+        # torch reads non-tensor entries (args, epoch, ...) with weights_only=False, a full unpickle.
+        # Same placement logic here, only the unpickling is restricted.
+        def load_bytes(self, read_item, value):
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeBytesPlanner()
+
+
+def _load_dcp(path: Path) -> dict:
+    """A whole DCP folder as a nested dict (as ``dcp_to_torch_save`` would write it), in this process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    try:
+        reader = FileSystemReader(str(path))
+        sd: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _load_state_dict(sd, storage_reader=reader, planner=_safe_dcp_planner(), no_dist=True)
+        return sd
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP raises CheckpointException/RuntimeError/pickle errors alike
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: unreadable DCP checkpoint folder ({type(e).__name__}: {first})") from None
+
+
+def _read(path: Path) -> tuple[object, str]:
+    """(raw object, container kind) for any supported path."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return _load_dcp(path), "dcp"
+        if (path / "model.safetensors").is_file():
+            return _load_safetensors(path / "model.safetensors"), "export"
+        for name in ("pytorch_model.bin", "checkpoint.pth"):
+            if (path / name).is_file():
+                return _torch_load(path / name), "pth"
+        raise CheckpointError(
+            f"{path}: folder is neither a DCP checkpoint (.metadata) nor an export (model.safetensors)"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path), "safetensors"
+    return _torch_load(path), "pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising the state dict
+
+
+def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.``/``_orig_mod.`` (and checkpoint-wrapper) path segments wherever they occur."""
+    out = {}
+    for k, v in sd.items():
+        parts = [p for p in k.split(".") if p not in _WRAPPER_SEGMENTS]
+        out[".".join(parts)] = v
+    return out
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items() if k != "n_averaged"
+    )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not _is_state_dict(v):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _pick_weights(raw, prefer_ema: bool, path: Path) -> tuple[dict, str, dict]:
+    """(state dict, 'ema'|'model'|'state_dict', rest of the container)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a checkpoint dict or state dict")
+    if _is_state_dict(raw):
+        return raw, "state_dict", {}
+    ema = next((raw[k] for k in EMA_KEYS if isinstance(raw.get(k), dict) and raw[k]), None)
+    live = next((raw[k] for k in MODEL_KEYS if isinstance(raw.get(k), dict) and raw[k]), None)
+    if ema is not None and not _is_state_dict(ema):  # e.g. a nested {'module': ...} or DCP nesting
+        ema = {k: v for k, v in _flatten(ema).items() if isinstance(v, torch.Tensor)}
+    if live is not None and not _is_state_dict(live):
+        live = {k: v for k, v in _flatten(live).items() if isinstance(v, torch.Tensor)}
+    if prefer_ema and ema:
+        return ema, "ema", raw
+    if live:
+        return live, "model", raw
+    if ema:
+        return ema, "ema", raw
+    keys = ", ".join(list(raw)[:8])
+    raise CheckpointError(f"{path}: no model weights found (expected 'model' or 'ema_state_dict'; keys: {keys})")
+
+
+def _args_dict(raw: dict) -> dict:
+    for key in ("args", "config", "cfg"):
+        a = raw.get(key)
+        if isinstance(a, argparse.Namespace):
+            return dict(vars(a))
+        if isinstance(a, dict):
+            return dict(a)
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config from shapes
+
+
+def _count(sd: dict, prefix: str) -> int:
+    pat = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    ids = {int(m.group(1)) for k in sd if (m := pat.match(k))}
+    if ids and ids != set(range(len(ids))):
+        raise CheckpointError(f"{prefix}* indices are not contiguous: {sorted(ids)[:8]}...")
+    return len(ids)
+
+
+def _size_from_name(name: str) -> str | None:
+    m = re.search(r"vit_(tiny|small|base|large|huge)", str(name))
+    return f"vit_{m.group(1)}" if m else None
+
+
+def infer_config(sd: dict[str, torch.Tensor], args: dict | None = None, origin: str = "checkpoint") -> URFMConfig:
+    """URFMConfig from tensor shapes; heads from the training args' model name when present."""
+    args = args or {}
+    missing = [k for k in ENCODER_REQUIRED if k not in sd]
+    if missing:
+        sample = ", ".join(list(sd)[:4])
+        raise CheckpointError(
+            f"{origin}: not a ViT/URFM checkpoint (missing {', '.join(missing)}; found keys like {sample})"
+        )
+    w = sd["patch_embed.proj.weight"]
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise CheckpointError(f"{origin}: patch_embed.proj.weight has shape {tuple(w.shape)}, expected [D, C, p, p]")
+    embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[-1])
+    depth = _count(sd, "blocks.")
+    if depth == 0:
+        raise CheckpointError(f"{origin}: no transformer blocks (blocks.0.*) found")
+    n_tokens = sd["pos_embed"].shape[1]
+    grid = math.isqrt(n_tokens - 1)
+    if grid * grid != n_tokens - 1:
+        raise CheckpointError(f"{origin}: pos_embed has {n_tokens} rows, not 1 + a square grid")
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / embed_dim if fc1 is not None else 4.0
+
+    # Heads are invisible in the shapes (qkv is [3D, D] whatever the split): explicit args first, then
+    # the size named in args.model (MAE: 'mae_vit_base_patch16_dec768d8b'), then the standard table.
+    size = _size_from_name(args.get("model", ""))
+    if isinstance(args.get("num_heads"), int):
+        num_heads = args["num_heads"]
+    elif size and VIT_PRESETS[size][0] == embed_dim:
+        num_heads = VIT_PRESETS[size][2]
+    else:
+        num_heads = WIDTH_TO_HEADS.get(embed_dim, max(1, embed_dim // 64))
+    preset = next((n for n, (d, L, _) in VIT_PRESETS.items() if d == embed_dim and L == depth), None)
+
+    fields = dict(
+        model=preset or f"vit_custom_d{embed_dim}_l{depth}",
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans,
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+    )
+    if "decoder_embed.weight" in sd:
+        dec_dim = int(sd["decoder_embed.weight"].shape[0])
+        default_dec_heads = args.get("decoder_num_heads", 16)
+        fields.update(
+            decoder_embed_dim=dec_dim,
+            decoder_depth=_count(sd, "decoder_blocks."),
+            decoder_num_heads=default_dec_heads if dec_dim % default_dec_heads == 0 else max(1, dec_dim // 64),
+            target_dim=int(sd["decoder_pred.weight"].shape[0]) if "decoder_pred.weight" in sd else 768,
+        )
+    for name in ("mask_ratio", "mask_type", "loss_on", "target_norm"):
+        if name in args:
+            fields[name] = args[name]
+    try:
+        return URFMConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{origin}: inferred an invalid config ({e})") from None
+
+
+def _check_against_model(sd: dict, cfg: URFMConfig, origin: str) -> dict:
+    """Keys and shapes must be those of URFM(cfg) (decoder optional as a whole); returns unknown keys."""
+    from urfm_fast.model import DECODER_PREFIXES, URFM
+
+    with torch.device("meta"):
+        ref = URFM(cfg).state_dict()
+    has_decoder = any(k.startswith(DECODER_PREFIXES) for k in sd)
+    expected = {k: v.shape for k, v in ref.items() if has_decoder or not k.startswith(DECODER_PREFIXES)}
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{origin}: missing {len(missing)} keys for {cfg.model}, e.g. {missing[:3]}")
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if sd[k].shape != s]
+    if bad:
+        raise CheckpointError(f"{origin}: shape mismatch for {cfg.model}: {bad[0]}")
+    return {k: v for k, v in sd.items() if k not in expected}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> LoadedCheckpoint:
+    """Read any supported checkpoint (see module docstring) into MAE-layout keys + inferred config.
+
+    ``prefer_ema=True`` takes ``ema_state_dict`` when the file has one (the released URFM files do), else
+    ``model``; ``prefer_ema=False`` takes the live ``model`` weights.
+    """
+    path = Path(path).expanduser()
+    raw, container = _read(path)
+    sd, which, rest = _pick_weights(raw, prefer_ema, path)
+    sd = strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})  # AveragedModel's counter
+    args = _args_dict(rest) if isinstance(rest, dict) else {}
+    export_cfg = {}
+    if container == "export" and (path / "config.json").is_file():
+        try:
+            export_cfg = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+        args = dict(export_cfg.get("model_args", {}), **export_cfg.get("urfm", {}).get("config", {}))
+    cfg = infer_config(sd, args, origin=str(path))
+    extra = _check_against_model(sd, cfg, str(path))
+    sd = {k: v for k, v in sd.items() if k not in extra}
+
+    if container in ("export", "safetensors"):
+        fmt = "export"
+    elif container == "dcp":
+        fmt = "dcp"
+    elif which == "state_dict":
+        fmt = "state_dict"
+    elif "step" in rest or isinstance(rest.get("config"), dict):
+        fmt = "urfm_fast"
+    else:
+        fmt = "urfm_official"  # MAE/URFM layout: model/ema_state_dict/optimizer/epoch/args
+    meta = dict(
+        path=str(path), format=fmt, weights=which,
+        epoch=rest.get("epoch") if isinstance(rest, dict) else None,
+        step=rest.get("step") if isinstance(rest, dict) else None,
+        has_ema=any(isinstance(rest.get(k), dict) and rest.get(k) for k in EMA_KEYS) if rest else False,
+        ignored_keys=sorted(extra),
+        args={k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
+    )
+    for k in ("epoch", "step"):
+        if isinstance(meta[k], torch.Tensor):
+            meta[k] = int(meta[k])
+    if export_cfg:
+        meta["pretrained_cfg"] = export_cfg.get("pretrained_cfg", {})
+    return LoadedCheckpoint(state_dict=sd, config=cfg, meta=meta)
