@@ -1,0 +1,117 @@
+"""Export a URFM checkpoint's encoder as a timm model folder: ``model.safetensors`` + ``config.json``.
+
+    python -m urfm_fast.export mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth --out urfm_vitb
+    python -m urfm_fast.export runs/urfm/checkpoint-last.pth --out urfm_vitt --live   # live weights, not EMA
+
+Then, with timm alone (no urfm_fast needed):
+
+    timm.create_model("local-dir:urfm_vitb", pretrained=True)                       # num_classes=0
+    timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(file="urfm_vitb/model.safetensors"))
+
+``model.safetensors`` holds the encoder with timm ViT keys (no decoder, no mask token), so both load
+with no missing or unexpected keys. ``config.json`` follows timm's hub layout: ``architecture``, ``num_classes``,
+``num_features``, ``global_pool``, ``model_args`` (the exact width/depth/heads/patch/img_size, so sizes
+without a timm name load too) and ``pretrained_cfg`` (input size and the student normalisation, ImageNet
+mean/std). ``urfm`` records where the weights came from. Existing files are never overwritten
+without ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from urfm_fast.backbone import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.checkpoint_io import CheckpointError, LoadedCheckpoint, load_checkpoint
+
+# Our width/depth -> timm's registered ViT of that size (patch 16); any other shape uses
+# vit_base_patch16_224 with model_args overriding every dimension.
+_TIMM_NAMES = {(192, 12): "vit_tiny", (384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large"}
+FILES = ("model.safetensors", "config.json")
+
+
+def timm_architecture(ckpt: LoadedCheckpoint) -> str:
+    c = ckpt.config
+    name = _TIMM_NAMES.get((c.embed_dim, c.depth), "vit_base")
+    return f"{name}_patch16_224"
+
+
+def export_config(ckpt: LoadedCheckpoint) -> dict:
+    c = ckpt.config
+    model_args = dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
+                      depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, global_pool="token")
+    meta = {k: ckpt.meta.get(k) for k in ("format", "weights", "epoch", "step")}
+    meta["source"] = Path(ckpt.meta.get("path", "")).name
+    return {
+        "architecture": timm_architecture(ckpt),
+        "num_classes": 0,
+        "num_features": c.embed_dim,
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "tag": "urfm",
+            "custom_load": False,
+            "input_size": [c.in_chans, c.img_size, c.img_size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": "mit",
+        },
+        "urfm": {**meta, "config": c.to_dict()},
+    }
+
+
+def export(checkpoint, out_dir, prefer_ema: bool = True, force: bool = False) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    existing = [f for f in FILES if (out / f).exists()]
+    if existing and not force:
+        raise FileExistsError(f"{out}: {', '.join(existing)} already exist; pass --force to overwrite")
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, prefer_ema)
+    # safetensors wants contiguous tensors that share no storage; fp32 as timm's own exports.
+    sd = {k: v.detach().float().contiguous().clone() for k, v in ckpt.encoder_state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(export_config(ckpt), indent=2) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m urfm_fast.export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="official URFM .pth, our .pth, a DCP folder, or an export")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    p.add_argument("--live", action="store_true", help="export the live 'model' weights instead of the EMA")
+    p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
+    a = p.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(a.checkpoint, prefer_ema=not a.live)
+        out = export(ckpt, a.out, force=a.force)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = ckpt.config
+    n = sum(v.numel() for v in ckpt.encoder_state_dict().values())
+    print(f"exported {ckpt.meta['weights']} weights of {c.model} ({c.embed_dim}d x {c.depth}, patch {c.patch_size}, "
+          f"{c.img_size}px, {n / 1e6:.1f}M params) from {ckpt.meta['format']} checkpoint to {out}")
+    print(f"  timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
