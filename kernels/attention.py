@@ -2,12 +2,30 @@
 
 The torch reference is ``F.scaled_dot_product_attention``; ``attention_math_ref`` spells the
 math out with an ``upcast`` flag so tests can build an fp32 ground truth.
+
+The Triton version is flash-attention (online softmax, the N x N scores never reach memory) cut
+for ViT: no causal mask, scale 1/sqrt(Dh), key masking so any N works (1, 50, 197, 257, primes),
+and 32/64-wide tiles chosen by autotuning per (N, Dh) so short sequences waste little. Forward
+saves the per-row log-sum-exp; backward recomputes the probabilities from it in two kernels,
+one owning key tiles (dK, dV) and one owning query tiles (dQ), so nothing needs atomics and the
+result is deterministic. All accumulation is fp32.
+
+Limits: self-attention only (q, k, v of one shape); head size Dh <= 128 (32/64/128 are the
+fast cases; others are padded to the next power of two); fp16, bf16 or fp32 inputs with a unit
+stride along Dh (other strides free, so q/k/v views of a packed qkv tensor need no copy).
+fp32 inputs use full-precision (not tf32) dots.
+
+Caution: autotuning runs the first call of each (N, Dh, dtype) several times; the kernels only
+write their outputs, so this is safe, but time the second call.
+Caution: triton's interpreter computes bf16 ``tl.dot`` wrongly; test bf16 on a GPU only.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+from urfm_fast.kernels._triton import HAS_TRITON, INTERPRET, empty, next_power_of_2, require_triton, tl, triton
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -22,3 +40,341 @@ def attention_math_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast
         q, k, v = q.float(), k.float(), v.float()
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, N, N)
     return (scores.softmax(dim=-1) @ v).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. Tensors are [B,H,N,Dh] with any strides except a unit stride along Dh; the
+# (b, h) base offsets are int64. Scores live in log2 units (scaled by log2(e)) so the softmax
+# uses exp2; LSE is stored in the same units, [B*H, N] fp32, for the backward.
+# --------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # [B, H, N, Dh] strides (sqb, sqh, sqn, 1)
+    k_ptr,  # [B, H, N, Dh] strides (skb, skh, skn, 1)
+    v_ptr,  # [B, H, N, Dh] strides (svb, svh, svn, 1)
+    o_ptr,  # [B, H, N, Dh] contiguous
+    lse_ptr,  # [B*H, N] fp32 contiguous, log2-sum-exp2 of the scaled scores
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H,
+    N,
+    qk_scale,  # log2(e) / sqrt(Dh)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        n_idx = start_n + offs_n
+        n_ok = n_idx < N
+        kt = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # ragged last tile: keys past N get no weight
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds at least one key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_rows = bh.to(tl.int64) * N + offs_m
+    tl.store(o_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + o_rows, m_i + tl.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr,  # [B*H*N, Dh] contiguous forward output
+    do_ptr,  # [B*H*N, Dh] contiguous upstream gradient
+    delta_ptr,  # [B*H*N] fp32: rowsum(o * do), the softmax backward's correction term
+    n_rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=rows < n_rows)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, H, N, Dh] strides as in the forward
+    do_ptr,  # [B, H, N, Dh] contiguous
+    lse_ptr,  # [B*H, N] fp32 from the forward
+    delta_ptr,  # [B*H, N] fp32 rowsum(o * do)
+    dk_ptr, dv_ptr,  # [B, H, N, Dh] contiguous outputs
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H,
+    N,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # one program owns BLOCK_N keys and sweeps every query block: dk, dv need no atomics
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_base = q_ptr + b * sqb + h * sqh
+    row0 = bh.to(tl.int64) * N
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        m_idx = start_m + offs_m
+        m_ok = m_idx < N
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + m_idx[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + (row0 + m_idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+        # padded query rows get lse = +inf, so p = 0 there and they contribute nothing
+        lse = tl.load(lse_ptr + row0 + m_idx, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + row0 + m_idx, mask=m_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    out = (row0 + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, H, N, Dh] strides as in the forward
+    do_ptr,  # [B, H, N, Dh] contiguous
+    lse_ptr,  # [B*H, N] fp32
+    delta_ptr,  # [B*H, N] fp32
+    dq_ptr,  # [B, H, N, Dh] contiguous output
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H,
+    N,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    row0 = bh.to(tl.int64) * N
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        n_idx = start_n + offs_n
+        n_ok = n_idx < N
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # keys past N carry no weight
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(dq_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# tile configs: autotuned on GPU (keyed on N and the head size), one small fixed tile under the
+# interpreter so CPU tests stay quick. 64-wide tiles fit ViT's 50 / 197 tokens with little waste.
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (32, 64, 128)
+        for bn in (32, 64)
+        for w in (4, 8)
+        for s in (1, 2, 3)
+        if not (bm == 128 and w == 4) and not (bm == 32 and w == 8)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    # a tile larger than the sequence (beyond the 32 minimum) only wastes work
+    n = named_args["N"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, 2 * n) and c.kwargs["BLOCK_N"] <= max(32, 2 * n)]
+    return keep or configs[:1]
+
+
+if INTERPRET or not HAS_TRITON:
+    _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
+    _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+else:
+    _FIXED = {}
+    _tune = dict(key=["N", "HEAD_DIM", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune})
+    _fwd = triton.autotune(_gpu_configs(), **_tune)(_attn_fwd_kernel)
+    _dkdv = triton.autotune(_gpu_configs(), **_tune)(_attn_bwd_dkdv_kernel)
+    _dq = triton.autotune(_gpu_configs(), **_tune)(_attn_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+MAX_HEAD_DIM = 128
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B,H,N,Dh], got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape (self-attention), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head size {q.shape[-1]} must lie in [1, {MAX_HEAD_DIM}]")
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def _launch_args(q: torch.Tensor) -> dict:
+    Dh = q.shape[-1]
+    return dict(
+        HEAD_DIM=Dh,
+        BLOCK_D=max(16, next_power_of_2(Dh)),  # tl.dot needs >= 16
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay exact
+        **_FIXED,
+    )
+
+
+def _grid(N: int, BH: int, block_key: str):
+    return lambda meta: (triton.cdiv(N, meta[block_key]), BH)
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o [B,H,N,Dh] contiguous, lse [B*H, N] fp32 in log2 units)."""
+    require_triton()
+    q, k, v = _check_qkv(q, k, v)
+    B, H, N, Dh = q.shape
+    o = empty((B, H, N, Dh), q.dtype, q.device)
+    lse = empty((B * H, N), torch.float32, q.device)
+    if o.numel():
+        sm_scale = 1.0 / math.sqrt(Dh)
+        _fwd[_grid(N, B * H, "BLOCK_M")](
+            q, k, v, o, lse, *_strides(q, k, v), H, N, sm_scale * LOG2E, **_launch_args(q)
+        )  # fmt: skip
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    require_triton()
+    q, k, v = _check_qkv(q, k, v)
+    B, H, N, Dh = q.shape
+    do = do.contiguous()
+    dq, dk, dv = (empty((B, H, N, Dh), q.dtype, q.device) for _ in range(3))
+    if not dq.numel():
+        return dq, dk, dv
+    delta = empty((B * H, N), torch.float32, q.device)
+    block_d = max(16, next_power_of_2(Dh))
+    rows = 16 if INTERPRET else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(B * H * N, rows),)](
+        o, do, delta, B * H * N, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=rows
+    )  # fmt: skip
+    sm_scale = 1.0 / math.sqrt(Dh)
+    args = (*_strides(q, k, v), H, N, sm_scale * LOG2E, sm_scale)
+    _dkdv[_grid(N, B * H, "BLOCK_N")](q, k, v, do, lse, delta, dk, dv, *args, **_launch_args(q))
+    _dq[_grid(N, B * H, "BLOCK_M")](q, k, v, do, lse, delta, dq, *args, **_launch_args(q))
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library op
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("urfm_fast::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v)
+
+
+@_attention_op.register_fake
+def _(q, k, v):
+    B, H, N, Dh = q.shape
+    return q.new_empty((B, H, N, Dh)), q.new_empty((B * H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("urfm_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return _attention_bwd_op(do, q, k, v, o, lse)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Triton version of ``attention_ref``: q, k, v [B,H,N,Dh] -> [B,H,N,Dh]."""
+    return _attention_op(q, k, v)[0]

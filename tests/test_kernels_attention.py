@@ -1,0 +1,98 @@
+"""Triton flash attention against the explicit softmax reference, forward and dQ/dK/dV.
+
+Tolerance: flash-attention's rule (conftest ``close_to_fp32``): the kernel's error against an fp32
+reference may be at most twice torch's own error in the same dtype, plus a small atol. Runs under
+the interpreter on CPU with tiny B*H; bf16 and the real shapes run only where CUDA is present.
+"""
+
+import pytest
+import torch
+
+from urfm_fast import ops
+from urfm_fast.kernels import attention as A
+from urfm_fast.kernels._triton import poison_outputs
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    with ops.use_backend("triton"), poison_outputs():
+        yield
+
+
+def _run(fn, q, k, v, g):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check(q, k, v, close_to_fp32):
+    dtype = q.dtype
+    g = torch.randn_like(q)
+    got = _run(ops.attention, q, k, v, g)
+    same = _run(lambda *a: A.attention_math_ref(*a, upcast=False), q, k, v, g)
+    ref32 = _run(lambda *a: A.attention_math_ref(*a, upcast=True), q.float(), k.float(), v.float(), g.float())
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, same, ref32, strict=True):
+        assert a.dtype == dtype, name
+        close_to_fp32(a, b, c, ATOL[dtype] * max(1.0, c.abs().max().item()), name)  # atol relative to scale
+
+
+# (B, H, N, Dh): N=1, the encoder's 50 tokens, a prime, the decoder/teacher's 197, ViT-L/H's 257
+# at a small head, Dh 32/64/128 and the padded 80 of ViT-H/14
+CASES = [
+    (1, 2, 1, 32, torch.float32),
+    (2, 1, 50, 64, torch.float32),
+    (1, 2, 37, 32, torch.float32),
+    (1, 1, 197, 64, torch.float32),
+    (1, 1, 257, 32, torch.float32),
+    (1, 1, 19, 128, torch.float32),
+    (1, 1, 23, 80, torch.float32),
+    (1, 2, 1, 32, torch.float16),
+    (2, 1, 50, 64, torch.float16),
+    (1, 1, 71, 32, torch.float16),
+    (1, 1, 33, 128, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,Dh,dtype", CASES)
+def test_attention_matches_reference(B, H, N, Dh, dtype, kernel_device, close_to_fp32):
+    q, k, v = (torch.randn(B, H, N, Dh, device=kernel_device).to(dtype) for _ in range(3))
+    _check(q, k, v, close_to_fp32)
+
+
+def test_attention_peaked_scores(kernel_device, close_to_fp32):
+    # large logits: the online softmax must rescale without overflow
+    q, k, v = (torch.randn(1, 1, 45, 32, device=kernel_device) * s for s in (6.0, 6.0, 1.0))
+    _check(q, k, v, close_to_fp32)
+
+
+def test_attention_on_packed_qkv_views(kernel_device):
+    # the model's layout: q, k, v are strided views of one (B, N, 3, H, Dh) projection
+    B, N, H, Dh = 2, 26, 2, 32
+    qkv = torch.randn(B, N, 3, H, Dh, device=kernel_device).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+    q, k, v = qkv.unbind(0)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(ops.attention(q, k, v), A.attention_math_ref(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+def test_attention_launcher_errors(kernel_device):
+    q = torch.randn(1, 1, 4, 32, device=kernel_device)
+    with pytest.raises(ValueError, match="one shape"):
+        A.attention_fwd(q, q[:, :, :3], q)
+    with pytest.raises(ValueError, match="dtype"):
+        A.attention_fwd(q, q.half(), q)
+    with pytest.raises(ValueError, match="head size"):
+        A.attention_fwd(*(torch.randn(1, 1, 4, 256, device=kernel_device),) * 3)
+    with pytest.raises(ValueError, match=r"\[B,H,N,Dh\]"):
+        A.attention_fwd(q[0], q[0], q[0])
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N", [50, 197])
+def test_attention_real_shapes_gpu(N, dtype, close_to_fp32):
+    q, k, v = (torch.randn(8, 12, N, 64, device="cuda", dtype=dtype) for _ in range(3))
+    _check(q, k, v, close_to_fp32)
