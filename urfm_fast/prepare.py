@@ -444,7 +444,10 @@ def prepare(sources, out, *, short_side=256, frame_stride=1, workers=None, retry
             results = map(process_file, jobs)
             pool = None
         else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_quiet_worker)
+            # fork: workers start at once (spawn would re-import torch through the urfm_fast package);
+            # they only run numpy/PIL/pydicom code.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = mp.get_context(method).Pool(workers, initializer=_quiet_worker)
             results = pool.imap(process_file, jobs, chunksize=1)  # ordered: same input, same shards
         try:
             bar = _progress(len(jobs), progress)
