@@ -1,0 +1,82 @@
+"""The URFM_KERNELS switch, and the Triton ops inside torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+from urfm_fast import ops
+from urfm_fast.kernels import attention as A
+from urfm_fast.kernels import cosine_loss as C
+from urfm_fast.kernels import gather as G
+
+
+def test_backend_names_are_checked():
+    with pytest.raises(ValueError, match="backend"):
+        ops.set_backend("cuda")
+    with ops.use_backend("torch"):
+        assert ops.get_backend() == "torch"
+        with ops.use_backend("triton"):
+            assert ops.get_backend() == "triton"
+        assert ops.get_backend() == "torch"
+
+
+def test_auto_uses_torch_for_cpu_tensors():
+    with ops.use_backend("auto"):
+        assert not ops.use_triton(torch.zeros(1))
+    with ops.use_backend("torch"):
+        assert not ops.use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("backend,expect_kernel", [("triton", True), ("torch", False)])
+def test_every_op_routes_by_backend(backend, expect_kernel, monkeypatch):
+    calls = []
+    for module, name in [(G, "gather_tokens"), (G, "gather_visible"), (G, "unshuffle"), (A, "attention"), (C, "cosine_loss")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    x, idx = torch.randn(2, 4, 16), torch.tensor([[0, 2], [3, 1]])
+    ids_restore = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    q = torch.randn(1, 1, 5, 16)
+    with ops.use_backend(backend):
+        ops.gather_tokens(x, idx)
+        ops.gather_visible(x, idx, torch.randn(5, 16), torch.randn(16))
+        ops.unshuffle(torch.randn(2, 3, 16), torch.randn(16), ids_restore, torch.randn(5, 16))
+        ops.attention(q, q, q)
+        ops.cosine_loss(x[0], x[1])
+    assert len(calls) == (5 if expect_kernel else 0), calls
+
+
+def _all_ops(x, idx, ids_restore, pos, cls, mask_token, w):
+    # a miniature MAE forward through every op: gather -> attention -> unshuffle -> loss
+    B, N, D = x.shape
+    h = ops.gather_visible(x @ w, idx, pos, cls)  # (B, 1+K, D)
+    q = h.view(B, h.shape[1], 2, D // 2).transpose(1, 2)  # (B, 2, 1+K, D/2)
+    h = ops.attention(q, q * 0.5, q).transpose(1, 2).reshape(h.shape)
+    full = ops.unshuffle(h, mask_token, ids_restore, pos)  # (B, 1+N, D)
+    pred = ops.gather_tokens(full[:, 1:], idx)
+    return ops.cosine_loss(pred.flatten(0, 1), x.flatten(0, 1)[: pred.shape[0] * pred.shape[1]])
+
+
+def test_torch_compile_fullgraph_traces_the_triton_ops():
+    torch.manual_seed(0)
+    B, N, K, D = 2, 6, 3, 32
+    noise = torch.rand(B, N)
+    ids_shuffle = noise.argsort(dim=1)
+    inputs = [
+        torch.randn(B, N, D),
+        ids_shuffle[:, :K].contiguous(),
+        ids_shuffle.argsort(dim=1),
+        torch.randn(N + 1, D),
+        torch.randn(D),
+        torch.randn(D),
+        torch.randn(D, D, requires_grad=True),
+    ]
+    with ops.use_backend("triton"):
+        # aot_eager: Dynamo (fullgraph), fake tensors and AOTAutograd, as inductor sees them, without
+        # inductor's ~1 min of C++ codegen on a small CPU (it compiles these ops too)
+        compiled = torch.compile(_all_ops, fullgraph=True, backend="aot_eager")
+        loss_c = compiled(*inputs)
+        (grad_c,) = torch.autograd.grad(loss_c, inputs[-1])
+    with ops.use_backend("torch"):
+        loss_e = _all_ops(*inputs)
+        (grad_e,) = torch.autograd.grad(loss_e, inputs[-1])
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
