@@ -1,0 +1,140 @@
+"""evaluate: metrics against hand-computed values, stratified label fractions, each protocol end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_checkpoint_io import make_official_checkpoint
+
+from urfm_fast.evaluate import (
+    classification_metrics,
+    knn_classify,
+    load_data,
+    main,
+    resolve_backbone,
+    run,
+    stratified_subset,
+)
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[.8, .1, .1], [.4, .5, .1], [.2, .7, .1], [.1, .8, .1], [.1, .1, .8], [.6, .2, .2]])
+    m = classification_metrics(probs, labels, 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # per-class F1: c0 p=1/2 r=1/2 -> .5; c1 p=2/3 r=1 -> .8; c2 p=1 r=1/2 -> 2/3
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    # AUC c0: pos scores {.8,.4} vs neg {.2,.1,.1,.6}: pairs won 4 + 3 = 7 of 8; c1: pos {.7,.8} vs
+    # {.1,.5,.1,.2}: 8/8; c2: pos {.8,.2} vs {.1,.1,.1,.1}: 8/8
+    assert m["macro_auc"] == pytest.approx((7 / 8 + 1 + 1) / 3)
+
+
+def test_auc_ties_and_missing_class():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[.5, .5], [.5, .5], [.5, .5], [.5, .5]])
+    assert classification_metrics(probs, labels, 2)["macro_auc"] == pytest.approx(0.5)
+    m = classification_metrics(np.eye(3)[[0, 1]], np.array([0, 1]), 3)  # class 2 absent everywhere
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["macro_auc"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# label fractions
+
+
+def test_fractions_stratified_nested_reproducible():
+    labels = np.repeat([0, 1, 2, 3], [100, 50, 30, 20])
+    for frac in (0.01, 0.1, 0.5, 1.0):
+        idx = stratified_subset(labels, frac, seed=0)
+        counts = np.bincount(labels[idx], minlength=4)
+        assert counts.tolist() == [max(1, int(np.ceil(frac * n))) for n in (100, 50, 30, 20)]
+        assert np.array_equal(idx, stratified_subset(labels, frac, seed=0))  # reproducible
+    assert len(stratified_subset(labels, 1.0, 3)) == 200
+    small, big = set(stratified_subset(labels, 0.1, 1)), set(stratified_subset(labels, 0.5, 1))
+    assert small <= big  # nested for one seed
+    assert not np.array_equal(stratified_subset(labels, 0.1, 0), stratified_subset(labels, 0.1, 1))
+    with pytest.raises(ValueError):
+        stratified_subset(labels, 0.0, 0)
+
+
+def test_knn_votes():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    probs = knn_classify(train, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05], [0.1, 1.0]]), 2, k=2)
+    assert probs.argmax(1).tolist() == [0, 1]
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on a tiny separable ImageFolder
+
+
+def _write_imagefolder(root, n_train=16, n_val=8, size=32):
+    """Three classes a tiny random ViT separates: dark, bright, and a bright left half."""
+    g = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(("dark", "bright", "half")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = g.normal(60, 20, (size, size))
+                if c == 1:
+                    img += 120
+                elif c == 2:
+                    img[:, : size // 2] += 120
+                Image.fromarray(img.clip(0, 255).astype(np.uint8), "L").save(root / split / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    _write_imagefolder(root / "data")
+    make_official_checkpoint(root / "tiny.pth")  # 192-wide, 2 blocks, 32 px
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: more threads only add contention on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+def test_each_protocol_separates_tiny_dataset(setup, one_thread):
+    bb = resolve_backbone(f"tiny={setup / 'tiny.pth'}", "vit_tiny", "token", None)
+    assert bb.img_size == 32 and bb.meta["weights"] == "ema"
+    splits, classes = load_data(str(setup / "data"), 32)
+    assert classes == ["bright", "dark", "half"] and splits["train"].images.shape == (48, 3, 32, 32)
+    hp = dict(lp_epochs=50, ft_epochs=5, ft_min_steps=25, ft_batch_size=16)
+    recs = run([bb], splits, classes, ["linear", "knn", "finetune"], [1.0], [0], torch.device("cpu"), hp,
+               progress=lambda s: None)
+    acc = {r["protocol"]: r["accuracy"] for r in recs}
+    assert set(acc) == {"linear", "knn", "finetune"}
+    assert all(a >= 0.9 for a in acc.values()), acc
+    assert all(r["macro_auc"] >= 0.9 and r["n_eval"] == 24 for r in recs)
+
+
+def test_cli_writes_results_table_plot(setup, capsys, one_thread):
+    out = setup / "out"
+    argv = ["--backbone", f"urfm={setup / 'tiny.pth'}", "--data", str(setup / "data"), "--protocol", "linear,knn",
+            "--label-fractions", "0.25,1.0", "--seeds", "0,1", "--out", str(out), "--lp-epochs", "20"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 2 * 2 * 2 and len(res["summary"]) == 4
+    assert {r["n_train"] for r in res["runs"]} == {12, 48}  # ceil(.25 * 16) = 4 per class
+    assert (out / "label_efficiency.png").stat().st_size > 1000
+    assert "±" in capsys.readouterr().out
+    assert main(argv) == 2  # refuses to overwrite
+    assert "--force" in capsys.readouterr().err
+
+
+def test_cli_bad_backbone_one_line(setup, capsys):
+    bad = setup / "bad.pth"
+    bad.write_text("nope")
+    assert main(["--backbone", str(bad), "--data", "synthetic", "--out", str(setup / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a PyTorch checkpoint" in err

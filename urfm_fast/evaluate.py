@@ -1,0 +1,590 @@
+"""Downstream evaluation with label-efficiency curves: linear probe, k-NN and fine-tuning.
+
+    python -m urfm_fast.evaluate --backbone mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth \\
+        --data /data/busi --protocol linear,knn,finetune --label-fractions 0.01,0.1,1.0 --seeds 0,1,2
+    python -m urfm_fast.evaluate --backbone urfm=runs/a.pth random=random --arch vit_tiny \\
+        --data synthetic --img-size 64 --protocol linear,knn      # a demo on the built-in lesion task
+
+Backbones (``--backbone``, several allowed, each optionally ``label=spec``): one of our checkpoints, an
+official URFM file, an export folder, a DCP folder (anything ``load_checkpoint`` reads), ``random``
+(``--arch`` at random init), or a timm model name for comparison (``timm:NAME``, timm's pretrained
+weights, which need a network or a cache).
+
+Data (``--data``): an ImageFolder root with ``train/`` and ``val/`` (and optional ``test/``) class
+sub-folders; a shard folder from ``python -m urfm_fast.prepare`` plus ``--labels FILE`` (CSV with a
+header ``index,label,split``: the image's index in the shard folder, its class name or id, and
+``train``/``val``/``test``); or ``synthetic`` (urfm_fast.synthetic's four lesion classes, rendered
+on the fly; train and val come from different seeds). Images are read once, converted to 3-channel
+grey/RGB, resized (short side) and centre-cropped to the backbone's input size. Metrics are computed on
+``test`` when it exists, else on ``val``.
+
+Protocols (MAE/DINO conventions):
+- ``linear``: frozen backbone, pooled features (CLS or mean of patch tokens, ``--global-pool``) computed
+  once, then BatchNorm without affine + a linear layer trained with SGD (momentum 0.9, no weight decay).
+- ``knn``: cosine similarity to the labelled training features, k nearest vote with weights
+  exp(sim / T) (DINO: k=20, T=0.07).
+- ``finetune``: the whole backbone + a new head, AdamW with layer-wise lr decay 0.65, drop-path 0.1,
+  label smoothing 0.1, random-resized-crop + horizontal flip, warm-up + cosine, bf16 on GPU.
+
+Label fractions are class-stratified and nested: for a seed, each class's training images are put in
+a seeded random order once and a fraction takes its first ceil(fraction * n_class) (at least one).
+
+Outputs in ``--out``: ``results.json`` (accuracy, macro-AUC, macro-F1, confusion matrix per backbone,
+protocol, fraction and seed, plus mean/std), the same table printed, and ``label_efficiency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("urfm_fast.evaluate")
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (numpy; no scikit-learn)
+
+
+def _auc_binary(score: np.ndarray, pos: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney U statistic with average ranks for ties."""
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    s = score[order]
+    i = 0
+    while i < len(s):  # average ranks over runs of equal scores
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """accuracy, macro one-vs-rest AUC (classes with positives and negatives), macro F1, confusion matrix."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    pred = probs.argmax(1)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: true class, columns: predicted
+    np.add.at(cm, (labels, pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0  # F1 is undefined for a class nobody has or predicts
+    f1 = np.where(support + predicted > 0, 2 * tp / np.maximum(support + predicted, 1), 0.0)
+    aucs = [_auc_binary(probs[:, c], labels == c) for c in range(num_classes)
+            if 0 < (labels == c).sum() < len(labels)]
+    return {
+        "accuracy": float(tp.sum() / max(len(labels), 1)),
+        "macro_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "confusion": cm.tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Label fractions
+
+
+def stratified_subset(labels, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a class-stratified ``fraction`` of ``labels`` (>= 1 per class), nested across fractions."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]  # one order per (seed, class): smaller fractions nest
+        out.append(idx[: max(1, math.ceil(fraction * len(idx) - 1e-9))])
+    return np.sort(np.concatenate(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every split becomes uint8 [N, 3, S, S] in memory (read and resized once)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N]
+
+
+def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [C,H,W] -> uint8 [3,S,S]: short side to S (antialiased bilinear), centre crop, grey -> 3ch."""
+    c, h, w = img.shape
+    if c == 1:
+        img = img.expand(3, h, w)
+    elif c == 4:
+        img = img[:3]
+    if (h, w) != (size, size):
+        s = size / min(h, w)
+        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        img = x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+    return img.contiguous()
+
+
+def _stack(items, size: int) -> Split:
+    imgs, labs = zip(*items) if items else ((), ())
+    return Split(torch.stack([_resize_crop(i, size) for i in imgs]), torch.tensor(labs, dtype=torch.int64))
+
+
+def load_imagefolder(root: Path, size: int) -> tuple[dict[str, Split], list[str]]:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    splits, classes = {}, None
+    for name in ("train", "val", "test"):
+        if not (root / name).is_dir():
+            continue
+        ds = ImageFolder(str(root / name), loader=lambda p: Image.open(p).convert("RGB"))
+        if classes is not None and ds.classes != classes:
+            raise ValueError(f"{root / name}: classes {ds.classes} differ from train's {classes}")
+        classes = ds.classes
+        splits[name] = _stack([(pil_to_tensor(img), lab) for img, lab in ds], size)
+    return splits, classes
+
+
+def load_shards(root: Path, labels_file: Path, size: int) -> tuple[dict[str, Split], list[str]]:
+    from urfm_fast.data import ShardDataset
+
+    ds = ShardDataset(root)
+    with open(labels_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"index", "label", "split"} <= set(rows[0]):
+        raise ValueError(f"{labels_file}: expected a CSV with header index,label,split")
+    names = sorted({r["label"] for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    cls = {n: i for i, n in enumerate(names)}
+    splits = {}
+    for name in ("train", "val", "test"):
+        items = [(ds[int(r["index"])], cls[r["label"]]) for r in rows if r["split"] == name]
+        if items:
+            splits[name] = _stack(items, size)
+    return splits, names
+
+
+def load_synthetic(size: int, n_train: int, n_val: int) -> tuple[dict[str, Split], list[str]]:
+    from urfm_fast import synthetic
+
+    # Seeds 1000/2000: never the images a synthetic pretraining run (seed 0 by default) has seen.
+    splits = {}
+    for name, n, seed in (("train", n_train, 1000), ("val", n_val, 2000)):
+        x, y = synthetic.generate(n, size=size, seed=seed)
+        splits[name] = Split(x.expand(-1, 3, -1, -1).contiguous(), y)
+    return splits, list(synthetic.CLASSES)
+
+
+def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000):
+    if spec == "synthetic":
+        splits, classes = load_synthetic(size, n_train, n_val)
+    else:
+        root = Path(spec).expanduser()
+        if labels_file:
+            splits, classes = load_shards(root, Path(labels_file), size)
+        elif (root / "train").is_dir():
+            splits, classes = load_imagefolder(root, size)
+        else:
+            raise ValueError(f"{root}: expected train/ and val/ class folders, or a shard folder with --labels")
+    if "train" not in splits or not ({"val", "test"} & set(splits)):
+        raise ValueError(f"{spec}: need a train split and a val (or test) split, found {sorted(splits)}")
+    return splits, classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones
+
+
+@dataclass
+class Backbone:
+    label: str
+    spec: str
+    make: object  # (num_classes, drop_path_rate) -> timm model
+    mean: tuple
+    std: tuple
+    img_size: int
+    meta: dict
+
+
+def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None) -> Backbone:
+    import timm
+
+    from urfm_fast.backbone import load_backbone
+    from urfm_fast.checkpoint_io import load_checkpoint
+
+    label, _, target = spec.partition("=") if "=" in spec else (None, "", spec)
+    label = label or Path(target).stem or target
+    if target == "random":
+        def make(num_classes=0, drop_path_rate=0.0):
+            torch.manual_seed(0)  # the same random init for every seed/fraction
+            return load_backbone(None, arch=arch, num_classes=num_classes, global_pool=global_pool,
+                                 img_size=img_size or 224, drop_path_rate=drop_path_rate)
+        meta = {"format": "random", "arch": arch}
+    elif Path(target).expanduser().exists():
+        ckpt = load_checkpoint(Path(target).expanduser())
+
+        def make(num_classes=0, drop_path_rate=0.0):
+            torch.manual_seed(0)
+            return load_backbone(ckpt, num_classes=num_classes, global_pool=global_pool, img_size=img_size,
+                                 drop_path_rate=drop_path_rate)
+        meta = {k: ckpt.meta[k] for k in ("format", "weights", "epoch", "step", "path")}
+        meta["model"] = ckpt.config.model
+    else:
+        name = target.removeprefix("timm:")
+
+        def make(num_classes=0, drop_path_rate=0.0):
+            torch.manual_seed(0)
+            kw = {"img_size": img_size} if img_size else {}
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path_rate, **kw)
+        meta = {"format": "timm", "name": name}
+    probe = make()
+    cfg = probe.pretrained_cfg
+    return Backbone(label, target, make, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                    tuple(cfg.get("std", (0.229, 0.224, 0.225))), int(cfg["input_size"][-1]), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x_u8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x_u8.device).view(1, -1, 1, 1)
+    return (x_u8.float() / 255.0 - m) / s
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256) -> torch.Tensor:
+    """Pooled features [N, D] (fp32, CPU) of uint8 images, model in eval mode."""
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
+        with _autocast(device):
+            out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def _cosine_schedule(step, total, warmup):
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1, batch_size=256, min_steps=300):
+    """MAE's probe on cached features: BatchNorm1d(affine=False) + Linear, SGD, cosine; returns probs."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6), nn.Linear(train_f.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)  # MAE's probe init
+    nn.init.zeros_(head[1].bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    n = len(train_f)
+    bs = min(batch_size, n)
+    steps = max(epochs * math.ceil(n / bs), min_steps)
+    perm, pos = torch.randperm(n, generator=g), 0
+    for step in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        for group in opt.param_groups:
+            group["lr"] = lr * _cosine_schedule(step, steps, steps // 10)
+        # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
+        xb, yb = (train_f[idx], train_y[idx]) if bs > 1 else (train_f[idx].repeat(2, 1), train_y[idx].repeat(2))
+        loss = F.cross_entropy(head(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        return head(eval_f).softmax(-1)
+
+
+def knn_classify(train_f, train_y, eval_f, num_classes, k=20, temperature=0.07, chunk=1024):
+    """DINO's weighted k-NN on L2-normalised features; returns class scores normalised to sum 1."""
+    train_f = F.normalize(train_f, dim=1)
+    eval_f = F.normalize(eval_f, dim=1)
+    k = min(k, len(train_f))
+    out = []
+    for i in range(0, len(eval_f), chunk):
+        sim = eval_f[i : i + chunk] @ train_f.T  # (b, Ntrain)
+        top, idx = sim.topk(k, dim=1)  # (b, k)
+        w = (top / temperature).exp()
+        votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_y[idx], w)
+        out.append(votes / votes.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
+    """Per-sample random-resized crop (aspect 3/4..4/3) + horizontal flip on a float batch, on its device.
+
+    One affine grid_sample for the batch, so it runs on the GPU with the model. No vertical flip: the
+    probe is at the top of an ultrasound image, flipping it makes images that never occur.
+    """
+    B = x.shape[0]
+    u = torch.rand(B, 4, generator=g).to(x.device)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    sw = (area * logr.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    sh = (area / logr.exp()).sqrt().clamp(max=1.0)
+    cx = (1 - sw) * (2 * u[:, 2] - 1)  # crop centre, normalised coordinates, crop stays inside
+    cy = (1 - sh) * (2 * u[:, 3] - 1)
+    flip = torch.where(torch.rand(B, generator=g).to(x.device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes, seed, device, epochs=30,
+             batch_size=64, blr=1e-3, layer_decay=0.65, drop_path=0.1, weight_decay=0.05, min_steps=100,
+             label_smoothing=0.1):
+    """End-to-end fine-tuning (MAE recipe, scaled down); returns probabilities on eval_images."""
+    from timm.optim import create_optimizer_v2
+
+    model = bb.make(num_classes=num_classes, drop_path_rate=drop_path).to(device)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = len(train.labels)
+    bs = min(batch_size, n)
+    lr = blr * bs / 256
+    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]  # layer-scaled lr; the schedule multiplies this
+    steps = max(epochs * math.ceil(n / bs), min_steps)
+    warmup = max(1, steps // 10)
+    model.train()
+    perm, pos = torch.randperm(n, generator=g), 0
+    for step in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        f = _cosine_schedule(step, steps, warmup)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * f
+        x = train.images[idx].to(device, non_blocking=True).float() / 255.0
+        x = _normalize_float(_augment(x, g), bb.mean, bb.std)
+        y = train.labels[idx].to(device)
+        with _autocast(device):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    logits = extract_features(model, eval_images, bb, device)
+    return logits.softmax(-1)
+
+
+def _normalize_float(x01, mean, std):
+    m = torch.tensor(mean, device=x01.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x01.device).view(1, -1, 1, 1)
+    return (x01 - m) / s
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str], protocols, fractions, seeds,
+        device, hp: dict | None = None, progress=print) -> list[dict]:
+    """Every backbone x protocol x fraction x seed; returns one record per run."""
+    hp = hp or {}
+    eval_name = "test" if "test" in splits else "val"
+    train, ev = splits["train"], splits[eval_name]
+    C = len(classes)
+    records = []
+    for bb in backbones:
+        feats = None
+        if {"linear", "knn"} & set(protocols):
+            t0 = time.perf_counter()
+            model = bb.make()
+            feats = (extract_features(model, train.images, bb, device, hp.get("batch_size", 256)),
+                     extract_features(model, ev.images, bb, device, hp.get("batch_size", 256)))
+            del model
+            progress(f"[{bb.label}] features {tuple(feats[0].shape)} + {tuple(feats[1].shape)} "
+                     f"in {time.perf_counter() - t0:.1f}s")
+        for protocol in protocols:
+            for frac in fractions:
+                for seed in seeds:
+                    idx = torch.from_numpy(stratified_subset(train.labels.numpy(), frac, seed))
+                    t0 = time.perf_counter()
+                    if protocol == "linear":
+                        probs = linear_probe(feats[0][idx], train.labels[idx], feats[1], C, seed,
+                                             epochs=hp.get("lp_epochs", 100), lr=hp.get("lp_lr", 0.1))
+                    elif protocol == "knn":
+                        probs = knn_classify(feats[0][idx], train.labels[idx], feats[1], C, k=hp.get("knn_k", 20),
+                                             temperature=hp.get("knn_t", 0.07))
+                    else:
+                        probs = finetune(bb, Split(train.images[idx], train.labels[idx]), ev.images, C, seed, device,
+                                         epochs=hp.get("ft_epochs", 30), blr=hp.get("ft_blr", 1e-3),
+                                         batch_size=hp.get("ft_batch_size", 64), min_steps=hp.get("ft_min_steps", 100))
+                    m = classification_metrics(probs.float().numpy(), ev.labels.numpy(), C)
+                    rec = dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed, n_train=len(idx),
+                               eval_split=eval_name, n_eval=len(ev.labels), seconds=round(time.perf_counter() - t0, 2), **m)
+                    records.append(rec)
+                    progress(f"[{bb.label}] {protocol:8s} frac={frac:<5g} seed={seed} n={len(idx):5d} "
+                             f"acc={m['accuracy']:.4f} auc={m['macro_auc']:.4f} f1={m['macro_f1']:.4f}")
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["backbone"], r["protocol"], r["fraction"]), []).append(r)
+    out = []
+    for (b, p, f), rs in groups.items():
+        row = dict(backbone=b, protocol=p, fraction=f, n_train=rs[0]["n_train"], seeds=len(rs))
+        for k in ("accuracy", "macro_auc", "macro_f1"):
+            v = np.array([r[k] for r in rs], dtype=np.float64)
+            row[k] = float(v.mean())
+            row[k + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def format_table(summary: list[dict], markdown: bool = False) -> str:
+    head = ["backbone", "protocol", "fraction", "n_train", "accuracy", "macro-AUC", "macro-F1"]
+    rows = [[s["backbone"], s["protocol"], f"{s['fraction']:g}", str(s["n_train"])]
+            + [f"{100 * s[k]:.1f} ± {100 * s[k + '_std']:.1f}" for k in ("accuracy", "macro_auc", "macro_f1")]
+            for s in summary]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def plot(summary: list[dict], path: Path, title: str = "Label efficiency") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    protocols = list(dict.fromkeys(s["protocol"] for s in summary))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], protocols):
+        for b in dict.fromkeys(s["backbone"] for s in summary):
+            rows = sorted((s for s in summary if s["protocol"] == p and s["backbone"] == b), key=lambda s: s["fraction"])
+            x = [100 * s["fraction"] for s in rows]
+            y = np.array([100 * s["accuracy"] for s in rows])
+            e = np.array([100 * s["accuracy_std"] for s in rows])
+            ax.plot(x, y, marker="o", label=b)
+            ax.fill_between(x, y - e, y + e, alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images (%)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(p)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m urfm_fast.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--backbone", nargs="+", required=True, help="[label=]checkpoint|export|random|timm:NAME")
+    p.add_argument("--data", required=True, help="ImageFolder root, shard folder (with --labels), or 'synthetic'")
+    p.add_argument("--labels", help="CSV index,label,split for a shard folder")
+    p.add_argument("--protocol", default="linear,knn,finetune", help="comma list of linear, knn, finetune")
+    p.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    p.add_argument("--out", default="runs/evaluate", help="folder for results.json and label_efficiency.png")
+    p.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    p.add_argument("--arch", default="vit_base", help="architecture of --backbone random")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the backbone's)")
+    p.add_argument("--global-pool", default="token", choices=["token", "avg"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch")
+    p.add_argument("--lp-epochs", type=int, default=100)
+    p.add_argument("--lp-lr", type=float, default=0.1)
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--knn-t", type=float, default=0.07)
+    p.add_argument("--ft-epochs", type=int, default=30)
+    p.add_argument("--ft-min-steps", type=int, default=100, help="fine-tuning steps at least (tiny fractions)")
+    p.add_argument("--ft-batch-size", type=int, default=64)
+    p.add_argument("--ft-blr", type=float, default=1e-3, help="lr = blr * batch / 256 (MAE)")
+    p.add_argument("--synthetic-train", type=int, default=2000)
+    p.add_argument("--synthetic-val", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    a = build_parser().parse_args(argv)
+    protocols = [p.strip() for p in a.protocol.split(",") if p.strip()]
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        print(f"error: unknown protocol {bad[0]!r}; choose from {', '.join(PROTOCOLS)}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    if (out / "results.json").exists() and not a.force:
+        print(f"error: {out / 'results.json'} exists; pass --force or another --out", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    from urfm_fast.checkpoint_io import CheckpointError
+
+    try:
+        backbones = [resolve_backbone(s, a.arch, a.global_pool, a.img_size) for s in a.backbone]
+        size = a.img_size or backbones[0].img_size
+        splits, classes = load_data(a.data, size, a.labels, a.synthetic_train, a.synthetic_val)
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(f"data {a.data}: {len(classes)} classes, " + ", ".join(f"{k} {len(v.labels)}" for k, v in splits.items())
+          + f", {size}px; device {device}")
+    hp = dict(batch_size=a.batch_size, lp_epochs=a.lp_epochs, lp_lr=a.lp_lr, knn_k=a.knn_k, knn_t=a.knn_t,
+              ft_epochs=a.ft_epochs, ft_blr=a.ft_blr, ft_batch_size=a.ft_batch_size, ft_min_steps=a.ft_min_steps)
+    records = run(backbones, splits, classes, protocols, a.label_fractions, a.seeds, device, hp)
+    summary = summarize(records)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(args=vars(a), classes=classes, backbones={b.label: b.meta for b in backbones},
+                  summary=summary, runs=records)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(format_table(summary))
+    png = plot(summary, out / "label_efficiency.png")
+    print(f"wrote {out / 'results.json'} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
