@@ -267,9 +267,7 @@ def _autocast(device):
 
 
 def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x_u8.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x_u8.device).view(1, -1, 1, 1)
-    return (x_u8.float() / 255.0 - m) / s
+    return _normalize_float(x_u8.float() / 255.0, mean, std)
 
 
 @torch.no_grad()
@@ -290,6 +288,16 @@ def _cosine_schedule(step, total, warmup):
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _batches(n: int, bs: int, steps: int, g: torch.Generator):
+    """``steps`` index batches of size ``bs``: seeded epochs without replacement, last partial batch dropped."""
+    perm, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos : pos + bs]
+        pos += bs
+
+
 def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1, batch_size=256, min_steps=300):
     """MAE's probe on cached features: BatchNorm1d(affine=False) + Linear, SGD, cosine; returns probs."""
     g = torch.Generator().manual_seed(seed)
@@ -301,12 +309,7 @@ def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1
     n = len(train_f)
     bs = min(batch_size, n)
     steps = max(epochs * math.ceil(n / bs), min_steps)
-    perm, pos = torch.randperm(n, generator=g), 0
-    for step in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + bs]
-        pos += bs
+    for step, idx in enumerate(_batches(n, bs, steps, g)):
         for group in opt.param_groups:
             group["lr"] = lr * _cosine_schedule(step, steps, steps // 10)
         # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
@@ -375,12 +378,7 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
     steps = max(epochs * math.ceil(n / bs), min_steps)
     warmup = max(1, steps // 10)
     model.train()
-    perm, pos = torch.randperm(n, generator=g), 0
-    for step in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + bs]
-        pos += bs
+    for step, idx in enumerate(_batches(n, bs, steps, g)):
         f = _cosine_schedule(step, steps, warmup)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * f
