@@ -16,7 +16,7 @@ Fixtures (names are stable; other bench files rely on them):
     amp_dtype     torch.bfloat16 on GPU, None on CPU (fp32)                         (session)
     images01      float32 [batch_size, 3, H, W] in [0, 1] on ``device``, seeded       (session)
     peak          datasheet dense peak FLOP/s of the device for amp_dtype, or None   (session)
-    rounds        timed rounds per row (3 on CPU, 10 on GPU, or URFM_BENCH_ROUNDS)  (session)
+    rounds        timed rounds per row (5 on CPU, 10 on GPU, or URFM_BENCH_ROUNDS)  (session)
     ref_means     dict: benchmark name -> mean seconds of rows measured so far      (session)
     measure       measure(benchmark, fn, ...) -> mean s: warm-up, timing, physics   (function)
 
@@ -66,6 +66,34 @@ def pytest_collect_file(file_path, parent):
     if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
         return None
     return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Versions, device and scale in the JSON, for bench/report.py's header."""
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "triton", "timm", "open_clip_torch", "pytest-benchmark"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    machine_info["urfm"] = {
+        "versions": versions,
+        "device": device,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "scale": os.environ.get("URFM_BENCH_SCALE", "vitb" if torch.cuda.is_available() else "tiny"),
+    }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    import sys
+
+    output_json["urfm_command"] = " ".join(["pytest", *sys.argv[1:]])
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -174,7 +202,7 @@ def peak(device, amp_dtype) -> float | None:
 
 @pytest.fixture(scope="session")
 def rounds(on_gpu) -> int:
-    return int(os.environ.get("URFM_BENCH_ROUNDS", 10 if on_gpu else 3))
+    return int(os.environ.get("URFM_BENCH_ROUNDS", 10 if on_gpu else 5))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,145 @@
+"""Full URFM training step: teacher forward + student forward/backward + AdamW + EMA, images/s.
+
+Rows (group ``step``), all measured in one process on the same images:
+    reference            bench/reference.py: MAE/MILAN-style eager step (the baseline)
+    ours_torch           urfm_fast.URFM + BiomedCLIPTeacher, kernels off (URFM_KERNELS=torch)
+    ours_kernels         the same with kernels on (``auto``: Triton on CUDA); GPU only, since on CPU
+                         ``auto`` is the torch path and the row would repeat ours_torch
+    ours_compile_blocks  kernels on + torch.compile of every transformer block (student and teacher)
+    ours_compile_model   kernels on + torch.compile of the whole student and teacher forward
+Compile rows run on GPU; on CPU they are skipped (inductor needs minutes on 2 cores) unless
+``URFM_BENCH_COMPILE=1``. Compile time is measured apart (``extra_info['compile_s']``).
+
+Physics per row: images/s, TFLOP/s from ``urfm_fast.flops.train_flops_per_image`` (teacher forward
++ 3x student forward, attention included), MFU against the device's datasheet peak, and the ratio
+to the reference row (reference time / row time; > 1 = faster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+
+import pytest
+import torch
+
+from bench.reference import ReferenceStep
+from urfm_fast import URFM, ops
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.ema import EMA
+from urfm_fast.flops import train_flops_per_image
+from urfm_fast.teacher import BiomedCLIPTeacher
+
+REFERENCE = "test_step_reference"
+
+
+class OurStep:
+    """One urfm_fast training iteration, as ``urfm_fast.pretrain`` runs it (without data loading):
+    teacher targets, student forward/backward under bf16 autocast, fused AdamW on CUDA, foreach EMA.
+    """
+
+    def __init__(self, cfg, device, amp_dtype, compile_mode: str | None = None, lr=1.5e-4, ema_decay=0.9999):
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.model = URFM(cfg).to(device)
+        self.teacher = BiomedCLIPTeacher.load("random").to(device)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.05), lr=lr, betas=(0.9, 0.95), fused=fused)
+        self.ema = EMA(self.model, ema_decay)
+        self.forward = self.model
+        self.teacher_forward = self.teacher
+        if compile_mode == "blocks":
+            for blk in [*self.model.blocks, *self.model.decoder_blocks, *self.teacher.trunk.blocks]:
+                blk.compile()
+        elif compile_mode == "model":
+            self.forward = torch.compile(self.model)
+            self.teacher_forward = torch.compile(self.teacher)
+        elif compile_mode is not None:
+            raise ValueError(f"compile_mode {compile_mode!r}")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def __call__(self, images01: torch.Tensor) -> torch.Tensor:
+        target = self.teacher_forward(images01)  # (B, N, 768) fp32, computed under inference_mode
+        imgs = normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
+        with self.autocast():
+            loss, _, _ = self.forward(imgs, target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        return loss.detach()
+
+
+def _release():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def step_flops(step_cfg, batch_size) -> int:
+    return train_flops_per_image(step_cfg) * batch_size
+
+
+def _run(benchmark, measure, step, images01, batch_size, step_flops, compiled=False, warmup=1):
+    benchmark.group = "step"
+    benchmark.extra_info["batch"] = batch_size
+    mean = measure(
+        benchmark,
+        lambda: step(images01),
+        items=batch_size,
+        flops=step_flops,
+        reference=None if isinstance(step, ReferenceStep) else REFERENCE,
+        warmup=warmup,
+        compiled=compiled,
+    )
+    return mean
+
+
+def test_step_reference(benchmark, measure, step_cfg, device, amp_dtype, images01, batch_size, step_flops):
+    torch.manual_seed(0)
+    step = ReferenceStep(step_cfg, device, amp_dtype)
+    _run(benchmark, measure, step, images01, batch_size, step_flops)
+    del step
+    _release()
+
+
+def test_step_ours_torch(benchmark, measure, step_cfg, device, amp_dtype, images01, batch_size, step_flops):
+    torch.manual_seed(0)
+    with ops.use_backend("torch"):
+        step = OurStep(step_cfg, device, amp_dtype)
+        _run(benchmark, measure, step, images01, batch_size, step_flops)
+    del step
+    _release()
+
+
+def test_step_ours_kernels(benchmark, measure, on_gpu, step_cfg, device, amp_dtype, images01, batch_size, step_flops):
+    if not on_gpu:
+        pytest.skip("URFM_KERNELS=auto is the torch path on CPU: same as ours_torch")
+    torch.manual_seed(0)
+    with ops.use_backend("auto"):
+        step = OurStep(step_cfg, device, amp_dtype)
+        _run(benchmark, measure, step, images01, batch_size, step_flops)
+    del step
+    _release()
+
+
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_step_ours_compile(benchmark, measure, on_gpu, mode, step_cfg, device, amp_dtype, images01, batch_size,
+                           step_flops):  # fmt: skip
+    if not on_gpu and os.environ.get("URFM_BENCH_COMPILE") != "1":
+        pytest.skip("compile rows run on GPU (set URFM_BENCH_COMPILE=1 to run them on CPU)")
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    with ops.use_backend("auto"):
+        step = OurStep(step_cfg, device, amp_dtype, compile_mode=mode)
+        # Two warm-up calls: the first compiles forward and backward, the second hits the caches
+        # (and any recompile for changed requires_grad/grad state) before timing.
+        _run(benchmark, measure, step, images01, batch_size, step_flops, compiled=True, warmup=2)
+    del step
+    _release()
