@@ -166,6 +166,8 @@ def resized_crop(images, boxes, out_size, flip=None):
 def pad_batch(images):
     """List of uint8 [1,H,W] of different sizes -> (uint8 [B,1,Hmax,Wmax] zero-padded, int64 [B,2] sizes)."""
     sizes = torch.tensor([[im.shape[-2], im.shape[-1]] for im in images], dtype=torch.int64)
+    if bool((sizes == sizes[0]).all()):
+        return torch.stack(list(images)), sizes  # all one size (synthetic, square shards): no padding
     Hm, Wm = int(sizes[:, 0].max()), int(sizes[:, 1].max())
     out = images[0].new_zeros((len(images), 1, Hm, Wm))
     for k, im in enumerate(images):
