@@ -21,7 +21,8 @@ model's masking noise can derive from the same triple through `mask_noise` (anot
         noise = stream.mask_noise(idx, num_patches, device=x.device)  # float [B, N] in [0,1)
         ids_shuffle = noise.argsort(dim=1)                              # MAE's random_masking
 
-Nothing then depends on the number of workers, ranks or batch composition.
+Nothing then depends on the number of workers, ranks or batch composition (pixels agree up to
+float rounding, ~1e-6, because a batch's zero-padding size enters grid_sample's coordinates).
 """
 
 import logging
