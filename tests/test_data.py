@@ -69,7 +69,8 @@ def test_deterministic_independent_of_workers_and_ranks():
     # Same samples on 2 ranks of 2 -> same pixels per sample, up to float rounding: a batch's zero
     # padding size (largest image in it) enters grid_sample's normalised coordinates.
     for rank in range(2):
-        for xs, idx in take(build_train_stream(ds, batch_size=2, world_size=2, rank=rank, num_workers=0, **kw), 4):
+        s = build_train_stream(ds, batch_size=2, world_size=2, rank=rank, num_workers=0, **kw)
+        for xs, idx in take(s, 4):
             for x, i in zip(xs, idx):
                 torch.testing.assert_close(x, by_index[int(i)], atol=1e-5, rtol=0)
 

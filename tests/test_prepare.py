@@ -88,7 +88,8 @@ def test_messy_folder(messy, tmp_path, capfd):
     c = json.loads((out / "summary.json").read_text())
     assert c["files_seen"] == 10 and c["files_added"] == 8 and c["files_skipped"] == 2
     assert c["images_added"] == 11 and c["images_total"] == 11  # 6 stills + 4-frame cine + mono1
-    skipped = {r["path"]: r["reason"] for r in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    lines = (out / "skipped.jsonl").read_text().splitlines()
+    skipped = {r["path"]: r["reason"] for r in map(json.loads, lines)}
     assert set(skipped) == {"truncated.png", "notes.txt"}
     assert skipped["notes.txt"] == "not an image or DICOM file"
     assert skipped["truncated.png"].startswith("unreadable image")

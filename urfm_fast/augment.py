@@ -119,8 +119,7 @@ def crop_params(sizes, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), u=None):
     fi, fj = torch.div(Hs - fh, 2, rounding_mode="floor"), torch.div(Ws - fw, 2, rounding_mode="floor")
     none = ~ok.any(dim=1)
     out = torch.stack(
-        [torch.where(none, fi, i), torch.where(none, fj, j), torch.where(none, fh, h), torch.where(none, fw, w)],
-        dim=1,
+        [torch.where(none, a, b) for a, b in ((fi, i), (fj, j), (fh, h), (fw, w))], dim=1
     )
     return out.to(torch.int64)
 

@@ -58,7 +58,9 @@ class ShardDataset(Dataset):
     def __init__(self, root):
         root = os.fspath(root)
         if not prepare.is_shard_dir(root):
-            raise DataError(f"{root} is not a shard folder (no {prepare.MARKER}); run python -m urfm_fast.prepare")
+            raise DataError(
+                f"{root} is not a shard folder (no {prepare.MARKER}); run python -m urfm_fast.prepare"
+            )
         recs = prepare.read_index(root)
         if not recs:
             raise DataError(f"shard folder {root} holds no images")
@@ -137,7 +139,9 @@ class ImageFolderDataset(Dataset):
                 return torch.from_numpy(np.array(g, dtype=np.uint8)).unsqueeze(0), met  # writable copy
             except Exception as e:  # any decoder failure: skip the file, never stop the run
                 met.append((rel, f"{type(e).__name__}: {e}"[:200]))
-        raise DataError(f"{_MAX_BAD_IN_A_ROW} unreadable images in a row under {self.root}; is this an image folder?")
+        raise DataError(
+            f"{_MAX_BAD_IN_A_ROW} unreadable images in a row under {self.root}; is this an image folder?"
+        )
 
     def note_bad(self, met):
         for rel, reason in met:
@@ -323,7 +327,7 @@ class TrainStream:
         gb = self.batch_size * self.world_size
         offset = int(state["offset"])
         if offset % gb:
-            log.warning("resume offset %d is not a multiple of the global batch %d: rounding down", offset, gb)
+            log.warning("resume offset %d not a multiple of the global batch %d: rounded down", offset, gb)
         self._epoch, self._step = int(state["epoch"]), offset // gb
         if self._step >= self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
@@ -333,7 +337,8 @@ class TrainStream:
 
     def mask_noise(self, sample_index, num_patches, epoch=None, device=None):
         """Masking noise float32 [B, num_patches] for the batch just yielded (see module docstring)."""
-        return mask_noise(self.seed, self.epoch if epoch is None else epoch, sample_index, num_patches, device)
+        epoch = self.epoch if epoch is None else epoch
+        return mask_noise(self.seed, epoch, sample_index, num_patches, device)
 
     # -- iteration ------------------------------------------------------------------------
     def _loader(self):

@@ -416,7 +416,9 @@ class _ShardWriter:
             self.f.close()
 
 
-def prepare(sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True):
+def prepare(
+    sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True
+):
     """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs."""
     if frame_stride < 1:
         raise PrepareError("--frame-stride must be >= 1")
