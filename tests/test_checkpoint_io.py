@@ -122,20 +122,26 @@ def test_compiled_and_ddp_prefixes_stripped(tmp_path):
 
 
 def test_dcp_folder(tmp_path):
-    dcp = pytest.importorskip("torch.distributed.checkpoint")
-    m = URFM(URFMConfig.preset("vit_tiny", img_size=32, depth=2, decoder_embed_dim=64, decoder_depth=1,
-                               decoder_num_heads=4))
-    ema_sd = {k: v + 1.0 for k, v in m.state_dict().items()}
+    """A pretrain-style DCP folder: model/optimizer/ema tensors, config.json and trainer_rank0.pt beside."""
+    import json
     import warnings
 
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    cfg = URFMConfig.preset("vit_tiny", img_size=32, depth=2, decoder_embed_dim=64, decoder_depth=1,
+                            decoder_num_heads=4, num_heads=4)  # heads only the config can tell
+    m = URFM(cfg)
+    # an EMA of trainable parameters only: the fixed sin-cos embeddings must come from the live model
+    ema_sd = {n: p.detach() + 1.0 for n, p in m.named_parameters() if p.requires_grad}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: single process" notice
-        dcp.save({"model": m.state_dict(), "ema_state_dict": ema_sd, "step": 5, "epoch": 2,
-                  "args": argparse.Namespace(model="vit_tiny")}, checkpoint_id=str(tmp_path / "dcp"))
+        dcp.save({"model": m.state_dict(), "ema": ema_sd}, checkpoint_id=str(tmp_path / "dcp"))
+    (tmp_path / "dcp" / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}}))
+    torch.save({"step": 5, "epoch": 2, "rng": {"cpu": torch.get_rng_state()}}, tmp_path / "dcp" / "trainer_rank0.pt")
     ck = load_checkpoint(tmp_path / "dcp")
     assert ck.meta["format"] == "dcp" and ck.meta["weights"] == "ema" and ck.meta["step"] == 5
     assert torch.equal(ck.state_dict["norm.weight"], ema_sd["norm.weight"])
-    assert ck.config.embed_dim == 192 and ck.config.depth == 2
+    assert torch.equal(ck.state_dict["pos_embed"], m.pos_embed)
+    assert (ck.config.embed_dim, ck.config.depth, ck.config.num_heads, ck.config.decoder_num_heads) == (192, 2, 4, 4)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "text", "resnet", "empty", "missing", "random_bytes", "list"])

@@ -215,6 +215,8 @@ def _pick_weights(raw, prefer_ema: bool, path: Path) -> tuple[dict, str, dict]:
     if live is not None and not _is_state_dict(live):
         live = {k: v for k, v in _flatten(live).items() if isinstance(v, torch.Tensor)}
     if prefer_ema and ema:
+        if live:  # an EMA of trainable parameters only: fixed buffers/embeddings come from the live model
+            ema = {**{k: v for k, v in live.items() if k not in ema}, **ema}
         return ema, "ema", raw
     if live:
         return live, "model", raw
@@ -225,13 +227,32 @@ def _pick_weights(raw, prefer_ema: bool, path: Path) -> tuple[dict, str, dict]:
 
 
 def _args_dict(raw: dict) -> dict:
-    for key in ("args", "config", "cfg"):
+    """Training args (MAE: a Namespace) overlaid with our resolved model config when the file has one."""
+    out = {}
+    for key in ("args", "config", "cfg"):  # later wins: `config` is URFMConfig.to_dict() in our files
         a = raw.get(key)
         if isinstance(a, argparse.Namespace):
-            return dict(vars(a))
-        if isinstance(a, dict):
-            return dict(a)
-    return {}
+            out.update(vars(a))
+        elif isinstance(a, dict):
+            out.update(a)
+    return out
+
+
+def _dcp_sidecars(path: Path, rest: dict) -> None:
+    """Our DCP folders keep the model config in config.json and step/epoch in trainer_rank0.pt."""
+    cfg_file, trainer = path / "config.json", path / "trainer_rank0.pt"
+    if cfg_file.is_file():
+        try:
+            run_cfg = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: unreadable ({e})") from None
+        if isinstance(run_cfg.get("model"), dict):
+            rest.setdefault("config", run_cfg["model"])
+    if trainer.is_file():
+        t = _torch_load(trainer)
+        if isinstance(t, dict):
+            for k in ("step", "epoch"):
+                rest.setdefault(k, t.get(k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +359,8 @@ def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> LoadedC
     raw, container = _read(path)
     sd, which, rest = _pick_weights(raw, prefer_ema, path)
     sd = strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})  # AveragedModel's counter
+    if container == "dcp":
+        _dcp_sidecars(path, rest)
     args = _args_dict(rest) if isinstance(rest, dict) else {}
     export_cfg = {}
     if container == "export" and (path / "config.json").is_file():
