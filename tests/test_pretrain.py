@@ -1,0 +1,179 @@
+"""python -m urfm_fast.pretrain on one process: learning, the demo, checkpoint format, bad inputs.
+
+Tiny shapes (ViT-tiny width, 2 blocks, 32-px images, a 64-wide 2-block decoder) with the real
+BiomedCLIP architecture as a random teacher, so a run takes seconds on a 2-core CPU.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from urfm_fast import URFM, URFMConfig
+from urfm_fast import pretrain
+
+TINY = [
+    "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",
+    "--decoder-heads", "4", "--teacher", "random", "--num-workers", "0", "--warmup-steps", "3", "--lr", "1e-3",
+]
+SYNTH = ["--data", "synthetic", "--synthetic-images", "256"]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "urfm_fast.pretrain", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+
+
+def test_loss_goes_down(tmp_path):
+    out = tmp_path / "run"
+    rc = pretrain.main([*TINY, *SYNTH, "--batch-size", "8", "--steps", "30", "--log-every", "1", "--out", str(out)])
+    assert rc == 0
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+    rec = metrics(out)[-1]
+    for key in ("step", "loss", "lr", "images_per_s", "grad_norm", "peak_mem_gb"):
+        assert key in rec
+    # warm-up then cosine: peak after 3 steps, decaying to ~0 at the end
+    lrs = [m["lr"] for m in metrics(out)]
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] < 1e-5 and lrs[0] < lrs[2]
+
+
+def test_checkpoint_format(tmp_path):
+    out = tmp_path / "run"
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "2", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["kind"] == "urfm_fast.pretrain" and cfg["train"]["steps"] == 2 and cfg["model"]["depth"] == 2
+    pth = out / "checkpoint-00000002.pth"
+    obj = torch.load(pth, map_location="cpu", weights_only=True)  # no allow-list needed: args is a dict
+    assert {"model", "ema_state_dict", "optimizer", "epoch", "step", "args"} <= set(obj)
+    assert obj["step"] == 2 and isinstance(obj["args"], dict) and obj["args"]["batch_size"] == 4
+    model = URFM(URFMConfig.from_dict(cfg["model"]))
+    model.load_state_dict(obj["model"], strict=True)
+    model.load_state_dict(obj["ema_state_dict"], strict=True)
+    assert not torch.equal(obj["model"]["decoder_pred.weight"], obj["ema_state_dict"]["decoder_pred.weight"])
+    # torch's AdamW layout (integer ids), loadable into a fresh optimizer
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, betas=(0.9, 0.95))
+    opt.load_state_dict({k: v for k, v in obj["optimizer"].items() if k != "param_names"})
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    # the resumable checkpoint is complete and the interop reader understands our .pth
+    assert (out / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+    try:
+        from urfm_fast.checkpoint_io import load_checkpoint
+    except ImportError:
+        return
+    loaded = load_checkpoint(pth)
+    assert loaded.config.depth == 2 and torch.equal(loaded.state_dict["cls_token"], obj["ema_state_dict"]["cls_token"])
+
+
+def test_cli_demo(tmp_path):
+    """The no-argument demo (with few steps) runs as a subprocess and says it is a demo first."""
+    r = run(["--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "demo")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[0].startswith("DEMO:")
+    assert "RANDOM teacher" in r.stdout and "MEANINGLESS" in r.stdout  # no BiomedCLIP weights here
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "demo" / "checkpoint-00000003.pth").is_file()
+
+
+def test_help_lists_every_flag():
+    help_text = pretrain.build_parser().format_help()
+    for flag in ("--model", "--img-size", "--batch-size", "--steps", "--epochs", "--lr", "--blr", "--mask-ratio",
+                 "--teacher", "--data", "--out", "--seed", "--save-every", "--log-every", "--resume", "--init",
+                 "--dist", "--shard", "--compile", "--ac", "--deterministic", "--micro-batch"):
+        assert flag in help_text
+
+
+def test_lr_schedule():
+    lrs = [pretrain.lr_at(s, 1.0, 0.1, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55, abs=1e-6)  # halfway through the cosine
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+# -- bad inputs: one clear line, an exit code, no traceback ---------------------------------------
+
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    assert pretrain.main([*TINY, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert pretrain.main([*TINY, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2
+    assert "no PNG/JPEG/BMP/TIFF images" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "imgs" / "nested"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(data / f"im{i}.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    # 12 files, one epoch of 2 x 6: every file is met once
+    rc = pretrain.main([*TINY, "--data", str(tmp_path / "imgs"), "--batch-size", "6", "--steps", "2",
+                        "--out", str(tmp_path / "run")])
+    assert rc == 0
+    assert "unreadable images skipped: 2" in capsys.readouterr().out
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("URFM_FAULTS", "nan@1-2")
+    out = tmp_path / "skip"
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "5", "--log-every", "1",
+                          "--out", str(out)]) == 0
+    assert "skipped NaN/Inf steps: 2" in capsys.readouterr().out
+    assert [m["skipped"] for m in metrics(out)] == [0, 1, 2, 2, 2]
+    assert all(np.isfinite(m["loss"]) for m in metrics(out) if m["step"] not in (2, 3))
+
+    monkeypatch.setenv("URFM_FAULTS", "nan@3-100")
+    rc = pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "20", "--save-every", "2",
+                        "--max-bad-steps", "3", "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "3 consecutive steps with NaN/Inf" in err
+    assert "step_00000002" in err  # names the last good checkpoint
+
+
+def test_out_folder_is_never_overwritten(tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    assert pretrain.main([*TINY, *SYNTH, "--steps", "1", "--batch-size", "4", "--out", str(user)]) == 2
+    assert "not a urfm_fast run folder" in capsys.readouterr().err
+    assert pretrain.main([*TINY, *SYNTH, "--steps", "1", "--batch-size", "4", "--out", str(user), "--resume"]) == 2
+    assert (user / "notes.txt").read_text() == "precious" and sorted(os.listdir(user)) == ["notes.txt"]
+
+    run_dir = tmp_path / "run"
+    assert pretrain.main([*TINY, *SYNTH, "--steps", "1", "--batch-size", "4", "--out", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert pretrain.main([*TINY, *SYNTH, "--steps", "1", "--batch-size", "4", "--out", str(run_dir)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_real_run_without_teacher_weights_stops(tmp_path, capsys):
+    args = list(TINY)
+    args[args.index("--teacher") + 1] = str(tmp_path / "no_such_open_clip_pytorch_model.bin")
+    assert pretrain.main([*args, *SYNTH, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--teacher PATH" in err and "--teacher random" in err
+
+
+def test_pth_args_namespace_roundtrip(tmp_path):
+    """URFM's official files store args as argparse.Namespace: allow-listed, it loads weights_only."""
+    path = tmp_path / "ns.pth"
+    torch.save({"args": argparse.Namespace(model="mae_vit_base_patch16")}, path)
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    assert torch.load(path, weights_only=True)["args"].model == "mae_vit_base_patch16"

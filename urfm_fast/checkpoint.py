@@ -1,0 +1,241 @@
+"""Run folders and checkpoints of ``python -m urfm_fast.pretrain``.
+
+Two kinds, as in torchtitan:
+
+- **Resumable** (periodic, on preemption, at the end): a DCP folder ``<out>/checkpoints/step_XXXXXXXX``
+  with the sharded model, optimizer and EMA (DCP reshards them, so a run resumes on any number of
+  ranks), one ``trainer_rank{r}.pt`` per rank (step, epoch, counters, RNG states, data position), the
+  resolved ``config.json`` and a ``manifest.json`` listing every file and its size. Everything is
+  written under ``.tmp-step_XXXXXXXX`` and renamed only when complete, so a crash mid-save never
+  leaves a folder that looks finished; a folder whose files do not match its manifest is reported
+  as corrupt and the previous one is used. The newest ``keep`` folders are kept.
+- **Export** (end of run and on request): ``checkpoint-XXXXXXXX.pth`` in URFM's own format
+  (``model``, ``ema_state_dict``, ``optimizer``, ``epoch``, ``step``, ``args``), written to a temporary
+  name and renamed. ``args`` is a plain dict so ``torch.load(weights_only=True)`` reads the file with no
+  allow-list; ``optimizer`` is ``torch.optim.AdamW.state_dict()``'s integer-id layout, as in URFM's files.
+
+The run folder is recognised by ``config.json`` holding ``"kind": "urfm_fast.pretrain"``; nothing in a
+folder that is not ours is ever written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+RUN_KIND = "urfm_fast.pretrain"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CKPT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A run folder or checkpoint cannot be used; the message says why and what to do."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- run folders --------------------------------------------------------------------------------
+
+
+def is_our_run(out: Path) -> bool:
+    try:
+        return json.loads((out / CONFIG_FILE).read_text()).get("kind") == RUN_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to write into a folder we did not create, or over a run without ``--resume``."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} exists and is not a folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not is_our_run(out):
+        raise CheckpointError(
+            f"--out {out} is not empty and is not a urfm_fast run folder (no {CONFIG_FILE} of ours); "
+            "nothing there is overwritten: choose a new or empty --out"
+        )
+    if not resume:
+        raise CheckpointError(
+            f"--out {out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """On resume, drop metric records logged after the checkpoint so the file is one clean curve."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a torn last line from a killed run
+            continue
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+# -- resumable DCP checkpoints ------------------------------------------------------------------
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / CKPT_DIR / f"step_{step:08d}"
+
+
+def validate(path: Path) -> str | None:
+    """None if ``path`` is a complete checkpoint folder, else the reason it is not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST} (the save did not finish)"
+    for name, size in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Finished (renamed) checkpoint folders of a run, oldest first; not validated."""
+    root = out / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def candidates(resume: str, out: Path) -> list[Path]:
+    """Checkpoints to try for ``--resume`` (newest first): a checkpoint folder, a run folder, or a .pth."""
+    if resume == "latest":
+        return [p for _, p in reversed(list_checkpoints(out))]
+    path = Path(resume).expanduser()
+    if path.is_file() and path.suffix == ".pth":
+        return [path]
+    if (path / MANIFEST).exists() or _STEP_RE.match(path.name):
+        return [path]
+    if path.is_dir():
+        return [p for _, p in reversed(list_checkpoints(path))]
+    raise CheckpointError(f"--resume {resume}: no such checkpoint folder, run folder or .pth file")
+
+
+def save_dcp(
+    out: Path,
+    step: int,
+    state: dict,
+    trainer_state: dict,
+    config: dict,
+    keep: int,
+) -> Path:
+    """Write a resumable checkpoint (a collective: every rank calls it). Returns the final folder."""
+    import torch.distributed.checkpoint as dcp
+
+    final = step_dir(out, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "time": time.time(), "files": files}
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(out, keep)
+    _barrier()
+    return final
+
+
+def prune(out: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_dcp(path: Path, state: dict) -> dict:
+    """Load ``state`` in place from a DCP folder; returns this rank's trainer state.
+
+    With another world size than the saving run, rank r reads rank 0's trainer state (step, data
+    position) and gets ``"resharded": True``; per-rank RNG states cannot be carried over then.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = json.loads((path / MANIFEST).read_text()).get("world_size", 1)
+    same = saved_world == world
+    trainer = torch.load(path / f"trainer_rank{rank if same else 0}.pt", map_location="cpu", weights_only=True)
+    trainer["resharded"] = not same
+    return trainer
+
+
+# -- URFM-format .pth ---------------------------------------------------------------------------
+
+
+def optim_to_ids(osd: dict) -> dict:
+    """FQN-keyed optimizer state (torch.distributed.checkpoint.state_dict) -> torch's integer ids."""
+    ids, groups = {}, []
+    for g in osd["param_groups"]:
+        g = dict(g)
+        names = g["params"]
+        g["params"] = list(range(len(ids), len(ids) + len(names)))
+        ids.update({n: i for n, i in zip(names, g["params"])})
+        groups.append(g)
+    state = {ids[n]: s for n, s in osd["state"].items()}
+    return {"state": state, "param_groups": groups, "param_names": list(ids)}
+
+
+def optim_from_ids(osd: dict, names: list[str]) -> dict:
+    """Inverse of ``optim_to_ids``; ``names`` are the FQNs in optimizer order."""
+    names = osd.get("param_names", names)
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in osd["param_groups"]]
+    return {"state": {names[i]: s for i, s in osd["state"].items()}, "param_groups": groups}
+
+
+def save_pth(path: Path, model: dict, ema: dict, optimizer: dict, epoch: int, step: int, args: dict,
+             extra: dict | None = None) -> Path:
+    """URFM-format export, written to a temporary name and renamed (call on rank 0 only)."""
+    obj = {"model": model, "ema_state_dict": ema, "optimizer": optimizer, "epoch": epoch, "step": step,
+           "args": args}
+    obj.update(extra or {})
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,830 @@
+"""URFM pretraining: a ViT student predicts frozen BiomedCLIP patch features of the masked patches.
+
+One file, read top to bottom in torchtitan's order: config, distributed init, data, teacher, student,
+checkpointing, compile, sharding, optimizer, loop.
+
+    # a demo on built-in synthetic ultrasound (tiny model on CPU, ViT-B for a short while on a GPU)
+    python -m urfm_fast.pretrain
+    # a real run: the full recipe on a folder of images (or a shard folder from urfm_fast.prepare)
+    python -m urfm_fast.pretrain --data /path/to/images --teacher /path/to/open_clip_pytorch_model.bin
+    # one node, 8 GPUs (FSDP2 + bf16 + per-block torch.compile)
+    torchrun --nproc_per_node 8 -m urfm_fast.pretrain --data /data/us_shards --teacher ...
+    # continue a stopped or preempted run exactly where it stopped
+    python -m urfm_fast.pretrain --out runs/<name> --resume
+
+Logged per step: loss, lr, grad norm, images/s, MFU (GPU), peak memory; ``metrics.jsonl`` and the
+resolved ``config.json`` live in ``--out``; resumable DCP checkpoints in ``--out/checkpoints``; a
+URFM-format ``checkpoint-XXXXXXXX.pth`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from urfm_fast import checkpoint as ckpt
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.config import VIT_PRESETS, URFMConfig
+from urfm_fast.data import DataError, ImageFolderDataset, build_train_stream
+from urfm_fast.ema import EMA
+from urfm_fast.model import URFM
+from urfm_fast.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable
+
+log = logging.getLogger("urfm_fast.pretrain")
+
+
+# =============================================================================================
+# Config: one dataclass; the CLI is derived from it (every field is a --flag with its help text)
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = _f("vit_base", "student size", choices=sorted(VIT_PRESETS))
+    img_size: int = _f(224, "training image size (pixels, multiple of 16)")
+    depth: int | None = _f(None, "override the encoder depth of --model (small CPU runs)")
+    decoder_dim: int = _f(768, "decoder width (URFM: 768)")
+    decoder_depth: int = _f(8, "decoder blocks (URFM: 8)")
+    decoder_heads: int = _f(16, "decoder attention heads")
+    mask_ratio: float = _f(0.75, "fraction of patches masked")
+    mask_type: str = _f("random", "masking generator", choices=["random", "block"])
+    # teacher
+    teacher: str = _f(HF_HUB_ID, "BiomedCLIP weights: open_clip file, folder, hf-hub id, or 'random' (smoke tests)")
+    target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",
+                     choices=["tokens", "proj"])
+    # data
+    data: str | None = _f(None, "folder of PNG/JPEG/BMP/TIFF (recursive) or a shard folder; 'synthetic' for the "
+                                "built-in data; without it the run is a short demo on synthetic data")
+    num_workers: int = _f(8, "DataLoader workers per rank")
+    synthetic_images: int = _f(8192, "number of distinct images of the synthetic data set")
+    # schedule and optimizer
+    batch_size: int = _f(256, "global batch size (all ranks, all accumulation steps)")
+    micro_batch: int = _f(0, "per-rank micro-batch; < global/ranks means gradient accumulation (0 = no accumulation)")
+    steps: int = _f(0, "optimizer steps to train (0 = use --epochs)")
+    epochs: int = _f(400, "epochs to train when --steps is 0")
+    lr: float | None = _f(None, "absolute learning rate (default: --blr * batch_size / 256)")
+    blr: float = _f(1.5e-4, "base learning rate for a batch of 256")
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
+    warmup_epochs: float = _f(40.0, "linear warm-up length in epochs")
+    warmup_steps: int | None = _f(None, "linear warm-up length in steps (overrides --warmup-epochs)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position embeddings)")
+    clip_grad: float = _f(3.0, "clip the global gradient norm to this (0 = no clipping, norm still logged)")
+    ema_decay: float = _f(0.9999, "decay of the EMA of the student saved as ema_state_dict")
+    # run
+    out: str | None = _f(None, "output folder (default ./runs/<timestamp>); never overwritten without --resume")
+    seed: int = _f(0, "random seed (model init, data order, masking)")
+    deterministic: bool = _f(False, "per-sample randomness from (seed, epoch, index): the loss curve does not "
+                                    "depend on the number of ranks for the same global batch")
+    log_every: int = _f(10, "log to the console and metrics.jsonl every N steps")
+    save_every: int = _f(1000, "resumable checkpoint every N steps (0 = only at the end / on preemption)")
+    keep: int = _f(3, "resumable checkpoints kept (newest)")
+    pth_every: int = _f(0, "also write a URFM-format .pth every N steps (0 = only at the end)")
+    resume: str | None = _f(None, "continue a run: bare --resume = latest checkpoint in --out, or a checkpoint "
+                                  "folder / run folder / .pth", nargs="?", const="latest")
+    init: str | None = _f(None, "start from the weights of a URFM checkpoint (official or ours; weights only)")
+    max_bad_steps: int = _f(10, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    # performance and distribution
+    device: str = _f("auto", "auto | cpu | cuda")
+    dist: str = _f("fsdp", "data parallelism across ranks: FSDP2 fully_shard or DDP", choices=["fsdp", "ddp"])
+    shard: str = _f("auto", "FSDP2: full = reshard after forward (least memory); grad = keep parameters "
+                            "gathered until backward (DDP-like traffic, faster when the model fits); auto = "
+                            "grad up to ViT-B, full above", choices=["auto", "full", "grad"])
+    compile: bool | None = _f(None, "torch.compile each block and the teacher (default: on for CUDA)")
+    ac: bool = _f(False, "activation checkpointing of every block (less memory, ~30%% more compute)")
+    precision: str = _f("auto", "bf16 mixed precision (params bf16, reductions fp32) or fp32; auto = bf16 on CUDA",
+                        choices=["auto", "bf16", "fp32"])
+    timeout: float = _f(10.0, "minutes a collective may wait before the run fails (a dead rank)")
+
+
+# Demo presets: applied when --data is not given, before the flags the user did give.
+DEMO_CPU = dict(model="vit_tiny", depth=4, img_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                batch_size=16, steps=30, lr=1e-3, warmup_steps=3, log_every=5, save_every=15, num_workers=0,
+                synthetic_images=480)
+DEMO_GPU = dict(model="vit_base", img_size=224, batch_size=256, steps=300, warmup_steps=30, log_every=10,
+                save_every=100, num_workers=4, synthetic_images=8192, lr=1e-3)
+
+
+class UsageError(ValueError):
+    """A bad flag combination; printed as one line."""
+
+
+class Stop(Exception):
+    """End the run early with a message and an exit code (no traceback)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _hint_type(hint):
+    """int | None -> (int, optional)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m urfm_fast.pretrain",
+        description="URFM pretraining (masked ViT predicting BiomedCLIP features). Without --data: a short demo "
+        "on synthetic ultrasound. Under torchrun: FSDP2/DDP across ranks.",
+        argument_default=argparse.SUPPRESS,  # so we know which flags were given (demo presets fill the rest)
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        typ, _ = _hint_type(hints[f.name])
+        meta = dict(f.metadata)
+        help_ = meta.pop("help") + f" (default: {f.default})"
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, type=typ, help=help_, metavar=f.name.upper(), **meta)
+    return p
+
+
+def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
+    """-> (resolved config, the flags given, demo?)."""
+    given = vars(build_parser().parse_args(argv))
+    saved = _saved_train_config(given["resume"], given.get("out")) if given.get("resume") else None
+    if saved:  # continue with the run's own settings; flags given now override them
+        demo = saved.pop("_demo")
+        base = saved
+        given.setdefault("out", saved.get("out"))
+    else:
+        demo = "data" not in given
+        base = dict(DEMO_GPU if _cuda_wanted(given) else DEMO_CPU) if demo else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
+    return cfg, given, demo
+
+
+def _cuda_wanted(given: dict) -> bool:
+    return given.get("device", "auto") != "cpu" and torch.cuda.is_available()
+
+
+def _saved_train_config(resume: str, out: str | None) -> dict | None:
+    """The train config stored by the run being resumed (config.json of the run or the checkpoint)."""
+    places = []
+    if resume != "latest":
+        p = Path(resume).expanduser()
+        places += [p if p.is_dir() else p.parent, p.parent, p.parent.parent]
+    if out:
+        places.append(Path(out).expanduser())
+    for place in places:
+        f = place / ckpt.CONFIG_FILE
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if d.get("kind") == ckpt.RUN_KIND:
+            return dict(d["train"], _demo=d.get("demo", False))
+    return None
+
+
+# =============================================================================================
+# Distributed init
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    enabled: bool = False  # launched by torchrun (a process group exists, even with one rank)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: TrainConfig) -> Dist:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    d = Dist(rank, world, local_rank, device, enabled="RANK" in os.environ)
+    if d.enabled:
+        # A dead or hung rank makes the others fail after --timeout instead of waiting forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=cfg.timeout),
+            device_id=device if use_cuda else None,
+        )
+        if not use_cuda:
+            # torchrun sets OMP_NUM_THREADS=1; share the cores between the local ranks instead.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return d
+
+
+def all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled and d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= d.world
+    return x
+
+
+def broadcast_obj(obj, d: Dist):
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# =============================================================================================
+# Helpers of the loop: schedule, faults, signals, logging
+
+
+def lr_at(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up then half-cosine to min_lr (MAE's schedule, per step). Stateless in ``step``,
+    so a resumed run gets the same rates without saving a scheduler."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup  # +1: the very first update is not wasted at lr 0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parse_faults(spec: str) -> dict[str, set[int]]:
+    """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5"``: inject a NaN loss at steps 3..9 and a SIGTERM to
+    rank 0 after step 5, so the fault paths run exactly as in production."""
+    faults: dict[str, set[int]] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, rng = item.partition("@")
+        lo, _, hi = rng.partition("-")
+        faults.setdefault(kind, set()).update(range(int(lo), int(hi or lo) + 1))
+    return faults
+
+
+_signal_received: int = 0
+
+
+def _on_signal(signum, frame):  # preemption notice: finish the step, save, exit 0
+    global _signal_received
+    _signal_received = signum
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def oom_message(d: Dist, micro: int, accum: int) -> str:
+    free, total = torch.cuda.mem_get_info(d.device)
+    return (
+        f"CUDA out of memory on rank {d.rank} with a per-rank micro-batch of {micro} (x{accum} accumulation): "
+        f"peak allocated {torch.cuda.max_memory_allocated(d.device) / 2**30:.1f} GiB, reserved "
+        f"{torch.cuda.memory_reserved(d.device) / 2**30:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. "
+        "Try --ac (activation checkpointing), a smaller --micro-batch (same global --batch-size through "
+        "gradient accumulation), or --shard full. No checkpoint was written for the failed step."
+    )
+
+
+# =============================================================================================
+# Training
+
+
+def train(cfg: TrainConfig, demo: bool) -> int:
+    d = init_distributed(cfg)
+    say = _printer(d)
+    faults = parse_faults(os.environ.get("URFM_FAULTS", ""))
+    if cfg.resume == "latest" and not cfg.out:
+        raise UsageError("--resume without a path continues the run in --out: pass --out RUN_FOLDER")
+
+    # -- config resolved against the world size ------------------------------------------------
+    if cfg.batch_size % d.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} ranks")
+    per_rank = cfg.batch_size // d.world
+    micro = cfg.micro_batch or per_rank
+    if per_rank % micro:
+        raise UsageError(f"per-rank batch {per_rank} is not a multiple of --micro-batch {micro}")
+    accum = per_rank // micro
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    use_compile = cfg.compile if cfg.compile is not None else d.device.type == "cuda"
+    shard = cfg.shard if cfg.shard != "auto" else ("grad" if VIT_PRESETS[cfg.model][0] <= 768 else "full")
+    mode = cfg.dist if d.enabled else "single"
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    # -- output folder: ours, or new; never someone else's files ---------------------------------
+    out = broadcast_obj(cfg.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}", d)
+    cfg.out = out
+    out = Path(out)
+    if d.main:
+        ckpt.check_out_dir(out, resume=bool(cfg.resume))
+    _barrier(d)
+
+    # -- data ------------------------------------------------------------------------------------
+    source = cfg.data or "synthetic"
+    if source != "synthetic" and not Path(source).exists():
+        raise DataError(f"--data {source} does not exist")
+    stream = build_train_stream(
+        source, img_size=cfg.img_size, batch_size=micro, seed=cfg.seed, rank=d.rank, world_size=d.world,
+        num_workers=cfg.num_workers, deterministic=cfg.deterministic, device=d.device,
+        synthetic_length=cfg.synthetic_images,
+    )
+    steps_per_epoch = stream.steps_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"{stream.num_images} images are fewer than one global batch of {cfg.batch_size}")
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+
+    # -- teacher: frozen, replicated on every rank, bf16 autocast on GPU, no autograd state -------
+    torch.manual_seed(cfg.seed)  # the same random teacher / student init on every rank
+    try:
+        # The demo only looks in the local Hugging Face cache: a 784 MB download (or minutes of
+        # retries on a machine without network) does not belong in a demo; --teacher downloads.
+        offline = demo and cfg.teacher == HF_HUB_ID
+        with _env(HF_HUB_OFFLINE="1") if offline else contextlib.nullcontext():
+            teacher = BiomedCLIPTeacher.load(cfg.teacher, target=cfg.target)
+    except TeacherUnavailable as e:
+        if not demo:
+            raise Stop(f"{e}\nThe BiomedCLIP teacher is required for a real run: pass --teacher PATH "
+                       "(open_clip_pytorch_model.bin or its folder), or --teacher random for a smoke test "
+                       "whose features mean nothing.", code=2) from None
+        say("!" * 100 + "\nWARNING: BiomedCLIP weights are not available offline; this demo continues with a "
+            "RANDOM teacher.\nIts features are MEANINGLESS: the loss goes down, but the model learns nothing "
+            "useful. Pass --teacher PATH for real targets.\n" + "!" * 100)
+        teacher = BiomedCLIPTeacher.load("random", target=cfg.target)
+    teacher.to(d.device)
+
+    # -- student ---------------------------------------------------------------------------------
+    overrides = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
+                     decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
+                     decoder_num_heads=cfg.decoder_heads, target_dim=teacher.out_dim)
+    if cfg.depth:
+        overrides["depth"] = cfg.depth
+    model_cfg = URFMConfig.preset(cfg.model, **overrides)
+    torch.manual_seed(cfg.seed)
+    student = URFM(model_cfg)
+    if cfg.init:
+        _init_from(student, cfg.init, say)
+    student.to(d.device)
+    n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+    # -- activation checkpointing, then compile, then sharding (torchtitan's order) ---------------
+    blocks = list(student.blocks) + list(student.decoder_blocks)
+    if cfg.ac:
+        for blk in blocks:
+            _checkpoint_block(blk)
+    if use_compile:
+        for blk in blocks:
+            blk.compile()  # in place: parameter names stay those of the URFM layout
+        for blk in teacher.trunk.blocks:  # the teacher calls forward_features, so compile its blocks
+            blk.compile()
+    model = student
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kw = dict(reshard_after_forward=shard == "full")
+        if mp:
+            kw["mp_policy"] = mp
+        for blk in blocks:
+            fully_shard(blk, **kw)
+        if mp:  # the root casts nothing: images are cast by hand, the teacher targets stay fp32
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False)
+        fully_shard(student, **kw)
+    elif mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and mode != "fsdp"
+                else contextlib.nullcontext())
+
+    # -- optimizer and EMA -------------------------------------------------------------------------
+    cuda = d.device.type == "cuda"
+    optimizer = torch.optim.AdamW(student.param_groups(cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
+                                  fused=cuda or None, foreach=None if cuda else True)
+    ema = EMA(student, cfg.ema_decay)
+    mask_gen = torch.Generator(d.device).manual_seed(cfg.seed * 1000 + d.rank)
+
+    # -- checkpointing: state, save, resume --------------------------------------------------------
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    sd_model = model if mode == "ddp" else student
+
+    def app_state() -> dict:
+        msd, osd = get_state_dict(sd_model, optimizer)
+        return {"model": msd, "optimizer": osd, "ema": ema.state_dict()}
+
+    run_config = {"kind": ckpt.RUN_KIND, "demo": demo, "train": dataclasses.asdict(cfg),
+                  "model": model_cfg.to_dict(), "world_size": d.world, "mode": mode, "shard": shard,
+                  "bf16": bf16, "compile": use_compile, "accumulation": accum, "micro_batch": micro,
+                  "lr": base_lr, "total_steps": total, "warmup_steps": warmup, "teacher_source": teacher.source,
+                  "torch": torch.__version__}
+    state = types.SimpleNamespace(step=0, skipped=0, bad_in_a_row=0, last_good=None, elapsed=0.0)
+
+    def trainer_state() -> dict:
+        return {"step": state.step, "epoch": stream.epoch, "skipped": state.skipped,
+                "bad_in_a_row": state.bad_in_a_row, "elapsed": state.elapsed, "data": stream.state_dict(),
+                "rng": rng_state(d.device), "mask_gen": mask_gen.get_state()}
+
+    def save(step: int, pth: bool = False) -> Path:
+        path = ckpt.save_dcp(out, step, app_state(), trainer_state(), run_config, cfg.keep)
+        state.last_good = path
+        if pth:
+            save_pth(step)
+        return path
+
+    def save_pth(step: int) -> Path | None:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(sd_model, options=opts)
+        osd = get_optimizer_state_dict(sd_model, optimizer, options=opts)
+        esd = ema.full_state_dict()
+        if not d.main:
+            return None
+        args = dict(dataclasses.asdict(cfg), **{f"model_{k}": v for k, v in model_cfg.to_dict().items()})
+        extra = {"config": model_cfg.to_dict(), "trainer": trainer_state()}
+        return ckpt.save_pth(out / f"checkpoint-{step:08d}.pth", msd, esd, ckpt.optim_to_ids(osd),
+                             stream.epoch, step, args, extra)
+
+    if cfg.resume:
+        _resume(cfg, out, d, app_state, sd_model, optimizer, ema, stream, mask_gen, state, say)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(out / ckpt.CONFIG_FILE, run_config)
+        ckpt.truncate_metrics(out, state.step)
+    _barrier(d)
+
+    # -- FLOPs for MFU (optional module) -----------------------------------------------------------
+    flops_per_image, peak = None, None
+    try:
+        from urfm_fast.flops import peak_flops, train_flops_per_image
+
+        flops_per_image = train_flops_per_image(model_cfg, teacher=True)
+        peak = peak_flops(d.device) if cuda else None
+    except ImportError:
+        pass
+
+    say(f"model {cfg.model} (depth {model_cfg.depth}, decoder {model_cfg.decoder_embed_dim}d{model_cfg.decoder_depth}b) "
+        f"{n_params / 1e6:.1f}M trainable params | img {cfg.img_size} | mask {cfg.mask_ratio} | teacher {teacher.source}")
+    say(f"{d.world} rank(s) on {d.device.type} | {mode}{'/' + shard if mode == 'fsdp' else ''} | "
+        f"{'bf16' if bf16 else 'fp32'} | compile {use_compile} | ac {cfg.ac} | global batch {cfg.batch_size} = "
+        f"{d.world} x {micro} x {accum} accumulation | lr {base_lr:.3g} | {total} steps "
+        f"({steps_per_epoch} per epoch, warm-up {warmup}) | data: {stream.summary()}")
+    say(f"output: {out}")
+
+    # -- the loop ----------------------------------------------------------------------------------
+    handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    batches = iter(stream)
+    bar = _progress(d, total, state.step)
+    window_loss, window_n, window_t0, window_steps = torch.zeros((), device=d.device), 0, time.time(), 0
+    first_step_time = None
+    stop_reason = None
+    metrics_file = open(out / ckpt.METRICS_FILE, "a") if d.main else None
+    try:
+        while state.step < total:
+            step = state.step
+            t_step = time.time()
+            lr = lr_at(step, base_lr, cfg.min_lr, warmup, total)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), device=d.device)
+            try:
+                for k in range(accum):
+                    images01, index = next(batches)  # (B, 3, S, S) in [0, 1], (B,)
+                    target = teacher(images01).clone()  # (B, N, T) fp32; clone leaves inference mode
+                    imgs = normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
+                    if mode == "fsdp" and bf16:
+                        imgs = imgs.to(torch.bfloat16)
+                    if cfg.deterministic:
+                        noise = stream.mask_noise(index, model_cfg.num_patches, device=d.device)
+                        ids = student.sample_ids(imgs.shape[0], d.device, noise=noise)
+                    else:
+                        ids = student.sample_ids(imgs.shape[0], d.device, generator=mask_gen)
+                    last = k == accum - 1
+                    if mode == "fsdp":
+                        student.set_requires_gradient_sync(last)
+                    sync = model.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
+                    with sync, autocast:
+                        loss, _, _ = model(imgs, target, ids)
+                    if step in faults.get("nan", ()):
+                        loss = loss * float("nan")
+                    (loss / accum).backward()
+                    loss_sum += loss.detach()
+                # The global grad norm (identical on every rank) doubles as the NaN/Inf check.
+                norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad or float("inf"),
+                                                      foreach=True)
+                if hasattr(norm, "full_tensor"):
+                    norm = norm.full_tensor()
+                finite = bool(torch.isfinite(norm))
+                if finite:
+                    optimizer.step()
+                    ema.update(student)
+                optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError:
+                raise Stop(oom_message(d, micro, accum)) from None
+            if first_step_time is None:
+                first_step_time = time.time() - t_step
+            state.step += 1
+            state.elapsed += time.time() - t_step
+            if finite:
+                state.bad_in_a_row = 0
+                window_loss += loss_sum / accum
+                window_n += 1
+            else:
+                state.skipped += 1
+                state.bad_in_a_row += 1
+                say(f"step {step}: non-finite loss or gradients (grad norm {float(norm)}); update skipped "
+                    f"({state.bad_in_a_row} in a row, {state.skipped} in all)")
+                if state.bad_in_a_row >= cfg.max_bad_steps:
+                    where = (f"the last good checkpoint is {state.last_good}" if state.last_good
+                             else "no checkpoint was written yet")
+                    raise Stop(f"stopping: {state.bad_in_a_row} consecutive steps with NaN/Inf loss or gradients "
+                               f"(step {state.step}); {where}. Lower --lr, check the data, or use --precision fp32.")
+            window_steps += 1
+            bar.update(1)
+
+            # -- logging (a collective on the loss: every rank takes part) ---------------------
+            if state.step % cfg.log_every == 0 or state.step == total:
+                mean_loss = float(all_mean(window_loss, d)) / window_n if window_n else float("nan")
+                dt = time.time() - window_t0
+                ips = window_steps * cfg.batch_size / max(dt, 1e-9)
+                rec = {"step": state.step, "epoch": stream.epoch, "loss": mean_loss, "lr": lr,
+                       "grad_norm": float(norm), "images_per_s": ips, "skipped": state.skipped,
+                       "peak_mem_gb": peak_memory_gb(d.device), "time": time.time()}
+                if flops_per_image:
+                    rec["tflops"] = ips * flops_per_image / 1e12
+                    if peak:
+                        rec["mfu"] = ips * flops_per_image / (peak * d.world)
+                if metrics_file:
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
+                mfu = f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+                say(f"step {state.step:>7d}/{total} | loss {mean_loss:.4f} | lr {lr:.3e} | grad norm "
+                    f"{float(norm):.3f} | {ips:.1f} img/s{mfu} | peak mem {rec['peak_mem_gb']:.2f} GB")
+                window_loss.zero_()
+                window_n, window_t0, window_steps = 0, time.time(), 0
+
+            # -- preemption: every rank must agree, so the flag is reduced ----------------------
+            if step in faults.get("sigterm", ()) and d.main:
+                os.kill(os.getpid(), signal.SIGTERM)
+            flag = torch.tensor(float(_signal_received), device=d.device)
+            if d.enabled and d.world > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                stop_reason = signal.Signals(int(flag.item())).name
+                break
+
+            # Not during a NaN streak: the last checkpoint should be the last good one.
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total and finite:
+                save(state.step)
+            if cfg.pth_every and state.step % cfg.pth_every == 0 and state.step < total:
+                save_pth(state.step)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+
+    # -- end: final (or preemption) checkpoint and a summary ---------------------------------------
+    path = save(state.step)
+    pth = save_pth(state.step) if stop_reason is None else None
+    summary = [f"{'stopped by ' + stop_reason if stop_reason else 'done'}: step {state.step}/{total} in "
+               f"{state.elapsed:.0f}s (first step incl. compile {first_step_time or 0:.1f}s)",
+               f"skipped NaN/Inf steps: {state.skipped}"]
+    if isinstance(stream.source, ImageFolderDataset):
+        summary.append(f"unreadable images skipped: {stream.source.skipped}")
+    summary.append(f"resumable checkpoint: {path}")
+    if pth:
+        summary.append(f"URFM-format checkpoint: {pth}")
+    if stop_reason:
+        summary.append(f"resume with: python -m urfm_fast.pretrain --out {out} --resume")
+    for line in summary:
+        say(line)
+    return 0
+
+
+def _resume(cfg, out, d, app_state, sd_model, optimizer, ema, stream, mask_gen, state, say) -> None:
+    """Restore model, EMA, optimizer, step, RNG and data position from the newest good checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    found = ckpt.candidates(cfg.resume, out)
+    if not found:
+        if cfg.resume == "latest":
+            say(f"--resume: no checkpoint in {out} yet; starting from step 0")
+            return
+        raise ckpt.CheckpointError(f"--resume {cfg.resume}: no checkpoint found")
+    for path in found:
+        if path.suffix == ".pth":
+            trainer = _resume_pth(path, sd_model, optimizer, ema)
+            break
+        reason = ckpt.validate(path)
+        if reason:
+            say(f"checkpoint {path} is incomplete or corrupt ({reason}); trying the previous one")
+            continue
+        s = app_state()
+        try:
+            trainer = ckpt.load_dcp(path, s)
+        except Exception as e:  # a damaged file DCP cannot read: every rank sees the failure
+            say(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e)[:200]}); trying the previous one")
+            continue
+        set_state_dict(sd_model, optimizer, model_state_dict=s["model"], optim_state_dict=s["optimizer"],
+                       options=StateDictOptions(strict=True))
+        ema.load_state_dict(s["ema"])
+        break
+    else:
+        raise ckpt.CheckpointError(f"--resume: none of the checkpoints in {out} is usable")
+    state.step, state.skipped = int(trainer["step"]), int(trainer["skipped"])
+    state.bad_in_a_row, state.elapsed = int(trainer["bad_in_a_row"]), float(trainer["elapsed"])
+    state.last_good = path
+    stream.load_state_dict(trainer["data"])
+    if not trainer.get("resharded"):
+        set_rng_state(trainer["rng"], d.device)
+        mask_gen.set_state(trainer["mask_gen"])
+    else:
+        say("resuming on a different number of ranks: per-rank random streams are re-seeded "
+            "(use --deterministic for a curve that does not depend on it)")
+        mask_gen.manual_seed(cfg.seed * 1000 + d.rank + 7919 * state.step)
+    say(f"resumed from {path} at step {state.step}")
+
+
+def _resume_pth(path: Path, sd_model, optimizer, ema) -> dict:
+    """Resume from our URFM-format .pth (model, EMA, optimizer, step; trainer state when present)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    names = [n for n, _ in ema_names(optimizer, sd_model)]
+    osd = ckpt.optim_from_ids(obj["optimizer"], names)
+    set_state_dict(sd_model, optimizer, model_state_dict=obj["model"], optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True, strict=True))
+    ema.load_state_dict(obj["ema_state_dict"])
+    trainer = obj.get("trainer") or {"step": obj["step"], "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0,
+                                     "data": {"epoch": obj.get("epoch", 0), "offset": 0}, "rng": None}
+    trainer["resharded"] = trainer.get("rng") is None or dist.is_initialized()
+    return trainer
+
+
+def ema_names(optimizer, model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(clean name, param) in optimizer order: how optim_to_ids numbered the parameters."""
+    from urfm_fast.ema import clean_name
+
+    by_id = {id(p): clean_name(n) for n, p in model.named_parameters()}
+    return [(by_id[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
+
+
+def _init_from(student: URFM, path: str, say) -> None:
+    """--init: weights only (EMA weights when the file has them), from an official or our checkpoint."""
+    from urfm_fast.checkpoint_io import load_checkpoint
+
+    loaded = load_checkpoint(path, prefer_ema=True)
+    own = student.state_dict()
+    sd = loaded.state_dict
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise UsageError(f"--init {path}: shapes differ from this model for {bad[:3]} (checkpoint config "
+                         f"{loaded.config.model}, img {loaded.config.img_size}); match --model/--img-size/decoder flags")
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise UsageError(f"--init {path}: unexpected keys {unexpected[:5]}")
+    say(f"initialised from {path} ({loaded.meta.get('weights', 'model')} weights"
+        f"{', decoder re-initialised' if missing else ''})")
+
+
+def _checkpoint_block(blk: torch.nn.Module) -> None:
+    """Activation checkpointing by replacing the block's forward in place: parameter names do not
+    change (a wrapper module would add a path component to every key)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = blk.forward
+    blk.forward = lambda x: checkpoint(inner, x, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def _printer(d: Dist):
+    from tqdm.auto import tqdm
+
+    def say(msg: str) -> None:
+        if d.main:
+            tqdm.write(msg, file=sys.stdout)
+
+    return say
+
+
+def _progress(d: Dist, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not d.main, dynamic_ncols=True, desc="pretrain",
+                unit="step", file=sys.stderr, mininterval=1.0)
+
+
+# =============================================================================================
+# Entry point: known failures become one clear message and an exit code, never a traceback
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        format="%(message)s")
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        cfg, given, demo = parse_config(argv)
+        if demo and rank == 0:
+            where = "GPU: ViT-B recipe for a short while" if _cuda_wanted(given) else "CPU: tiny model, small images"
+            print(f"DEMO: no --data given, so this is a short demo on built-in synthetic ultrasound ({where}).\n"
+                  "For a real run pass --data DIR (a folder of images) and --teacher PATH. See --help.",
+                  flush=True)
+        return train(cfg, demo)
+    except Stop as e:
+        _report(str(e), rank)
+        return e.code
+    except (DataError, ckpt.CheckpointError, TeacherUnavailable, UsageError) as e:
+        _report(f"error: {e}", rank)
+        return 2
+    except KeyboardInterrupt:
+        _report("interrupted", rank)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _report(msg: str, rank: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if rank == 0 or world > 1:
+        print(msg if world == 1 else f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
