@@ -49,6 +49,7 @@ class OurStep:
         self.ema = EMA(self.model, ema_decay)
         self.forward = self.model
         self.teacher_forward = self.teacher
+        self.compile_mode = compile_mode
         if compile_mode == "blocks":
             for blk in [*self.model.blocks, *self.model.decoder_blocks, *self.teacher.trunk.blocks]:
                 blk.compile()
@@ -65,6 +66,10 @@ class OurStep:
 
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
         target = self.teacher_forward(images01)  # (B, N, 768) fp32, computed under inference_mode
+        if self.compile_mode == "model":
+            # A compiled graph saves its inputs for backward, and inference tensors cannot be saved:
+            # hand it a normal tensor (eager mode gathers the masked rows first, which makes one).
+            target = target.clone()
         imgs = normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
         with self.autocast():
             loss, _, _ = self.forward(imgs, target)
@@ -109,37 +114,38 @@ def test_step_reference(benchmark, measure, step_cfg, device, amp_dtype, images0
     _release()
 
 
-def test_step_ours_torch(benchmark, measure, step_cfg, device, amp_dtype, images01, batch_size, step_flops):
+def _run_ours(benchmark, measure, args, backend: str, compile_mode: str | None = None):
+    step_cfg, device, amp_dtype, images01, batch_size, step_flops = args
     torch.manual_seed(0)
-    with ops.use_backend("torch"):
-        step = OurStep(step_cfg, device, amp_dtype)
-        _run(benchmark, measure, step, images01, batch_size, step_flops)
+    if compile_mode:
+        torch._dynamo.reset()
+    with ops.use_backend(backend):
+        step = OurStep(step_cfg, device, amp_dtype, compile_mode=compile_mode)
+        # Compiled: three warm-up calls; the first compiles forward and backward, the next ones take
+        # any recompile (seen on CPU at the second call) before timing.
+        _run(benchmark, measure, step, images01, batch_size, step_flops, compiled=bool(compile_mode),
+             warmup=3 if compile_mode else 1)  # fmt: skip
     del step
     _release()
 
 
-def test_step_ours_kernels(benchmark, measure, on_gpu, step_cfg, device, amp_dtype, images01, batch_size, step_flops):
+@pytest.fixture
+def step_args(step_cfg, device, amp_dtype, images01, batch_size, step_flops):
+    return step_cfg, device, amp_dtype, images01, batch_size, step_flops
+
+
+def test_step_ours_torch(benchmark, measure, step_args):
+    _run_ours(benchmark, measure, step_args, "torch")
+
+
+def test_step_ours_kernels(benchmark, measure, on_gpu, step_args):
     if not on_gpu:
         pytest.skip("URFM_KERNELS=auto is the torch path on CPU: same as ours_torch")
-    torch.manual_seed(0)
-    with ops.use_backend("auto"):
-        step = OurStep(step_cfg, device, amp_dtype)
-        _run(benchmark, measure, step, images01, batch_size, step_flops)
-    del step
-    _release()
+    _run_ours(benchmark, measure, step_args, "auto")
 
 
 @pytest.mark.parametrize("mode", ["blocks", "model"])
-def test_step_ours_compile(benchmark, measure, on_gpu, mode, step_cfg, device, amp_dtype, images01, batch_size,
-                           step_flops):  # fmt: skip
+def test_step_ours_compile(benchmark, measure, on_gpu, mode, step_args):
     if not on_gpu and os.environ.get("URFM_BENCH_COMPILE") != "1":
         pytest.skip("compile rows run on GPU (set URFM_BENCH_COMPILE=1 to run them on CPU)")
-    torch.manual_seed(0)
-    torch._dynamo.reset()
-    with ops.use_backend("auto"):
-        step = OurStep(step_cfg, device, amp_dtype, compile_mode=mode)
-        # Two warm-up calls: the first compiles forward and backward, the second hits the caches
-        # (and any recompile for changed requires_grad/grad state) before timing.
-        _run(benchmark, measure, step, images01, batch_size, step_flops, compiled=True, warmup=2)
-    del step
-    _release()
+    _run_ours(benchmark, measure, step_args, "auto", compile_mode=mode)

@@ -22,9 +22,10 @@ Fixtures (names are stable; other bench files rely on them):
 
 ``measure(benchmark, fn, *, items=None, flops=None, nbytes=None, reference=None, warmup=1,
 rounds=None, compiled=False)``:
-    * runs ``fn`` ``warmup`` times outside the timed region (synchronised); the first call's
-      wall time is recorded as ``extra_info['compile_s']`` when ``compiled`` is true, so compile
-      never lands in the timed rounds and is reported apart;
+    * runs ``fn`` ``warmup`` times outside the timed region (synchronised); when ``compiled`` is
+      true, the warm-up wall time beyond ``warmup`` x the timed mean is recorded as
+      ``extra_info['compile_s']`` (compile and any recompile), so compile never lands in the
+      timed rounds and is reported apart;
     * times ``rounds`` calls with ``benchmark.pedantic``, each call followed by
       ``torch.cuda.synchronize`` inside the timed region;
     * fills ``benchmark.extra_info`` with physics from the mean time: ``items_per_s`` (images/s for
@@ -226,13 +227,12 @@ def measure(device, peak, rounds, ref_means):
         rounds: int | None = None,
         compiled: bool = False,
     ) -> float | None:
-        first_s = None
-        for i in range(warmup):
+        warm_s = []
+        for _ in range(warmup):
             t0 = time.perf_counter()
             fn()
             synchronize(device)
-            if i == 0:
-                first_s = time.perf_counter() - t0
+            warm_s.append(time.perf_counter() - t0)
 
         def timed():
             out = fn()
@@ -252,7 +252,8 @@ def measure(device, peak, rounds, ref_means):
             peak=peak,
             reference=reference,
             reference_mean_s=ref_means.get(reference) if reference else None,
-            compile_s=first_s if compiled else None,
+            # Compile (and recompiles) = warm-up wall time beyond that of as many timed calls.
+            compile_s=max(0.0, sum(warm_s) - len(warm_s) * mean_s) if compiled and mean_s else None,
         )
         benchmark.extra_info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         return mean_s
