@@ -24,7 +24,7 @@ ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
 
 def _cases(scale: str, device):
-    """(name, fn(*inputs) -> output, inputs: list of (tensor, needs_grad))."""
+    """(name, fn(*inputs) -> output, inputs: list of (tensor, needs_grad[, "keep32"]))."""
     if scale == "vitb":
         B, N, K, D, H, Dh = 64, 196, 49, 768, 12, 64
     else:
@@ -46,6 +46,9 @@ def _cases(scale: str, device):
         ("unshuffle", ops.unshuffle,
          [(randn(B, 1 + K, D), True), (randn(D), True), (ids_restore, False), (randn(1 + N, D), True)]),
         ("cosine_loss", ops.cosine_loss, [(randn(B * (N - K), D), True), (randn(B * (N - K), D), False)]),
+        # As in training: bf16 predictions from autocast, fp32 teacher targets ("keep32").
+        ("cosine_loss fp32 target", ops.cosine_loss,
+         [(randn(B * (N - K), D), True), (randn(B * (N - K), D), False, "keep32")]),
     ]  # fmt: skip
     for tokens, heads in ((1 + K, H), (1 + N, H), (1 + N, 16 if scale == "vitb" else 3)):
         q, k, v = (randn(B, heads, tokens, Dh) for _ in range(3))
@@ -58,8 +61,8 @@ def _cases(scale: str, device):
 
 def _run(fn, inputs, dtype, backend, grad_out=None):
     xs = []
-    for t, needs_grad in inputs:
-        if t.is_floating_point():
+    for t, needs_grad, *keep32 in inputs:
+        if t.is_floating_point() and not keep32:
             t = t.to(dtype).detach().requires_grad_(needs_grad)
         xs.append(t)
     with ops.use_backend(backend):
