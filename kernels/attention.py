@@ -12,11 +12,13 @@ result is deterministic. All accumulation is fp32.
 
 Limits: self-attention only (q, k, v of one shape); head size Dh <= 128 (32/64/128 are the
 fast cases; others are padded to the next power of two); fp16, bf16 or fp32 inputs with a unit
-stride along Dh (other strides free, so q/k/v views of a packed qkv tensor need no copy).
-fp32 inputs use full-precision (not tf32) dots.
+stride along Dh (other strides free, so q/k/v views of a packed qkv tensor need no copy; an
+input without it is copied). Outputs and gradients come back in the input dtype, contiguous.
+fp32 inputs use full-precision (ieee, not tf32) dots: exact, but far slower than bf16.
 
-Caution: autotuning runs the first call of each (N, Dh, dtype) several times; the kernels only
-write their outputs, so this is safe, but time the second call.
+Caution: autotuning compiles and runs the first call of each (N, Dh, dtype) several times; the
+kernels only write their outputs, so this is safe, but time the second call, and do not make
+that first call inside CUDA-graph capture.
 Caution: triton's interpreter computes bf16 ``tl.dot`` wrongly; test bf16 on a GPU only.
 """
 
@@ -46,9 +48,29 @@ def attention_math_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast
 # Triton kernels. Tensors are [B,H,N,Dh] with any strides except a unit stride along Dh; the
 # (b, h) base offsets are int64. Scores live in log2 units (scaled by log2(e)) so the softmax
 # uses exp2; LSE is stored in the same units, [B*H, N] fp32, for the backward.
+# The grid is one-dimensional, tiles of one (b, h) adjacent: B*H can exceed CUDA's 65535 limit
+# on grid.y (ViT-H at a large batch) and neighbouring programs share that head's K/V in L2.
+# Dots: bf16/fp16 operands on tensor cores with fp32 accumulation; fp32 operands with
+# input_precision="ieee" (exact fp32 FMA, slower) so an fp32 run is a true fp32 check, not tf32.
 # --------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile_and_head(N, BLOCK: tl.constexpr):
+    """This program's tile index along N and its flat head index b * H + h."""
+    n_tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
+def _head_base(ptr, bh, H, stride_b, stride_h):
+    """ptr advanced to head (b, h) of a [B, H, N, Dh] tensor; int64 so B*H*N*Dh may pass 2**31."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return ptr + b * stride_b + h * stride_h
 
 
 @triton.jit
@@ -63,23 +85,22 @@ def _attn_fwd_kernel(
     N,
     qk_scale,  # log2(e) / sqrt(Dh)
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two, >= 16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh = _tile_and_head(N, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    q_base = _head_base(q_ptr, bh, H, sqb, sqh)
+    k_base = _head_base(k_ptr, bh, H, skb, skh)
+    v_base = _head_base(v_ptr, bh, H, svb, svh)
+    # padded query rows (past N) load zeros: their scores are 0, finite, and they are not stored
+    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -88,15 +109,16 @@ def _attn_fwd_kernel(
         n_ok = n_idx < N
         kt = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
-        s = tl.where(n_ok[None, :], s, float("-inf"))  # ragged last tile: keys past N get no weight
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds at least one key
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # after the scale: keys past N get no weight
+        # finite: every tile holds at least one key (start_n < N), so no (-inf) - (-inf)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    acc = acc / l_i[:, None]  # l_i >= 1: the row maximum contributes exp2(0)
     o_rows = bh.to(tl.int64) * N + offs_m
     tl.store(o_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + o_rows, m_i + tl.log2(l_i), mask=m_ok)
@@ -112,13 +134,27 @@ def _attn_bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    off = rows[:, None] * HEAD_DIM + offs_d[None, :]
     o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=rows < n_rows)
+
+
+@triton.jit
+def _attn_bwd_tile(q, k, v, do, lse, delta, n_ok, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One (query tile, key tile) pair of the backward -> (p, ds), both (BLOCK_M, BLOCK_N) fp32.
+
+    p is recomputed from the saved LSE; ds = p * (dp - delta) is d loss / d scores (before the
+    1/sqrt(Dh) scale). Keys past N get p = 0 explicitly (their exp2 could overflow to inf when
+    every real score is very negative); padded query rows have lse = +inf, so p = 0 there too.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -140,18 +176,18 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # one program owns BLOCK_N keys and sweeps every query block: dk, dv need no atomics
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_n, bh = _tile_and_head(N, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n < N)[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = q_ptr + b * sqb + h * sqh
+    n_ok = offs_n < N
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k_base = _head_base(k_ptr, bh, H, skb, skh)
+    v_base = _head_base(v_ptr, bh, H, svb, svh)
+    q_base = _head_base(q_ptr, bh, H, sqb, sqh)
+    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
     row0 = bh.to(tl.int64) * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -161,14 +197,10 @@ def _attn_bwd_dkdv_kernel(
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + m_idx[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_ptr + (row0 + m_idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
-        # padded query rows get lse = +inf, so p = 0 there and they contribute nothing
         lse = tl.load(lse_ptr + row0 + m_idx, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_ptr + row0 + m_idx, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None])
+        p, ds = _attn_bwd_tile(q, k, v, do, lse, delta, n_ok, qk_scale, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     out = (row0 + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -193,10 +225,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    # one program owns BLOCK_M queries and sweeps every key block
+    pid_m, bh = _tile_and_head(N, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -204,12 +234,13 @@ def _attn_bwd_dq_kernel(
     m_ok = offs_m < N
     q_mask = m_ok[:, None] & d_ok[None, :]
     row0 = bh.to(tl.int64) * N
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+    q_base = _head_base(q_ptr, bh, H, sqb, sqh)
+    k_base = _head_base(k_ptr, bh, H, skb, skh)
+    v_base = _head_base(v_ptr, bh, H, svb, svh)
+    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         n_idx = start_n + offs_n
@@ -217,29 +248,27 @@ def _attn_bwd_dq_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + n_idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # keys past N carry no weight
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = _attn_bwd_tile(q, k, v, do, lse, delta, n_ok, qk_scale, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     tl.store(dq_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------------
-# tile configs: autotuned on GPU (keyed on N and the head size), one small fixed tile under the
-# interpreter so CPU tests stay quick. 64-wide tiles fit ViT's 50 / 197 tokens with little waste.
+# tile configs: autotuned on GPU (keyed on N, the head size and, implicitly, the dtypes), one
+# small fixed tile under the interpreter so CPU tests stay quick. 64-wide tiles fit ViT's 50 /
+# 197 tokens with little waste. The list is short on purpose: the autotuner compiles every
+# config of every kernel before the first step (x3 kernels, per head size and dtype).
+# Every tile side is >= 32 and BLOCK_D >= 16, so every tl.dot operand meets the 16 minimum.
+# The kernels only write their outputs (no accumulation into them, no atomics), so the repeated
+# launches of autotuning need no reset_to_zero / restore_value.
 # --------------------------------------------------------------------------------------------
 
 
 def _gpu_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (32, 64, 128)
-        for bn in (32, 64)
-        for w in (4, 8)
-        for s in (1, 2, 3)
-        if not (bm == 128 and w == 4) and not (bm == 32 and w == 8)
-    ]
+    # (BLOCK_M, BLOCK_N, warps, stages); 3 stages only pay where the loop has several tiles
+    tiles = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+             (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]  # fmt: skip
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -278,7 +307,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         raise ValueError("q, k, v must be on one device")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head size {q.shape[-1]} must lie in [1, {MAX_HEAD_DIM}]")
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+    # in-head offsets (row * stride along N) are int32 in the kernels; the (b, h) offsets are int64
+    N = q.shape[2]
+    return [t if t.stride(-1) == 1 and N * t.stride(2) < 2**31 else t.contiguous() for t in (q, k, v)]
 
 
 def _strides(*ts):
@@ -296,7 +327,8 @@ def _launch_args(q: torch.Tensor) -> dict:
 
 
 def _grid(N: int, BH: int, block_key: str):
-    return lambda meta: (triton.cdiv(N, meta[block_key]), BH)
+    # one dimension (limit 2**31 - 1): grid.y would cap B*H at 65535
+    return lambda meta: (triton.cdiv(N, meta[block_key]) * BH,)
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +350,8 @@ def attention_bwd(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torc
     require_triton()
     q, k, v = _check_qkv(q, k, v)
     B, H, N, Dh = q.shape
-    do = do.contiguous()
+    # dense rows for the kernels; do in q's dtype, since tl.dot needs both operands in one dtype
+    do, o, lse = do.to(q.dtype).contiguous(), o.contiguous(), lse.contiguous()
     dq, dk, dv = (empty((B, H, N, Dh), q.dtype, q.device) for _ in range(3))
     if not dq.numel():
         return dq, dk, dv

@@ -76,60 +76,36 @@ def unshuffle_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
 def _gather_fwd_kernel(
     x_ptr,  # [B, N, D] strides (stride_xb, stride_xn, 1)
     idx_ptr,  # [B, K] int64, contiguous
-    out_ptr,  # [B, K, D] contiguous
-    n_rows,  # B * K
-    K,
-    D,
-    stride_xb,
-    stride_xn,
-    ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat b * K + k
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < D)[None, :]
-    b = (rows // K).to(tl.int64)
-    src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-    val = tl.load(x_ptr + (b * stride_xb + src * stride_xn)[:, None] + cols[None, :], mask=mask)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], val, mask=mask)
-
-
-@triton.jit
-def _gather_visible_fwd_kernel(
-    x_ptr,  # [B, N, D] strides (stride_xb, stride_xn, 1)
-    idx_ptr,  # [B, K] int64, contiguous
-    pos_ptr,  # [1+N, D] strides (stride_pn, 1)
-    cls_ptr,  # [D]
-    out_ptr,  # [B, 1+K, D] contiguous
-    n_rows,  # B * (1 + K)
+    pos_ptr,  # [1+N, D] strides (stride_pn, 1) (read only if HEAD)
+    cls_ptr,  # [D] (read only if HEAD)
+    out_ptr,  # [B, HEAD+K, D] contiguous
+    n_rows,  # B * (HEAD + K)
     K,
     D,
     stride_xb,
     stride_xn,
     stride_pn,
+    HEAD: tl.constexpr,  # 0: plain gather; 1: CLS row first and pos added (encoder input)
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat b * (1+K) + j
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # flat b * (HEAD+K) + j
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     col_ok = cols < D
-    b = (rows // (K + 1)).to(tl.int64)
-    j = rows % (K + 1)
-    head = j == 0
-    src = tl.load(idx_ptr + b * K + tl.maximum(j - 1, 0), mask=row_ok, other=0)
-    tok = tl.load(
-        x_ptr + (b * stride_xb + src * stride_xn)[:, None] + cols[None, :],
-        mask=(row_ok & ~head)[:, None] & col_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tok = tl.where(head[:, None], cls[None, :], tok)
-    pos_row = tl.where(head, 0, 1 + src)
     mask = row_ok[:, None] & col_ok[None, :]
-    tok += tl.load(pos_ptr + (pos_row * stride_pn)[:, None] + cols[None, :], mask=mask).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], tok.to(out_ptr.dtype.element_ty), mask=mask)
+    b = rows // (K + HEAD)
+    k = rows % (K + HEAD) - HEAD  # position in idx; -1 on the CLS row
+    is_tok = row_ok & (k >= 0)
+    src = tl.load(idx_ptr + b * K + k, mask=is_tok, other=0)  # masked on CLS rows: K may be 0
+    x_rows = x_ptr + b * stride_xb + src * stride_xn
+    tok = tl.load(x_rows[:, None] + cols[None, :], mask=is_tok[:, None] & col_ok[None, :], other=0.0)
+    if HEAD:
+        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tok = tl.where((k < 0)[:, None], cls[None, :], tok.to(tl.float32))
+        pos_row = tl.where(k < 0, 0, 1 + src)
+        tok += tl.load(pos_ptr + (pos_row * stride_pn)[:, None] + cols[None, :], mask=mask).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], tok.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -149,13 +125,13 @@ def _unshuffle_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat b * (1+N) + j
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # flat b * (1+N) + j
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     col_ok = cols < D
-    b = (rows // (N + 1)).to(tl.int64)
+    b = rows // (N + 1)
     j = rows % (N + 1)
-    r = tl.load(ids_ptr + b * N + tl.maximum(j - 1, 0), mask=row_ok, other=0)
+    r = tl.load(ids_ptr + b * N + j - 1, mask=row_ok & (j > 0), other=0)  # CLS row: nothing to read
     src = tl.where(j == 0, 0, 1 + r)  # row of x, when the token is not masked
     from_x = (j == 0) | (r < K)
     tok = tl.load(
@@ -167,9 +143,9 @@ def _unshuffle_fwd_kernel(
     mtok = tl.load(mask_ptr + cols, mask=col_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tok = tl.where(from_x[:, None], tok, mtok[None, :])
     mask = row_ok[:, None] & col_ok[None, :]
-    p = tl.load(pos_ptr + (j.to(tl.int64) * stride_pn)[:, None] + cols[None, :], mask=mask)
+    p = tl.load(pos_ptr + (j * stride_pn)[:, None] + cols[None, :], mask=mask)
     tok += p.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], tok.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], tok.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -189,9 +165,11 @@ def _segment_sum_kernel(
     HAS_COLSUM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0)
+    # grid (splits * R, D tiles): without colsum there is one split per batch row, and B can
+    # exceed grid.z's 65535
+    r = tl.program_id(0) % R
+    split = tl.program_id(0) // R
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    split = tl.program_id(2)
     col_ok = cols < D
     col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_lo = split * b_per_split
@@ -234,8 +212,8 @@ def _unshuffle_bwd_kernel(
     b_lo = split * b_per_split
     for b in range(b_lo, tl.minimum(b_lo + b_per_split, B)):
         b64 = tl.cast(b, tl.int64)
-        g = tl.load(g_ptr + b64 * stride_gb + j * stride_gn + cols, mask=col_ok, other=0.0)
-        r = tl.load(ids_ptr + b64 * N + tl.maximum(j - 1, 0))
+        g = tl.load(g_ptr + b64 * stride_gb + j.to(tl.int64) * stride_gn + cols, mask=col_ok, other=0.0)
+        r = tl.load(ids_ptr + b64 * N + j - 1, mask=j > 0, other=0)  # CLS row: nothing to read
         to_x = (j == 0) | (r < K)
         dst = tl.where(j == 0, 0, 1 + r)
         tl.store(dx_ptr + (b64 * (K + 1) + dst) * D + cols, g.to(dx_ptr.dtype.element_ty), mask=col_ok & to_x)
@@ -317,7 +295,7 @@ def _segment_sum(g: torch.Tensor, idx: torch.Tensor, n_dest: int, colsum: bool, 
     splits = triton.cdiv(B, b_per_split)
     parts = empty((splits, n_dest, D), torch.float32, g.device) if colsum else dx
     if n_dest:
-        _segment_sum_kernel[(n_dest, n_d, splits)](
+        _segment_sum_kernel[(splits * n_dest, n_d)](
             g, order, bounds, dx, parts, B, K, n_dest, D, g.stride(0), g.stride(1), b_per_split,
             HAS_COLSUM=colsum, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
@@ -335,8 +313,8 @@ def gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         block_d = _block_d(D)
         grid = (triton.cdiv(B * K, _ROWS), triton.cdiv(D, block_d))
         _gather_fwd_kernel[grid](
-            x, idx, out, B * K, K, D, x.stride(0), x.stride(1),
-            ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            x, idx, x, x, out, B * K, K, D, x.stride(0), x.stride(1), 0,  # no pos, no cls
+            HEAD=0, ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )  # fmt: skip
     return out
 
@@ -359,9 +337,9 @@ def gather_visible_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cl
     if out.numel():
         block_d = _block_d(D)
         grid = (triton.cdiv(B * (K + 1), _ROWS), triton.cdiv(D, block_d))
-        _gather_visible_fwd_kernel[grid](
+        _gather_fwd_kernel[grid](
             x, idx, pos, cls, out, B * (K + 1), K, D, x.stride(0), x.stride(1), pos.stride(0),
-            ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            HEAD=1, ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )  # fmt: skip
     return out
 
@@ -493,7 +471,7 @@ def _gather_visible_bwd_op(
 @_gather_visible_bwd_op.register_fake
 def _(grad, idx, x_dtype, pos, cls):
     dx = grad.new_empty((grad.shape[0], pos.shape[0] - 1, grad.shape[2]), dtype=x_dtype)
-    return dx, torch.empty_like(pos), torch.empty_like(cls)
+    return dx, pos.new_empty(pos.shape), cls.new_empty(cls.shape)  # contiguous, as the real ones
 
 
 def _gather_visible_setup(ctx, inputs, output):

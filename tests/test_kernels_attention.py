@@ -96,3 +96,18 @@ def test_attention_launcher_errors(kernel_device):
 def test_attention_real_shapes_gpu(N, dtype, close_to_fp32):
     q, k, v = (torch.randn(8, 12, N, 64, device="cuda", dtype=dtype) for _ in range(3))
     _check(q, k, v, close_to_fp32)
+
+
+@cuda_only
+@pytest.mark.parametrize("N,Dh", [(1, 64), (37, 128), (257, 80)])
+def test_attention_bf16_ragged_gpu(N, Dh, close_to_fp32):
+    # ragged last tiles, a single token, the padded head size of ViT-H/14; bf16 tl.dot only here
+    q, k, v = (torch.randn(2, 3, N, Dh, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    _check(q, k, v, close_to_fp32)
+
+
+@cuda_only
+def test_attention_many_heads_gpu():
+    # B*H beyond 65535: the 1-D grid must still launch and map tiles to the right head
+    q, k, v = (torch.randn(5462, 12, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v), A.attention_math_ref(q, k, v, upcast=True), atol=2e-2, rtol=2e-2)

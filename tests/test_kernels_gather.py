@@ -4,6 +4,8 @@ Runs under the Triton interpreter on CPU (see conftest.py); every kernel output 
 before launch so an element the kernel forgets to write cannot pass.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from urfm_fast import ops
 from urfm_fast.kernels import gather as G
 from urfm_fast.kernels._triton import poison_outputs
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3}
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# compiled kernels only: the interpreter rounds fp32 -> bf16 differently from the GPU
+on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +53,7 @@ def _compare(fn_kernel, fn_ref, inputs, dtype, device, close_to_fp32, name):
 SHAPES = [(2, 1, 1, 5), (3, 50, 7, 33), (2, 196, 49, 64), (1, 13, 13, 96), (2, 31, 17, 1030)]
 # the interpreter is slow: fp16 repeats only the small shapes
 CASES = [(*s, torch.float32) for s in SHAPES] + [(*s, torch.float16) for s in SHAPES if s[1] * s[3] < 4000]
+CASES += [(*s, torch.bfloat16) for s in SHAPES] + [(64, 196, 49, 768, torch.bfloat16)] if on_gpu else []
 
 
 @pytest.mark.parametrize("B,N,K,D,dtype", CASES)
@@ -107,6 +112,13 @@ def test_unshuffle(B, N, K, D, dtype, kernel_device, close_to_fp32):
     ids_restore = torch.rand(B, N).argsort(dim=1).argsort(dim=1)
     inputs = [torch.randn(B, K + 1, D), torch.randn(D), ids_restore, torch.randn(N + 1, D)]
     _compare(ops.unshuffle, G.unshuffle_ref, inputs, dtype, kernel_device, close_to_fp32, "unshuffle")
+
+
+def test_gather_visible_no_visible_tokens(kernel_device, close_to_fp32):
+    # K=0: only the CLS row; the kernel must not read the empty index tensor
+    B, N, D = 2, 5, 24
+    inputs = [torch.randn(B, N, D), torch.zeros(B, 0, dtype=torch.long), torch.randn(N + 1, D), torch.randn(D)]
+    _compare(ops.gather_visible, G.gather_visible_ref, inputs, torch.float32, kernel_device, close_to_fp32, "k=0")
 
 
 @pytest.mark.parametrize("K", [0, 12])
