@@ -3,6 +3,9 @@
 Rows (group ``step``), all measured in one process on the same images:
     reference            bench/reference.py: MAE/MILAN-style eager step (the baseline)
     ours_torch           urfm_fast.URFM + BiomedCLIPTeacher, kernels off (URFM_KERNELS=torch)
+    paired_ours_torch    ours_torch again, with a reference step run right before each timed call:
+                         ``x ref (paired)`` is the median over rounds of reference time / our time
+                         for adjacent calls, the ratio least disturbed by other load on the machine
     ours_kernels         the same with kernels on (``auto``: Triton on CUDA); GPU only, since on CPU
                          ``auto`` is the torch path and the row would repeat ours_torch
     ours_compile_blocks  kernels on + torch.compile of every transformer block (student and teacher)
@@ -20,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import statistics
+import time
 
 import pytest
 import torch
 
+from bench.conftest import fill_extra_info, synchronize
 from bench.reference import ReferenceStep
 from urfm_fast import URFM, ops
 from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -149,3 +155,30 @@ def test_step_ours_compile(benchmark, measure, on_gpu, mode, step_args):
     if not on_gpu and os.environ.get("URFM_BENCH_COMPILE") != "1":
         pytest.skip("compile rows run on GPU (set URFM_BENCH_COMPILE=1 to run them on CPU)")
     _run_ours(benchmark, measure, step_args, "auto", compile_mode=mode)
+
+
+def test_step_paired_ours_torch(benchmark, step_args, rounds, peak):
+    step_cfg, device, amp_dtype, images01, batch_size, step_flops = step_args
+    benchmark.group = "step"
+    benchmark.extra_info["batch"] = batch_size
+    torch.manual_seed(0)
+    ref = ReferenceStep(step_cfg, device, amp_dtype)
+    with ops.use_backend("torch"):
+        ours = OurStep(step_cfg, device, amp_dtype)
+        ref_s, ours_s = [], []
+
+        def call(step, times):
+            t0 = time.perf_counter()
+            step(images01)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+
+        call(ref, []), call(ours, [])  # warm-up
+        benchmark.pedantic(lambda: call(ours, ours_s), setup=lambda: call(ref, ref_s), rounds=rounds, iterations=1)
+    mean = statistics.mean(ours_s)
+    fill_extra_info(benchmark, mean, items=batch_size, flops=step_flops, peak=peak)
+    benchmark.extra_info["ratio_paired_median"] = statistics.median(r / o for r, o in zip(ref_s, ours_s))
+    benchmark.extra_info["reference_paired_s"] = ref_s
+    benchmark.extra_info["ours_paired_s"] = ours_s
+    del ref, ours
+    _release()

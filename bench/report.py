@@ -8,7 +8,8 @@ mean / min time of the row and the per-call counts that ``bench/conftest.py`` st
 ``extra_info`` (``items_per_call``, ``flops_per_call``, ``bytes_per_call``, ``peak_tflops``,
 ``reference``). ``x ref`` columns are the reference row's time over this row's time (> 1: faster
 than the reference), from the means and from the minima (the minimum is the least disturbed by
-other processes on a shared machine). Rows with no such counts show a dash.
+other processes on a shared machine); ``x ref (paired)`` is the median ratio over adjacent
+reference/row calls of a paired row (``ratio_paired_median``). Rows with no such counts show a dash.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ("row", "rounds", "mean ms", "min ms", "images/s", "TFLOP/s", "MFU", "GB/s", "x ref (mean)",
-           "x ref (min)", "compile s")  # fmt: skip
+           "x ref (min)", "x ref (paired)", "compile s")  # fmt: skip
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -52,6 +53,7 @@ def row_values(bench: dict, by_name: dict[str, dict]) -> dict[str, str]:
         "GB/s": _fmt(nbytes / mean / 1e9 if nbytes else None),
         "x ref (mean)": _fmt(ref["stats"]["mean"] / mean, 3) if ref else "-",
         "x ref (min)": _fmt(ref["stats"]["min"] / fastest, 3) if ref else "-",
+        "x ref (paired)": _fmt(info.get("ratio_paired_median"), 3),
         "compile s": _fmt(info.get("compile_s")),
     }
 
