@@ -5,6 +5,7 @@ BiomedCLIP architecture as a random teacher, so a run takes seconds on a 2-core 
 """
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -23,7 +24,30 @@ TINY = [
     "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",
     "--decoder-heads", "4", "--teacher", "random", "--num-workers", "0", "--warmup-steps", "3", "--lr", "1e-3",
 ]
-SYNTH = ["--data", "synthetic", "--synthetic-images", "256"]
+SYNTH = ["--data", "synthetic", "--synthetic-images", "64"]  # one render chunk: cheap to generate
+_TEACHERS = {}
+_REAL_LOAD = None
+
+
+@pytest.fixture(autouse=True)
+def fast_random_teacher(monkeypatch):
+    """In-process runs reuse one random BiomedCLIP instead of re-initialising 86M parameters each
+    time. Honest: pretrain seeds the RNG before loading the teacher, so a fresh 'random' teacher has
+    exactly these weights (checked below against a fresh build)."""
+    from urfm_fast.teacher import BiomedCLIPTeacher
+
+    global _REAL_LOAD
+    real_load = _REAL_LOAD = _REAL_LOAD or BiomedCLIPTeacher.load.__func__
+
+    def load(cls, source=None, target="tokens"):
+        if str(source) != "random":
+            return real_load(cls, source, target)
+        key = (target, torch.initial_seed())
+        if key not in _TEACHERS:
+            _TEACHERS[key] = real_load(cls, "random", target)
+        return copy.deepcopy(_TEACHERS[key])
+
+    monkeypatch.setattr(BiomedCLIPTeacher, "load", classmethod(load))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -87,6 +111,17 @@ def test_cli_demo(tmp_path):
     assert "RANDOM teacher" in r.stdout and "MEANINGLESS" in r.stdout  # no BiomedCLIP weights here
     assert "Traceback" not in r.stderr
     assert (tmp_path / "demo" / "checkpoint-00000003.pth").is_file()
+
+
+def test_cached_random_teacher_is_the_fresh_one():
+    from urfm_fast.teacher import BiomedCLIPTeacher
+
+    torch.manual_seed(0)
+    cached = BiomedCLIPTeacher.load("random")
+    torch.manual_seed(0)
+    fresh = _REAL_LOAD(BiomedCLIPTeacher, "random")
+    for (k, a), b in zip(cached.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_help_lists_every_flag():
@@ -166,7 +201,7 @@ def test_out_folder_is_never_overwritten(tmp_path, capsys):
 def test_real_run_without_teacher_weights_stops(tmp_path, capsys):
     args = list(TINY)
     args[args.index("--teacher") + 1] = str(tmp_path / "no_such_open_clip_pytorch_model.bin")
-    assert pretrain.main([*args, *SYNTH, "--out", str(tmp_path / "run")]) == 2
+    assert pretrain.main([*args, *SYNTH, "--batch-size", "4", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--teacher PATH" in err and "--teacher random" in err
 

@@ -34,6 +34,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -439,6 +440,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                    cast_forward_inputs=False)
         fully_shard(student, **kw)
+        # FSDP2 warns that the root returns views (pred); we never modify outputs in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     elif mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -526,6 +529,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     say(f"output: {out}")
 
     # -- the loop ----------------------------------------------------------------------------------
+    global _signal_received
+    _signal_received = 0
     handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     batches = iter(stream)
     bar = _progress(d, total, state.step)
