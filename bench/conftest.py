@@ -2,7 +2,8 @@
 
 Scale: the real ViT-B/16 URFM recipe on a CUDA device (batch 256, 224 px, 75 % mask, 768d8b
 decoder, bf16 autocast), a tiny configuration on CPU (see ``TINY``). ``URFM_BENCH_SCALE=tiny|vitb``
-forces one; ``URFM_BENCH_ROUNDS=N`` overrides the number of timed rounds.
+forces one; ``URFM_BENCH_ROUNDS=N`` overrides the number of timed rounds; on CPU the rows use
+``URFM_BENCH_THREADS`` intra-op threads (default 1, see below).
 
 Files named ``bench_*.py`` in this folder are collected (pytest's default only takes ``test_*.py``);
 inside them, benchmark functions are ``test_*`` as usual.
@@ -50,6 +51,12 @@ import torch
 
 from urfm_fast import URFMConfig
 from urfm_fast.flops import mfu, peak_flops
+
+# On CPU one intra-op thread by default (URFM_BENCH_THREADS to change): on a small machine shared
+# with other work, a 2-thread OpenMP region stalls at every barrier whenever one thread is
+# descheduled, which made single steps up to 10x slower at random and the rows incomparable.
+if not torch.cuda.is_available():
+    torch.set_num_threads(int(os.environ.get("URFM_BENCH_THREADS", "1")))
 
 # CPU: a ViT-Tiny student with a small decoder on 64-px images; the teacher stays ViT-B (that is
 # what BiomedCLIP is), here on 1+16 tokens.
