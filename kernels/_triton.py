@@ -14,6 +14,7 @@ test instead of passing with whatever ``torch.empty`` happened to hold.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -65,3 +66,19 @@ def next_power_of_2(n: int) -> int:
 def require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("this op needs triton, which cannot be imported here")
+
+
+def launcher(fn):
+    """Decorator for a kernel launcher whose first argument is a tensor: checks that triton is
+    there and makes that tensor's GPU the current device while it runs. Triton launches on the
+    current device, so without this, tensors on cuda:1 with cuda:0 current would fault."""
+
+    @functools.wraps(fn)
+    def wrapped(t: torch.Tensor, *args, **kwargs):
+        require_triton()
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return wrapped

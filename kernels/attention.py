@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from urfm_fast.kernels._triton import HAS_TRITON, INTERPRET, empty, next_power_of_2, require_triton, tl, triton
+from urfm_fast.kernels._triton import HAS_TRITON, INTERPRET, empty, launcher, next_power_of_2, tl, triton
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -331,9 +331,9 @@ def _grid(N: int, BH: int, block_key: str):
     return lambda meta: (triton.cdiv(N, meta[block_key]) * BH,)
 
 
+@launcher
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o [B,H,N,Dh] contiguous, lse [B*H, N] fp32 in log2 units)."""
-    require_triton()
     q, k, v = _check_qkv(q, k, v)
     B, H, N, Dh = q.shape
     o = empty((B, H, N, Dh), q.dtype, q.device)
@@ -346,8 +346,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     return o, lse
 
 
+@launcher
 def attention_bwd(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton()
     q, k, v = _check_qkv(q, k, v)
     B, H, N, Dh = q.shape
     # dense rows for the kernels; do in q's dtype, since tl.dot needs both operands in one dtype

@@ -21,7 +21,7 @@ requires grad under grad mode, even if backward is never called.
 import torch
 import torch.nn.functional as F
 
-from urfm_fast.kernels._triton import empty, next_power_of_2, require_triton, tl, triton
+from urfm_fast.kernels._triton import empty, launcher, next_power_of_2, tl, triton
 
 EPS = 1e-8  # matches F.cosine_similarity's eps: denominators are clamped at this
 LN_EPS = 1e-6
@@ -106,11 +106,11 @@ def _cosine_loss_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+@launcher
 def cosine_loss_fwd(
     pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, target_norm: bool, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (scalar fp32 loss, d loss/d pred as [M,D] in pred's dtype, or an empty tensor without with_grad)."""
-    require_triton()
     if pred.shape != target.shape or pred.ndim < 1:
         raise ValueError(f"pred and target must have the same shape [..., D]; got {tuple(pred.shape)}, {tuple(target.shape)}")
     if pred.device != target.device:

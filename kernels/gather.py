@@ -29,7 +29,7 @@ each visible token (checked for CPU tensors only).
 
 import torch
 
-from urfm_fast.kernels._triton import INTERPRET, empty, next_power_of_2, require_triton, tl, triton
+from urfm_fast.kernels._triton import INTERPRET, empty, launcher, next_power_of_2, tl, triton
 
 # --------------------------------------------------------------------------------------------
 # torch references
@@ -302,8 +302,8 @@ def _segment_sum(g: torch.Tensor, idx: torch.Tensor, n_dest: int, colsum: bool, 
     return dx, (parts.sum(0) if colsum else None)
 
 
+@launcher
 def gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    require_triton()
     x = _check_rows("x", x, 3)
     B, N, D = x.shape
     idx = _check_index("idx", idx, B, N, x.device)
@@ -319,14 +319,14 @@ def gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@launcher
 def gather_tokens_bwd(grad: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
-    require_triton()
     grad = _check_rows("grad", grad, 3)
     return _segment_sum(grad, _check_index("idx", idx, grad.shape[0], N, grad.device), N, False, grad.dtype)[0]
 
 
+@launcher
 def gather_visible_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    require_triton()
     x = _check_rows("x", x, 3)
     B, N, D = x.shape
     idx = _check_index("idx", idx, B, N, x.device)
@@ -344,9 +344,9 @@ def gather_visible_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cl
     return out
 
 
+@launcher
 def gather_visible_bwd(grad: torch.Tensor, idx: torch.Tensor, x_dtype: torch.dtype, pos: torch.Tensor, cls: torch.Tensor):
     """grad [B,1+K,D] -> (dx [B,N,D] in x_dtype, dpos like pos, dcls like cls)."""
-    require_triton()
     grad = _check_rows("grad", grad, 3)
     N = pos.shape[0] - 1
     idx = _check_index("idx", idx, grad.shape[0], N, grad.device)
@@ -356,8 +356,8 @@ def gather_visible_bwd(grad: torch.Tensor, idx: torch.Tensor, x_dtype: torch.dty
     return dx, dpos, dhead.to(cls.dtype).reshape(cls.shape)
 
 
+@launcher
 def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    require_triton()
     x = _check_rows("x", x, 3)
     B, K1, D = x.shape
     ids_restore = _check_ids_restore(ids_restore, B, x.device)
@@ -378,9 +378,9 @@ def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
     return out
 
 
+@launcher
 def unshuffle_bwd(grad: torch.Tensor, ids_restore: torch.Tensor, K: int, mask_dtype: torch.dtype, pos_dtype: torch.dtype):
     """grad [B,1+N,D] -> (dx [B,1+K,D], dmask [D], dpos [1+N,D])."""
-    require_triton()
     grad = _check_rows("grad", grad, 3)
     B, N1, D = grad.shape
     ids_restore = _check_ids_restore(ids_restore, B, grad.device)
