@@ -94,8 +94,9 @@ def check(dtype: torch.dtype, scale: str, device) -> tuple[list[str], bool]:
         pairs = [("out", out, same, ref32)] + [(f"grad{i}", a, b, c) for i, (a, b, c) in enumerate(zip(g_out, g_same, g32))]
         for tensor, k_val, s_val, r_val in pairs:
             err, base = _max_err(k_val, r_val), _max_err(s_val, r_val)
-            # Gradients are scaled by the output's magnitude: atol relative to the fp32 grad's max.
-            atol = ATOL[dtype] * max(1.0, r_val.abs().max().item())
+            # atol relative to the fp32 value's max, with no floor: cosine-loss gradients are ~1e-5,
+            # so an absolute floor would pass almost any finite gradient.
+            atol = ATOL[dtype] * r_val.abs().max().item()
             bound = 2 * base + atol
             ok = bool(torch.isfinite(k_val).all()) and err <= bound
             ok_all &= ok

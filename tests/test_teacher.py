@@ -73,6 +73,8 @@ def test_random_teacher_is_a_real_vit_b(tmp_path):
     assert sum(p.numel() for p in teacher.trunk.parameters()) == 85_798_656
     out = teacher(torch.rand(1, 3, 32, 32))
     assert out.shape == (1, 4, 768) and out.std() > 0.1
+    # Targets are ordinary tensors: the student's loss may save them for backward (compiled too).
+    assert not out.is_inference() and not out.requires_grad
 
 
 def test_missing_and_wrong_files(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ Tests flip the backend with ``set_backend`` or the ``use_backend`` context manag
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 
@@ -65,9 +64,9 @@ def triton_available() -> bool:
     return _triton.HAS_TRITON
 
 
-@functools.cache
 def _cuda_sm80(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+    # Device properties are constants to torch.compile, so this check does not break a graph.
+    return torch.cuda.get_device_properties(device_index).major >= 8
 
 
 def use_triton(t: torch.Tensor) -> bool:

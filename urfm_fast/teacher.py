@@ -143,15 +143,16 @@ class BiomedCLIPTeacher(nn.Module):
             raise ValueError(f"{origin}: vision trunk mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.proj.weight.data.copy_(sd[PROJ_KEY])
 
-    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B,3,H,W] float in [0,1] (full, unmasked view) -> [B, H/16*W/16, 768 or 512] fp32."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects [B,3,H,W] images, got {tuple(images.shape)}")
-        x = (images.float() - self.mean) / self.std
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
-        with autocast:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            x = (images.float() - self.mean) / self.std
             tokens = self.trunk.forward_features(x)[:, 1:]  # (B, N, 768), CLS dropped
             if self.target == "proj":
                 tokens = tokens @ self.proj.weight.t()  # (B, N, 512)
-        return tokens.float()
+        # Copied outside inference mode: the student's loss saves the target for backward, and
+        # autograd (eager or compiled) refuses to save inference tensors.
+        return tokens.to(torch.float32, copy=True)
