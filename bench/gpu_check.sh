@@ -18,7 +18,8 @@
 # bench.json and gpu_report.md, which is printed last.
 #
 # Knobs: PYTHON (default python3), URFM_VENV (default /tmp/urfm-venv), URFM_BENCH_ROUNDS,
-# GPU_CHECK_BENCH_TIMEOUT (seconds, default 300), GPU_CHECK_TEST_TIMEOUT (default 60).
+# GPU_CHECK_BENCH_TIMEOUT (seconds, default 240), GPU_CHECK_TEST_TIMEOUT (default 120: every new
+# (N, head dim, dtype) autotunes three attention kernels).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,7 +89,7 @@ KCHECK=$?
 log "check_kernels exit $KCHECK"
 log "kernel tests on the GPU (tests/test_kernels_*.py tests/test_ops_dispatch.py)"
 TEST_FILES=$(ls tests/test_kernels_*.py tests/test_ops_dispatch.py 2>/dev/null | tr '\n' ' ')
-timeout -s INT -k 20 "${GPU_CHECK_TEST_TIMEOUT:-60}" "$VPY" -m pytest -q -p no:cacheprovider $TEST_FILES \
+timeout -s INT -k 20 "${GPU_CHECK_TEST_TIMEOUT:-120}" "$VPY" -m pytest -q -p no:cacheprovider $TEST_FILES \
     >"$OUT/kernel_tests.txt" 2>&1
 KTEST=$?
 log "kernel tests exit $KTEST: $(tail -1 "$OUT/kernel_tests.txt")"
@@ -103,7 +104,7 @@ BENCH_FILES="bench/bench_step.py $OTHER bench/bench_teacher.py"
 BENCH_CMD="pytest $BENCH_FILES --benchmark-only -q -p no:cacheprovider --benchmark-json=$OUT/bench.json"
 log "$BENCH_CMD"
 # SIGINT at the limit: pytest stops like on Ctrl-C and still writes the JSON of finished rows.
-timeout -s INT -k 30 "${GPU_CHECK_BENCH_TIMEOUT:-300}" "$VPY" -m $BENCH_CMD >"$OUT/bench.txt" 2>&1
+timeout -s INT -k 30 "${GPU_CHECK_BENCH_TIMEOUT:-240}" "$VPY" -m $BENCH_CMD >"$OUT/bench.txt" 2>&1
 BENCH=$?
 log "benchmarks exit $BENCH: $(tail -1 "$OUT/bench.txt")"
 
