@@ -92,6 +92,24 @@ def test_missing_and_wrong_files(tmp_path, monkeypatch):
         BiomedCLIPTeacher.load("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
 
 
+def test_hf_hub_id_uses_an_existing_cache(open_clip_file, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # The layout huggingface_hub writes: refs/main names a snapshot folder holding the files.
+    repo = tmp_path / "hub" / "models--microsoft--BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "open_clip_pytorch_model.bin").write_bytes(open_clip_file.read_bytes())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = BiomedCLIPTeacher.load("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+    assert teacher.source.endswith("open_clip_pytorch_model.bin")
+    ref = BiomedCLIPTeacher.load(open_clip_file)
+    assert torch.equal(teacher.proj.weight, ref.proj.weight)
+
+
 def test_pickled_objects_are_refused(tmp_path):
     import argparse  # any non-tensor global must be refused by weights_only loading
 

@@ -52,19 +52,38 @@ def _find_in_folder(folder: Path) -> Path:
     raise TeacherUnavailable(f"no {' or '.join(WEIGHT_FILES)} in {folder}")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails in seconds, not after a minute
+    of huggingface_hub's retries with back-off."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_hub(hub_id: str) -> Path:
-    """Existing Hugging Face cache first; download only where a network exists."""
+    """Existing Hugging Face cache first; download only where the hub can be reached."""
     from huggingface_hub import hf_hub_download
 
     repo = hub_id.removeprefix("hf-hub:")
     errors = []
     for local_only in (True, False):
-        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        if not local_only and not _hub_reachable():
+            errors.append("the hub cannot be reached from this machine")
             break
         for name in WEIGHT_FILES:
             try:
                 return Path(hf_hub_download(repo, name, local_files_only=local_only))
-            except Exception as e:  # offline, missing file, no cache: try the next option
+            except Exception as e:  # not cached, missing file: try the next option
                 errors.append(f"{name}: {type(e).__name__}")
     raise TeacherUnavailable(
         f"BiomedCLIP weights for {repo} are not in the Hugging Face cache and could not be downloaded "
