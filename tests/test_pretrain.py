@@ -212,3 +212,17 @@ def test_pth_args_namespace_roundtrip(tmp_path):
     torch.save({"args": argparse.Namespace(model="mae_vit_base_patch16")}, path)
     torch.serialization.add_safe_globals([argparse.Namespace])
     assert torch.load(path, weights_only=True)["args"].model == "mae_vit_base_patch16"
+
+
+def test_init_loads_weights_only(tmp_path):
+    """--init continues pretraining from a checkpoint's weights (EMA preferred), fresh optimizer and step."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "2", "--out", str(a)]) == 0
+    # lr 0: AdamW leaves the weights as loaded, so b's result is exactly what --init read
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "1", "--lr", "0", "--ema-decay", "0",
+                          "--init", str(a / "checkpoint-00000002.pth"), "--out", str(b)]) == 0
+    src = torch.load(a / "checkpoint-00000002.pth", weights_only=True)["ema_state_dict"]
+    got = torch.load(b / "checkpoint-00000001.pth", weights_only=True)
+    assert got["step"] == 1
+    for k, v in src.items():
+        assert torch.equal(got["model"][k], v), k
