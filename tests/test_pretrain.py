@@ -105,7 +105,8 @@ def test_checkpoint_format(tmp_path):
 
 def test_cli_demo(tmp_path):
     """The no-argument demo (with few steps) runs as a subprocess and says it is a demo first."""
-    r = run(["--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "demo")], cwd=tmp_path)
+    r = run(["--steps", "3", "--batch-size", "4", "--synthetic-images", "64", "--out", str(tmp_path / "demo")],
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[0].startswith("DEMO:")
     assert "RANDOM teacher" in r.stdout and "MEANINGLESS" in r.stdout  # no BiomedCLIP weights here

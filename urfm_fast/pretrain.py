@@ -122,8 +122,8 @@ class TrainConfig:
 
 # Demo presets: applied when --data is not given, before the flags the user did give.
 DEMO_CPU = dict(model="vit_tiny", depth=4, img_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                batch_size=16, steps=30, lr=1e-3, warmup_steps=3, log_every=5, save_every=15, num_workers=0,
-                synthetic_images=480)
+                batch_size=32, steps=60, lr=1e-3, warmup_steps=5, log_every=10, save_every=30, num_workers=0,
+                synthetic_images=960)
 DEMO_GPU = dict(model="vit_base", img_size=224, batch_size=256, steps=300, warmup_steps=30, log_every=10,
                 save_every=100, num_workers=4, synthetic_images=8192, lr=1e-3)
 
