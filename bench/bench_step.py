@@ -180,5 +180,5 @@ def test_step_paired_ours_torch(benchmark, step_args, rounds, peak):
     benchmark.extra_info["ratio_paired_median"] = statistics.median(r / o for r, o in zip(ref_s, ours_s))
     benchmark.extra_info["reference_paired_s"] = ref_s
     benchmark.extra_info["ours_paired_s"] = ours_s
-    del ref, ours
+    ref = ours = None  # free both models before the next row
     _release()
