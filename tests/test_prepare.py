@@ -223,3 +223,118 @@ def test_real_ultrasound_dicom(tmp_path):
     for name, blob in all_output_bytes(out):
         for s in names:
             assert s.encode() not in blob, (name, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# zip archives
+
+
+def _corrupt_member(zpath, name):
+    """Flip bytes in the stored data of one member (its CRC then fails on reading)."""
+    import zipfile
+
+    with zipfile.ZipFile(zpath) as zf:
+        info = zf.getinfo(name)
+    raw = bytearray(zpath.read_bytes())
+    # local header: 30 bytes + name + extra, then the data
+    n, x = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + n + x
+    for k in range(start + 40, start + 60):
+        raw[k] ^= 0x5A
+    zpath.write_bytes(bytes(raw))
+
+
+def test_zip_archives(tmp_path, monkeypatch, capfd):
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    loose = tmp_path / "loose"  # the same content as a folder, for comparison
+    (loose / "cines" / "day 1").mkdir(parents=True)
+    Image.fromarray(speckle(60, 80, 0)).save(loose / "scan.png")
+    uid = write_dicom(loose / "cines" / "day 1" / "cine", np.stack([speckle(64, 80, 10 + k) for k in range(3)]))
+    Image.fromarray(speckle(50, 50, 4)).save(loose / "bad.png")
+    z = src / "study.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(loose / "scan.png", "scan.png", compress_type=zipfile.ZIP_DEFLATED)
+        zf.mkdir("cines/") if hasattr(zf, "mkdir") else None
+        zf.write(loose / "cines" / "day 1" / "cine", "cines/day 1/cine", compress_type=zipfile.ZIP_DEFLATED)
+        zf.write(loose / "bad.png", "bad.png", compress_type=zipfile.ZIP_STORED)
+        zf.writestr("readme.txt", "not an image")
+        zf.writestr("inner.zip", b"PK\x05\x06" + bytes(18))
+    _corrupt_member(z, "bad.png")
+    (src / "broken.zip").write_bytes(z.read_bytes()[:300])  # truncated: no central directory
+    with zipfile.ZipFile(src / "empty.zip", "w"):
+        pass
+    Image.fromarray(speckle(40, 40, 2)).save(src / "plain.png")
+
+    monkeypatch.setattr(P, "SPOOL_BYTES", 10_000)  # the cine (~15 kB) goes through a temp file
+    out = tmp_path / "out"
+    assert P.main([str(src), "--out", str(out), "--short-side", "32", "--workers", "1", "--quiet"]) == 0
+    text = capfd.readouterr()
+    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted({(r["src"], r["path"], r["frame"]) for r in index}) == sorted(
+        [("src", "plain.png", 0), ("src", "study.zip/scan.png", 0)]
+        + [("src", "study.zip/cines/day 1/cine", k) for k in range(3)])
+    skipped = {r["path"]: r["reason"] for r in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert set(skipped) == {"study.zip/bad.png", "study.zip/readme.txt", "study.zip/inner.zip", "broken.zip",
+                            "empty.zip"}
+    assert skipped["study.zip/bad.png"].startswith("corrupt zip member (BadZipFile")
+    assert skipped["broken.zip"].startswith("corrupt zip archive")
+    assert skipped["empty.zip"] == "zip archive without files"
+    assert skipped["study.zip/readme.txt"] == "not an image or DICOM file"
+    assert skipped["study.zip/inner.zip"].startswith("zip archive inside a zip archive")
+    for name, blob in all_output_bytes(out) + [("stdout", text.out.encode()), ("stderr", text.err.encode())]:
+        for s in SECRETS + [uid]:
+            assert s.encode() not in blob, (name, s)
+    # pixels identical to reading the same files from a folder
+    ref = tmp_path / "ref"
+    P.prepare([loose], ref, short_side=32, workers=1, progress=False)
+    a, b = ShardDataset(out), ShardDataset(ref)
+    ia = {(r["path"].split("/", 1)[1], r["frame"]): k for k, r in enumerate(index) if r["path"].startswith("study")}
+    ib = {(r["path"], r["frame"]): k for k, r in enumerate(P.read_index(ref))}
+    assert set(ia) <= set(ib)
+    for key, k in ia.items():
+        assert torch.equal(a[k], b[ib[key]]), key
+    # idempotent, also with workers; a new member in a changed archive is added, the rest is not re-read
+    before = {n: blob for n, blob in all_output_bytes(out) if not n.endswith("summary.json")}
+    c2 = P.prepare([src], out, short_side=32, workers=2, progress=False)
+    assert c2["files_added"] == 0 and c2["files_skipped"] == 0 and c2["files_already_done"] == c2["files_seen"] == 8
+    assert {n: blob for n, blob in all_output_bytes(out) if not n.endswith("summary.json")} == before
+    with zipfile.ZipFile(z, "a") as zf:
+        zf.write(loose / "scan.png", "more/scan2.png")
+    c3 = P.prepare([src], out, short_side=32, workers=2, progress=False)
+    assert c3["files_added"] == 1 and c3["images_added"] == 1 and c3["files_skipped"] == 0
+    assert P.read_index(out)[-1]["path"] == "study.zip/more/scan2.png"
+    # an archive given directly as SRC: paths relative to it
+    out2 = tmp_path / "out2"
+    c4 = P.prepare([z], out2, short_side=32, workers=2, progress=False)
+    assert c4["images_added"] == 5
+    assert {r["path"] for r in P.read_index(out2)} >= {"study.zip/cines/day 1/cine", "study.zip/scan.png"}
+
+
+def test_real_zipped_cine(tmp_path):
+    """deid-data's zipped greyscale cine (27 frames of 600x800 in a 2.4 MB zip), frame-strided."""
+    try:
+        import deid_data
+    except ImportError:
+        pytest.skip("deid-data is not installed (pip install -e '.[test]')")
+    z = os.path.join(os.path.dirname(deid_data.__file__), "data", "ultrasounds", "GREYSCALE_CINE.zip")
+    import zipfile
+
+    with zipfile.ZipFile(z) as zf:
+        member = zf.namelist()[0]
+        ds = pydicom.dcmread(zf.open(member), stop_before_pixels=True)
+    names = [str(v) for v in (ds.get("PatientName"), ds.get("PatientID")) if v and len(str(v)) >= 4]
+    out = tmp_path / "out"
+    c = P.prepare([z], out, short_side=64, frame_stride=10, workers=1, progress=False)
+    assert c["files_skipped"] == 0, (out / "skipped.jsonl").read_text()
+    index = P.read_index(out)
+    assert [(r["path"], r["frame"]) for r in index] == [(f"GREYSCALE_CINE.zip/{member}", k) for k in (0, 10, 20)]
+    assert all(r["crop"] == "regions" for r in index)
+    x = ShardDataset(out)
+    assert all(x[k].float().std() > 5 for k in range(len(x)))
+    for name, blob in all_output_bytes(out):
+        for s in names:
+            assert s.encode() not in blob, (name, s)

@@ -3,13 +3,17 @@
 Reads PNG (8/16-bit), JPEG, BMP, TIFF and DICOM (pydicom 3: single- and multi-frame, decoded frame
 by frame; MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR; JPEG baseline/lossless through Pillow
 or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix).
+Zip archives (``.zip``) are read as if they were folders: every member is streamed out of the archive
+(no extraction to disk; a DICOM member larger than 64 MiB is spooled to an anonymous temporary file,
+deleted at once, because pydicom seeks backwards) and recorded as ``archive.zip/member/path``. A
+corrupt archive or member, an encrypted member or a zip inside a zip is listed in skipped.jsonl.
 Every image/frame becomes 8-bit grey, is cropped to the scan region, resized to a fixed short side
 and appended to memory-mappable shards:
 
     DIR/urfm_shards.json   format marker and the short side
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
     DIR/index.jsonl        one line per image: shard, offset, h, w, src, path, frame, crop
-    DIR/skipped.jsonl      one line per unreadable file: src, path, reason
+    DIR/skipped.jsonl      one line per unreadable file or archive member: src, path, reason
     DIR/summary.json       counts of the last run
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
@@ -22,17 +26,23 @@ second run adds only new files; a crash loses at most the file being written. No
 (names, IDs, dates, UIDs...) is written anywhere: only the relative path, frame number and pixels.
 
     python -m urfm_fast.prepare /data/us_archive --out /data/us_shards
+    python -m urfm_fast.prepare /data/cines.zip /data/more_scans --out /data/us_shards
     python -m urfm_fast.pretrain --data /data/us_shards
 """
 
 import argparse
+import io
 import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -44,6 +54,8 @@ SUMMARY = "summary.json"
 SHARD_DIR = "shards"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTS = (".dcm", ".dicom", ".dic")
+ARCHIVE_EXTS = (".zip",)
+SPOOL_BYTES = 64 << 20  # zip members up to this size are read into memory, larger ones into a temp file
 SHARD_BYTES = 1 << 30  # start a new shard file after ~1 GiB
 
 
@@ -221,16 +233,19 @@ def region_box(ds, shape):
 # Readers (run in worker processes). Each returns a list of (frame, uint8 [h,w], crop kind).
 
 
+def is_dicom_head(head, name):
+    """DICOM by content: the 'DICM' magic after the 128-byte preamble of head (the first 132 bytes),
+    or a DICOM suffix of name."""
+    return head[128:132] == b"DICM" or name.lower().endswith(DICOM_EXTS)
+
+
 def is_dicom(path):
-    """DICOM by content: the 'DICM' magic after the 128-byte preamble (or a DICOM suffix)."""
+    """DICOM by content (or suffix) of the file at path."""
     try:
         with open(path, "rb") as f:
-            f.seek(128)
-            if f.read(4) == b"DICM":
-                return True
+            return is_dicom_head(f.read(132), path)
     except OSError:
         return False
-    return path.lower().endswith(DICOM_EXTS)
 
 
 def _finish(g, short_side, box=None, mask=None):
@@ -248,19 +263,27 @@ def _finish(g, short_side, box=None, mask=None):
     return np.ascontiguousarray(resize_short(g, short_side)), kind
 
 
-def read_image_file(path, short_side):
-    g = load_image_grey8(path)
+def _rewind(src):
+    if hasattr(src, "seek"):
+        src.seek(0)
+    return src
+
+
+def read_image_file(src, short_side):
+    """src: a path or a seekable binary file object."""
+    g = load_image_grey8(_rewind(src))
     out, kind = _finish(g, short_side)
     return [(0, out, kind)]
 
 
-def read_dicom_file(path, short_side, stride=1):
-    """Decode a DICOM frame by frame (pixel data never loaded whole) -> [(frame, uint8, kind)]."""
+def read_dicom_file(src, short_side, stride=1):
+    """Decode a DICOM (a path or a seekable binary file object) frame by frame (pixel data never
+    loaded whole) -> [(frame, uint8, kind)]."""
     import pydicom
     from pydicom.pixels import apply_color_lut, iter_pixels
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(_rewind(src), stop_before_pixels=True, force=True)
     except Exception as e:  # the message may quote header bytes: keep the class only
         raise ValueError(f"not a readable DICOM file ({type(e).__name__})") from None
     if "Rows" not in ds or "Columns" not in ds:
@@ -270,7 +293,7 @@ def read_dicom_file(path, short_side, stride=1):
     out, mask = [], None
     box = region_box(ds, (int(ds.Rows), int(ds.Columns)))
     try:
-        frames = iter_pixels(path, indices=range(0, n, stride))
+        frames = iter_pixels(_rewind(src), indices=range(0, n, stride))
         for idx, a in zip(range(0, n, stride), frames):
             if pi == "PALETTE COLOR":
                 a = apply_color_lut(a, ds)
@@ -308,22 +331,107 @@ def _quiet_worker():
         pass
 
 
-def process_file(job):
-    """Worker entry: job = (abs path, rel path, short side, stride) -> ("ok", frames) | ("skip", reason)."""
-    path, rel, short_side, stride = job
+def _read_any(src, name, head, short_side, stride):
+    """Dispatch on content/suffix: image, DICOM (with or without suffix) or neither."""
+    dicom = is_dicom_head(head, name)
+    if name.lower().endswith(IMAGE_EXTS) and not dicom:
+        return "ok", read_image_file(src, short_side)
+    if dicom:
+        try:
+            return "ok", read_dicom_file(src, short_side, stride)
+        except ValueError as e:
+            return "skip", str(e)
+        except Exception as e:
+            return "skip", f"not a readable DICOM file ({type(e).__name__})"
+    return "skip", "not an image or DICOM file"
+
+
+_ZIPS = {}  # this process's open archive: (path, mtime, size) -> ZipFile (central directory read once)
+
+
+def _open_zip(path):
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    zf = _ZIPS.get(key)
+    if zf is None:
+        _close_zips()
+        zf = _ZIPS[key] = zipfile.ZipFile(path)
+    return zf
+
+
+def _close_zips():
+    for zf in _ZIPS.values():
+        zf.close()
+    _ZIPS.clear()
+
+
+def _zip_error(e):
+    msg = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def list_zip(path):
+    """Sorted member names (folders left out) of a zip archive; raises on a corrupt archive."""
+    with zipfile.ZipFile(path) as zf:
+        return sorted({i.filename for i in zf.infolist() if not i.is_dir()})
+
+
+def _process_member(path, member, short_side, stride):
+    """One member of a zip archive, streamed: small members into memory, large ones into an anonymous
+    temporary file (pydicom seeks backwards, which a deflate stream can only do by starting over)."""
     try:
-        if path.lower().endswith(IMAGE_EXTS) and not is_dicom(path):
-            frames = read_image_file(path, short_side)
-        elif is_dicom(path):
+        zf = _open_zip(path)
+        info = zf.getinfo(member)
+    except KeyError:
+        return "skip", "zip member vanished (archive changed while reading)"
+    except Exception as e:
+        return "skip", f"corrupt zip archive ({_zip_error(e)})"
+    if info.flag_bits & 0x1:
+        return "skip", "encrypted zip member (not read)"
+    if member.lower().endswith(ARCHIVE_EXTS):
+        return "skip", "zip archive inside a zip archive (not read; extract the outer archive first)"
+    f = None
+    try:
+        with zf.open(info) as m:
+            head = m.read(132)
+            if not is_dicom_head(head, member) and not member.lower().endswith(IMAGE_EXTS):
+                return "skip", "not an image or DICOM file"
+            f = io.BytesIO() if info.file_size <= SPOOL_BYTES else tempfile.TemporaryFile(prefix="urfm-prepare-")
+            f.write(head)
+            shutil.copyfileobj(m, f, 1 << 20)  # the CRC is checked when the member ends
+    except NotImplementedError:
+        if f is not None:
+            f.close()
+        return "skip", f"unsupported zip compression (method {info.compress_type})"
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError) as e:
+        if f is not None:
+            f.close()
+        return "skip", f"corrupt zip member ({_zip_error(e)})"
+    with f:
+        return _read_any(f, member, head, short_side, stride)
+
+
+def process_file(job):
+    """Worker entry: job = (abs path, zip member or None, rel path, short side, stride)
+    -> ("ok", frames) | ("skip", reason)."""
+    path, member, rel, short_side, stride = job
+    try:
+        if member is not None:
+            status, payload = _process_member(path, member, short_side, stride)
+        elif path.lower().endswith(ARCHIVE_EXTS):
+            # Listed as a whole only when it could not be opened or holds no files.
             try:
-                frames = read_dicom_file(path, short_side, stride)
-            except ValueError as e:
-                return "skip", str(e)
+                empty = not list_zip(path)
             except Exception as e:
-                return "skip", f"not a readable DICOM file ({type(e).__name__})"
+                return "skip", f"corrupt zip archive ({_zip_error(e)})"
+            return "skip", "zip archive without files" if empty else "zip archive changed while reading"
         else:
-            return "skip", "not an image or DICOM file"
-        return "ok", [(fr, img.shape[0], img.shape[1], kind, img.tobytes()) for fr, img, kind in frames]
+            with open(path, "rb") as f:
+                head = f.read(132)
+            status, payload = _read_any(path, path, head, short_side, stride)
+        if status == "skip":
+            return status, payload
+        return "ok", [(fr, img.shape[0], img.shape[1], kind, img.tobytes()) for fr, img, kind in payload]
     except Exception as e:  # a bad file is listed, never a crash
         msg = str(e).replace(path, rel)[:200]
         return "skip", f"unreadable image ({type(e).__name__}: {msg})"
@@ -334,15 +442,29 @@ def process_file(job):
 
 
 def walk_sources(sources, out):
-    """-> sorted [(src name, rel path, abs path)] of every file under the sources (out excluded)."""
+    """-> [(src name, rel path, abs path, zip member or None)] of every file under the sources (out
+    excluded), in sorted order; a .zip file contributes one entry per member (rel path
+    ``archive.zip/member/path``), or one entry for itself when it is corrupt or empty."""
     out_abs = os.path.abspath(out)
     jobs, names = [], {}
+
+    def add(name, rel, p):
+        if p.lower().endswith(ARCHIVE_EXTS):
+            try:
+                members = list_zip(p)
+            except Exception:
+                members = []
+            if members:
+                jobs.extend((name, f"{rel}/{m}", p, m) for m in members)
+                return
+        jobs.append((name, rel, p, None))
+
     for s in sources:
         a = os.path.abspath(s)
         if not os.path.exists(a):
             raise PrepareError(f"source {s} does not exist")
         if os.path.isfile(a):
-            jobs.append(("", os.path.basename(a), a))
+            add("", os.path.basename(a), a)
             continue
         name = os.path.basename(os.path.normpath(a))
         if name in names and names[name] != a:
@@ -352,7 +474,7 @@ def walk_sources(sources, out):
             dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != out_abs)
             for f in sorted(files):
                 p = os.path.join(d, f)
-                jobs.append((name, os.path.relpath(p, a).replace(os.sep, "/"), p))
+                add(name, os.path.relpath(p, a).replace(os.sep, "/"), p)
     return jobs
 
 
@@ -432,12 +554,13 @@ def prepare(
         _write_jsonl(os.path.join(out, SKIPPED), [r for r in old_skips if (r["src"], r["path"]) in done])
     else:
         done |= {(r["src"], r["path"]) for r in old_skips}
-    todo = [(s, rel, p) for s, rel, p in files if (s, rel) not in done]
+    todo = [(s, rel, p, m) for s, rel, p, m in files if (s, rel) not in done]
     counts = {"files_seen": len(files), "files_already_done": len(files) - len(todo), "files_added": 0,
               "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {}}
     t0 = time.time()
     writer = _ShardWriter(out)
-    jobs = [(p, rel, short_side, frame_stride) for _, rel, p in todo]
+    jobs = [(p, m, rel, short_side, frame_stride) for _, rel, p, m in todo]
+    _close_zips()  # no open archive may be shared with forked workers
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     with open(os.path.join(out, INDEX), "a", encoding="utf-8") as index, \
             open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skipped:
@@ -453,7 +576,7 @@ def prepare(
             results = pool.imap(process_file, jobs, chunksize=1)  # ordered: same input, same shards
         try:
             bar = _progress(len(jobs), progress)
-            for (src, rel, _), (status, payload) in zip(todo, results):
+            for (src, rel, _, _), (status, payload) in zip(todo, results):
                 if status == "skip":
                     skipped.write(json.dumps({"src": src, "path": rel, "reason": payload}) + "\n")
                     skipped.flush()
@@ -477,6 +600,7 @@ def prepare(
             bar.close()
         finally:
             writer.close()
+            _close_zips()
             if pool is not None:
                 pool.terminate()
     counts["images_total"] = len(read_index(out))
@@ -525,10 +649,13 @@ def format_summary(c, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m urfm_fast.prepare",
-        description="Convert folders of ultrasound images and DICOM (cine) files into uint8 shards for "
-        "python -m urfm_fast.pretrain --data DIR.",
+        description="Convert folders and zip archives of ultrasound images and DICOM (cine) files into "
+        "uint8 shards for python -m urfm_fast.pretrain --data DIR. Unreadable files and archive members "
+        "are listed in DIR/skipped.jsonl; a second run adds only new files.",
     )
-    ap.add_argument("sources", nargs="+", metavar="SRC", help="folders (searched recursively) or files")
+    ap.add_argument("sources", nargs="+", metavar="SRC",
+                    help="folders (searched recursively), files or .zip archives (read like folders, "
+                    "members recorded as archive.zip/member/path)")
     ap.add_argument("--out", required=True, help="shard folder to create or extend (resumable)")
     ap.add_argument("--short-side", type=int, default=256, help="resize every image to this short side")
     ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine")
