@@ -1,6 +1,7 @@
 """evaluate: metrics against hand-computed values, stratified label fractions, each protocol end to end."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from urfm_fast.evaluate import (
     knn_classify,
     load_data,
     main,
+    read_shard_labels,
     resolve_backbone,
     run,
     stratified_subset,
@@ -138,3 +140,82 @@ def test_cli_bad_backbone_one_line(setup, capsys):
     assert main(["--backbone", str(bad), "--data", "synthetic", "--out", str(setup / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a PyTorch checkpoint" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# shard folder + labels CSV
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(tmp_path_factory):
+    """python -m urfm_fast.prepare on a tiny labelled folder (flat files; labels only in the CSV)."""
+    from urfm_fast import prepare
+
+    root = tmp_path_factory.mktemp("shards")
+    _write_imagefolder(root / "folder", n_train=8, n_val=4)
+    src = root / "scans"  # a plain archive folder: the class is not in the layout
+    src.mkdir()
+    rows = []
+    for p in sorted((root / "folder").rglob("*.png")):
+        split, cls = p.parent.parent.name, p.parent.name
+        name = f"{cls[0]}{split[0]}{p.stem}.png"
+        p.rename(src / name)
+        rows.append((name, cls, split))
+    c = prepare.prepare([src], root / "out", short_side=32, workers=1, progress=False)
+    assert c["images_total"] == 36 and c["files_skipped"] == 0
+    return root / "out", rows, [r["path"] for r in prepare.read_index(root / "out")]
+
+
+def _write_csv(path, header, rows):
+    path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("key", ["path", "index"])
+def test_cli_shard_folder_with_labels(labelled_shards, tmp_path, one_thread, key, capsys):
+    out, rows, order = labelled_shards
+    if key == "path":
+        labels = _write_csv(tmp_path / "labels.csv", ["path", "label", "split"], rows)
+    else:  # extra columns are ignored
+        labels = _write_csv(tmp_path / "labels.csv", ["index", "split", "label", "note"],
+                            [(order.index(p), sp, c, "x") for p, c, sp in rows])
+    argv = ["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", str(out),
+            "--labels", str(labels), "--protocol", "linear", "--label-fractions", "1.0", "--seeds", "0",
+            "--lp-epochs", "30", "--out", str(tmp_path / "res")]
+    assert main(argv) == 0
+    assert "3 classes, train 24, val 12" in capsys.readouterr().out
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert res["classes"] == ["bright", "dark", "half"]
+    assert res["args"]["labels"] == str(labels)
+    (run_,) = res["runs"]
+    assert run_["protocol"] == "linear" and run_["fraction"] == 1.0 and run_["seed"] == 0
+    assert run_["n_train"] == 24 and run_["n_eval"] == 12 and run_["eval_split"] == "val"
+    assert run_["accuracy"] >= 0.9 and sum(map(sum, run_["confusion"])) == 12
+    assert len(res["summary"]) == 1 and (tmp_path / "res" / "label_efficiency.png").exists()
+
+
+def test_labels_csv_errors_one_line(labelled_shards, tmp_path, capsys):
+    out, rows, _ = labelled_shards
+    cases = {
+        "is not in": (["index", "label", "split"], [(0, "a", "train"), (36, "b", "val")]),
+        "'nope.png' is not in": (["path", "label", "split"], [(rows[0][0], "a", "train"), ("nope.png", "a", "val")]),
+        "need train and val": (["path", "label", "split"], [(p, c, "train") for p, c, _ in rows]),
+        "not one of train, val, test": (["index", "label", "split"], [(0, "a", "training")]),
+        "expected index,label,split": (["file", "label", "split"], [(0, "a", "train")]),
+        "labelled twice": (["index", "label", "split"], [(0, "a", "train"), (0, "a", "val")]),
+    }
+    for k, (want, (header, body)) in enumerate(cases.items()):
+        labels = _write_csv(tmp_path / f"l{k}.csv", header, body)
+        with pytest.raises(ValueError, match=re.escape(want)) as e:
+            read_shard_labels(out, labels)
+        assert "\n" not in str(e.value) and str(labels) in str(e.value)
+    for k in (0, 2):  # through the command line: one line on stderr, exit status 2, nothing written
+        argv = ["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", str(out),
+                "--labels", str(tmp_path / f"l{k}.csv"), "--protocol", "linear", "--out", str(tmp_path / f"r{k}")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and list(cases)[k] in err, err
+        assert not (tmp_path / f"r{k}").exists()
+    # a shard folder without --labels says what is missing
+    assert main(["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", str(out)]) == 2
+    assert "pass --labels" in capsys.readouterr().err

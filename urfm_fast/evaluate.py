@@ -11,12 +11,24 @@ official URFM file, an export folder, a DCP folder (anything ``load_checkpoint``
 weights, which need a network or a cache).
 
 Data (``--data``): an ImageFolder root with ``train/`` and ``val/`` (and optional ``test/``) class
-sub-folders; a shard folder from ``python -m urfm_fast.prepare`` plus ``--labels FILE`` (CSV with a
-header ``index,label,split``: the image's index in the shard folder, its class name or id, and
-``train``/``val``/``test``); or ``synthetic`` (urfm_fast.synthetic's four lesion classes, rendered
-on the fly; train and val come from different seeds). Images are read once, converted to 3-channel
-grey/RGB, resized (short side) and centre-cropped to the backbone's input size. Metrics are computed on
-``test`` when it exists, else on ``val``.
+sub-folders; a shard folder from ``python -m urfm_fast.prepare`` plus ``--labels CSV`` (format below);
+or ``synthetic`` (urfm_fast.synthetic's four lesion classes, rendered on the fly; train and val come
+from different seeds). Images are read once, converted to 3-channel grey/RGB, resized (short side) and
+centre-cropped to the backbone's input size. Metrics are computed on ``test`` when it exists, else on
+``val``.
+
+Labels CSV for a shard folder (--labels): a header row, then one row per labelled image, keyed in one of
+two ways:
+  index,label,split        index = 0-based position of the image in DIR/index.jsonl (= ShardDataset item)
+  path,label,split[,frame] path = the source path as in DIR/index.jsonl ("path", or "src/path" to tell
+                           two sources apart), e.g. "liver/p01.png" or "cines.zip/a/cine.dcm"; without a
+                           frame column (or with it empty) every frame of that file gets the row
+label is a class name or id (classes are ordered numerically when all are integers, else by name); split
+is train, val or test. A train split and a val or test split are required; extra columns are ignored and
+images without a row are not used. Example:
+  path,label,split
+  benign/001.png,benign,train
+  malignant/007.png,malignant,val
 
 Protocols (MAE/DINO conventions):
 - ``linear``: frozen backbone, pooled features (CLS or mean of patch tokens, ``--global-pool``) computed
@@ -161,19 +173,91 @@ def load_imagefolder(root: Path, size: int) -> tuple[dict[str, Split], list[str]
     return splits, classes
 
 
+SPLITS = ("train", "val", "test")
+def _class_order(names):
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, str, str]], int]:
+    """Labels CSV -> ([(shard item index, label, split)], number of images in the shard folder).
+
+    Raises ValueError with a one-line message naming the file and line of the first problem."""
+    from urfm_fast import prepare
+
+    if not prepare.is_shard_dir(root):
+        raise ValueError(f"{root} is not a shard folder (no {prepare.MARKER}); --labels needs the --out of "
+                         "python -m urfm_fast.prepare")
+    records = prepare.read_index(root)
+    if not Path(labels_file).is_file():
+        raise ValueError(f"labels file {labels_file} does not exist")
+    with open(labels_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = list(reader)
+    keys = {"label", "split"}
+    if not keys <= set(header) or not ({"index", "path"} & set(header)):
+        raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
+                         "path,label,split[,frame] (see --help)")
+    by_path = {}  # "path" and "src/path" -> item indices
+    if "index" not in header:
+        for k, r in enumerate(records):
+            for key in {r["path"], f"{r['src']}/{r['path']}" if r["src"] else r["path"]}:
+                by_path.setdefault(key, []).append(k)
+    out, seen = [], {}
+    for line, r in enumerate(rows, start=2):
+        where = f"{labels_file} line {line}"
+        label, split = (r.get("label") or "").strip(), (r.get("split") or "").strip().lower()
+        if not label:
+            raise ValueError(f"{where}: empty label")
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split {split!r} is not one of train, val, test")
+        if "index" in header:
+            v = (r.get("index") or "").strip()
+            if not v.isdigit():
+                raise ValueError(f"{where}: index {v!r} is not a non-negative integer")
+            if int(v) >= len(records):
+                raise ValueError(f"{where}: index {v} is not in {root} (it holds images 0..{len(records) - 1})")
+            items = [int(v)]
+        else:
+            path = (r.get("path") or "").strip().replace("\\", "/")
+            items = by_path.get(path, [])
+            if not items:
+                raise ValueError(f"{where}: path {path!r} is not in {root}/{prepare.INDEX}")
+            if len({records[k]["src"] for k in items}) > 1:
+                raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
+            frame = (r.get("frame") or "").strip()
+            if frame:
+                items = [k for k in items if str(records[k]["frame"]) == frame]
+                if not items:
+                    raise ValueError(f"{where}: {path!r} has no frame {frame} in {root}")
+        for k in items:
+            if k in seen and seen[k] != (label, split):
+                raise ValueError(f"{where}: image {k} is labelled twice ({seen[k][0]}/{seen[k][1]} and "
+                                 f"{label}/{split})")
+            if k not in seen:
+                seen[k] = (label, split)
+                out.append((k, label, split))
+    found = {sp for _, _, sp in out}
+    if "train" not in found or not {"val", "test"} & found:
+        raise ValueError(f"{labels_file}: splits {', '.join(sorted(found)) or '(none)'}; need train and val "
+                         "(or test) rows")
+    return out, len(records)
+
+
 def load_shards(root: Path, labels_file: Path, size: int) -> tuple[dict[str, Split], list[str]]:
+    """A shard folder from python -m urfm_fast.prepare plus a labels CSV (format: the module docstring)."""
     from urfm_fast.data import ShardDataset
 
+    rows, _ = read_shard_labels(root, labels_file)
     ds = ShardDataset(root)
-    with open(labels_file, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"index", "label", "split"} <= set(rows[0]):
-        raise ValueError(f"{labels_file}: expected a CSV with header index,label,split")
-    names = sorted({r["label"] for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    names = _class_order(sorted({lab for _, lab, _ in rows}))
     cls = {n: i for i, n in enumerate(names)}
     splits = {}
-    for name in ("train", "val", "test"):
-        items = [(ds[int(r["index"])], cls[r["label"]]) for r in rows if r["split"] == name]
+    for name in SPLITS:
+        items = [(ds[k], cls[lab]) for k, lab, sp in rows if sp == name]
         if items:
             splits[name] = _stack(items, size)
     return splits, names
@@ -199,6 +283,9 @@ def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000):
             splits, classes = load_shards(root, Path(labels_file), size)
         elif (root / "train").is_dir():
             splits, classes = load_imagefolder(root, size)
+        elif (root / "urfm_shards.json").is_file():
+            raise ValueError(f"{root} is a shard folder: pass --labels CSV (index,label,split or "
+                             "path,label,split; see --help)")
         else:
             raise ValueError(f"{root}: expected train/ and val/ class folders, or a shard folder with --labels")
     if "train" not in splits or not ({"val", "test"} & set(splits)):
@@ -250,7 +337,8 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
         def make(num_classes=0, drop_path_rate=0.0):
             torch.manual_seed(0)
             kw = {"img_size": img_size} if img_size else {}
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path_rate, **kw)
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                     **kw)
         meta = {"format": "timm", "name": name}
     probe = make()
     cfg = probe.pretrained_cfg
@@ -263,7 +351,9 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
 
 
 def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -302,7 +392,8 @@ def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1
     """MAE's probe on cached features: BatchNorm1d(affine=False) + Linear, SGD, cosine; returns probs."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6), nn.Linear(train_f.shape[1], num_classes))
+    d = train_f.shape[1]
+    head = nn.Sequential(nn.BatchNorm1d(d, affine=False, eps=1e-6), nn.Linear(d, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)  # MAE's probe init
     nn.init.zeros_(head[1].bias)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
@@ -441,7 +532,8 @@ def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str],
                                          batch_size=hp.get("ft_batch_size", 64), min_steps=hp.get("ft_min_steps", 100))
                     m = classification_metrics(probs.float().numpy(), ev.labels.numpy(), C)
                     rec = dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed, n_train=len(idx),
-                               eval_split=eval_name, n_eval=len(ev.labels), seconds=round(time.perf_counter() - t0, 2), **m)
+                               eval_split=eval_name, n_eval=len(ev.labels),
+                               seconds=round(time.perf_counter() - t0, 2), **m)
                     records.append(rec)
                     progress(f"[{bb.label}] {protocol:8s} frac={frac:<5g} seed={seed} n={len(idx):5d} "
                              f"acc={m['accuracy']:.4f} auc={m['macro_auc']:.4f} f1={m['macro_f1']:.4f}")
@@ -486,7 +578,8 @@ def plot(summary: list[dict], path: Path, title: str = "Label efficiency") -> Pa
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.6), squeeze=False)
     for ax, p in zip(axes[0], protocols):
         for b in dict.fromkeys(s["backbone"] for s in summary):
-            rows = sorted((s for s in summary if s["protocol"] == p and s["backbone"] == b), key=lambda s: s["fraction"])
+            rows = sorted((s for s in summary if s["protocol"] == p and s["backbone"] == b),
+                          key=lambda s: s["fraction"])
             x = [100 * s["fraction"] for s in rows]
             y = np.array([100 * s["accuracy"] for s in rows])
             e = np.array([100 * s["accuracy_std"] for s in rows])
@@ -515,10 +608,12 @@ def _ints(s):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m urfm_fast.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backbone", nargs="+", required=True, help="[label=]checkpoint|export|random|timm:NAME")
     p.add_argument("--data", required=True, help="ImageFolder root, shard folder (with --labels), or 'synthetic'")
-    p.add_argument("--labels", help="CSV index,label,split for a shard folder")
+    p.add_argument("--labels", metavar="CSV", help="labels of a shard folder: CSV path,label,split[,frame] or "
+                   "index,label,split (format below)")
     p.add_argument("--protocol", default="linear,knn,finetune", help="comma list of linear, knn, finetune")
     p.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
