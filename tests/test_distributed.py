@@ -10,12 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from test_pretrain import fast_random_teacher  # noqa: F401 (autouse fixture for in-process runs)
 from test_resume import REF_ARGS, STEPS, losses, reference_run
+from urfm_fast import checkpoint as ckpt
 from urfm_fast import pretrain
 
 ATOL = 1e-5
@@ -67,6 +69,26 @@ def test_nan_streak_stops_every_rank(tmp_path):
     assert r.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] stopping: 2 consecutive steps with NaN/Inf" in r.stderr
+
+
+def test_a_dead_rank_fails_fast(tmp_path):
+    """Rank 1 exits abruptly (``os._exit(1)``) at the start of step 4: rank 0, waiting in an FSDP
+    all-gather, must stop at once with a message, not hang. What guarantees it (gloo's closed
+    connection, the process-group timeout, torchrun's teardown) is listed in ``pretrain.fail_fast``."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    r = torchrun([*REF_ARGS, "--save-every", "2", "--timeout", "0.3", "--out", str(out)],
+                 env={"URFM_FAULTS": "die@3"}, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    assert elapsed < 90, f"{elapsed:.0f}s: a dead rank was waited for"
+    assert "[rank 0] error: a collective failed at step 4" in r.stderr, r.stderr[-3000:]
+    assert "Another rank died or hung" in r.stderr and "--resume" in r.stderr
+    assert "last complete checkpoint is" in r.stderr and "step_00000002" in r.stderr
+    # no partial checkpoint: the one finished before the failure is complete, nothing else is there
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert ckpt.validate(root / "step_00000002") is None
 
 
 @pytest.mark.slow

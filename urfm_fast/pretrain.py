@@ -236,7 +236,8 @@ def init_distributed(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
     d = Dist(rank, world, local_rank, device, enabled="RANK" in os.environ)
     if d.enabled:
-        # A dead or hung rank makes the others fail after --timeout instead of waiting forever.
+        # A hung rank makes the others fail after --timeout instead of waiting forever (a dead one at
+        # once: see fail_fast).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
@@ -280,8 +281,9 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> 
 
 
 def parse_faults(spec: str) -> dict[str, set[int]]:
-    """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5"``: inject a NaN loss at steps 3..9 and a SIGTERM to
-    rank 0 after step 5, so the fault paths run exactly as in production."""
+    """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5,die@7"``: inject a NaN loss at steps 3..9, a SIGTERM to
+    rank 0 after step 5, and the last rank exiting abruptly (``os._exit(1)``, as a segfault or the OOM
+    killer would) at the start of step 7, so the fault paths run exactly as in production."""
     faults: dict[str, set[int]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, rng = item.partition("@")
@@ -296,6 +298,40 @@ _signal_received: int = 0
 def _on_signal(signum, frame):  # preemption notice: finish the step, save, exit 0
     global _signal_received
     _signal_received = signum
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A collective that failed because a peer is gone or stuck (gloo and NCCL raise RuntimeError or
+    DistBackendError; the message names the transport or the timeout)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
+
+
+def fail_fast(rank: int, e: BaseException, where: str, advice: str = "") -> typing.NoReturn:
+    """A peer died or hung: say so and leave at once.
+
+    What bounds the time a job with a dead rank takes to end (measured with gloo on CPU, see
+    tests/test_distributed.py::test_a_dead_rank_fails_fast):
+    - a rank that exits (crash, ``os._exit``, OOM killer) closes its sockets, and gloo's pending
+      send/recv on the others fail at once with "Connection closed by peer";
+    - a rank that hangs while alive: gloo ops honour the process-group timeout (``--timeout``, set in
+      ``init_process_group``; "Timed out waiting ...ms"), and NCCL's watchdog aborts the communicator
+      after the same timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING``);
+    - torchrun's agent polls its workers every 0.1 s and, on the first failure (no ``--max-restarts``),
+      SIGTERMs the other local workers and SIGKILLs them 30 s later: the backstop on one node. Workers
+      on other nodes see the closed connection or the timeout above, and their agents do the same.
+    We exit with ``os._exit``: a normal interpreter exit would destroy the process group, which may
+    wait on the dead peer.
+    """
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    _report(f"error: a collective failed {where} ({type(e).__name__}: {first}). Another rank died or hung "
+            f"(the launcher's log names it); stopping instead of waiting. {advice}".rstrip(), rank)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -546,6 +582,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=d.device)
+            if step in faults.get("die", ()) and d.rank == d.world - 1:
+                os._exit(1)  # test hook: a rank dies without a word (segfault, OOM killer, lost node)
             try:
                 for k in range(accum):
                     images01, index = next(batches)  # (B, 3, S, S) in [0, 1], (B,)
@@ -638,6 +676,15 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 save(state.step)
             if cfg.pth_every and state.step % cfg.pth_every == 0 and state.step < total:
                 save_pth(state.step)
+    except Exception as e:
+        # Here, with the preemption handler still installed: torchrun's SIGTERM to the survivors
+        # cannot cut the message short.
+        if d.world > 1 and is_collective_failure(e):
+            where = (f"the last complete checkpoint is {state.last_good}" if state.last_good
+                     else "no checkpoint was completed yet")
+            fail_fast(d.rank, e, f"at step {state.step + 1}", f"Nothing is saved for this step; {where}; "
+                                 f"continue with the same command plus --out {out} --resume.")
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -820,6 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report("interrupted", rank)
         return 130
+    except Exception as e:  # outside the loop (start-up, final save): the same fail-fast, less context
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and is_collective_failure(e):
+            fail_fast(rank, e, "outside the training loop")
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
