@@ -4,8 +4,8 @@ Reads PNG (8/16-bit), JPEG, BMP, TIFF and DICOM (pydicom 3: single- and multi-fr
 by frame; MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR; JPEG baseline/lossless through Pillow
 or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix).
 Zip archives (``.zip``) are read as if they were folders: every member is streamed out of the archive
-(no extraction to disk; a DICOM member larger than 64 MiB is spooled to an anonymous temporary file,
-deleted at once, because pydicom seeks backwards) and recorded as ``archive.zip/member/path``. A
+(no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
+deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
 corrupt archive or member, an encrypted member or a zip inside a zip is listed in skipped.jsonl.
 Every image/frame becomes 8-bit grey, is cropped to the scan region, resized to a fixed short side
 and appended to memory-mappable shards:
