@@ -57,8 +57,10 @@ class OurStep:
         self.teacher_forward = self.teacher
         self.compile_mode = compile_mode
         if compile_mode == "blocks":
+            # dynamic=False: the three block kinds share Block.forward at different token counts,
+            # and automatic dynamic shapes would otherwise replace them by one symbolic graph.
             for blk in [*self.model.blocks, *self.model.decoder_blocks, *self.teacher.trunk.blocks]:
-                blk.compile()
+                blk.compile(dynamic=False)
         elif compile_mode == "model":
             self.forward = torch.compile(self.model)
             self.teacher_forward = torch.compile(self.teacher)

@@ -80,3 +80,14 @@ def test_torch_compile_fullgraph_traces_the_triton_ops():
         (grad_e,) = torch.autograd.grad(loss_e, inputs[-1])
     torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
+
+
+def test_first_op_call_inside_compile_does_not_break_the_graph(monkeypatch):
+    # The backend is resolved at import and its log line skipped while tracing, so the first
+    # ops.* call of a run may happen inside a compiled block without splitting its graph.
+    from urfm_fast.vit import Block
+
+    monkeypatch.setattr(ops, "_logged", False)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(Block(32, 2))(torch.randn(2, 5, 32))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0

@@ -30,10 +30,18 @@ _TRIES = 10  # torchvision's number of crop attempts
 _M32 = 0xFFFFFFFF
 
 
+_STATS: dict = {}
+
+
 def normalize(x01, mean, std):
     """x01 [B,3,H,W] in [0,1] -> (x - mean) / std per channel (a new tensor)."""
-    m = torch.tensor(mean, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    key = (tuple(mean), tuple(std), x01.dtype, x01.device)
+    if key not in _STATS:
+        # Built once per device: a fresh torch.tensor(..., device=cuda) every step is a blocking copy.
+        m = torch.tensor(mean, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+        _STATS[key] = (m, s)
+    m, s = _STATS[key]
     return (x01 - m) / s
 
 
@@ -198,7 +206,7 @@ def batch_augment(
     dev = images.device
     if sizes is None:
         sizes = torch.tensor([[H, W]], dtype=torch.int64).expand(B, 2)
-    sizes = sizes.to(dev)
+    sizes = sizes.to(dev, non_blocking=True)  # pinned by the loader: no host sync
     ncol = 4 * _TRIES + 1  # 4 per crop try + 1 for the flip
     if seeds is not None:
         u = hash_uniform(seeds.to(dev), ncol, stream=0)

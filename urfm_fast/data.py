@@ -212,8 +212,14 @@ def mask_seeds(seed, epoch, sample_index):
 
 def mask_noise(seed, epoch, sample_index, num_patches, device=None):
     """float32 [B, num_patches] uniform in [0,1) from (seed, epoch, index): argsort it to mask."""
-    s = mask_seeds(seed, epoch, torch.as_tensor(sample_index, dtype=torch.int64))
-    return hash_uniform(s.to(device) if device is not None else s, num_patches, stream=1)
+    idx = torch.as_tensor(sample_index, dtype=torch.int64)
+    if device is not None:
+        # Hash on the device (integer ops, identical results): copying a freshly computed CPU
+        # tensor to the GPU would block the host every step.
+        idx = idx.to(device, non_blocking=True)
+        if torch.is_tensor(epoch) and epoch.dim() > 0:
+            epoch = epoch.to(device, non_blocking=True)
+    return hash_uniform(mask_seeds(seed, epoch, idx), num_patches, stream=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +368,10 @@ class TrainStream:
             if bad and isinstance(self.source, ImageFolderDataset):
                 self.source.note_bad(bad)
             x = padded.to(self.device, non_blocking=True)
-            seeds = sample_seeds(self.seed, epoch, index).to(self.device) if self.deterministic else None
+            seeds = None
+            if self.deterministic:  # hashed on the device from the pinned index: no host sync
+                dev_index = index.to(self.device, non_blocking=True)
+                seeds = sample_seeds(self.seed, epoch.to(self.device, non_blocking=True), dev_index)
             images = batch_augment(
                 x, self.img_size, scale=self.scale, seeds=seeds, generator=self._gen, sizes=sizes
             )  # (B, 3, S, S) in [0, 1]

@@ -30,15 +30,25 @@ from urfm_fast.kernels.gather import gather_tokens_ref, gather_visible_ref, unsh
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
-_backend: str | None = None
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("URFM_KERNELS", "auto").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"URFM_KERNELS={name!r}; expected one of {BACKENDS}")
+    return name
+
+
+# Resolved at import, not on first use: the first op call may happen inside a torch.compile'd
+# block, where a lazy initialisation (and its log line) would become a permanent graph break.
+_backend: str = _backend_from_env()
+_logged = False
 
 
 def get_backend() -> str:
-    global _backend
-    if _backend is None:
-        _backend = os.environ.get("URFM_KERNELS", "auto").lower()
-        if _backend not in BACKENDS:
-            raise ValueError(f"URFM_KERNELS={_backend!r}; expected one of {BACKENDS}")
+    global _logged
+    if not _logged and not torch.compiler.is_compiling():
+        _logged = True
         log.info("urfm_fast kernels backend: %s (triton available: %s)", _backend, triton_available())
     return _backend
 
