@@ -72,23 +72,28 @@ def test_nan_streak_stops_every_rank(tmp_path):
 
 
 def test_a_dead_rank_fails_fast(tmp_path):
-    """Rank 1 exits abruptly (``os._exit(1)``) at the start of step 4: rank 0, waiting in an FSDP
-    all-gather, must stop at once with a message, not hang. What guarantees it (gloo's closed
-    connection, the process-group timeout, torchrun's teardown) is listed in ``pretrain.fail_fast``."""
+    """Rank 1 exits abruptly (``os._exit(1)``) at the start of step 4, while the step-2 checkpoint is
+    still being written in the background (slowed by 2 s): rank 0, waiting in an FSDP all-gather, must
+    stop at once with a message, not hang, and leave no partial checkpoint. What guarantees it
+    (gloo's closed connection, the process-group timeout, torchrun's teardown) is listed in
+    ``pretrain.fail_fast``."""
     out = tmp_path / "run"
     t0 = time.monotonic()
     r = torchrun([*REF_ARGS, "--save-every", "2", "--timeout", "0.3", "--out", str(out)],
-                 env={"URFM_FAULTS": "die@3"}, timeout=120)
+                 env={"URFM_FAULTS": "die@3,slowsave@2"}, timeout=120)
     elapsed = time.monotonic() - t0
     assert r.returncode != 0
     assert elapsed < 90, f"{elapsed:.0f}s: a dead rank was waited for"
     assert "[rank 0] error: a collective failed at step 4" in r.stderr, r.stderr[-3000:]
     assert "Another rank died or hung" in r.stderr and "--resume" in r.stderr
-    assert "last complete checkpoint is" in r.stderr and "step_00000002" in r.stderr
-    # no partial checkpoint: the one finished before the failure is complete, nothing else is there
+    # no partial checkpoint: no temporary folder, and a folder that was renamed is complete
     root = out / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
-    assert ckpt.validate(root / "step_00000002") is None
+    names = sorted(p.name for p in root.iterdir())
+    assert all(n.startswith("step_") and ckpt.validate(root / n) is None for n in names), names
+    if names:  # the write finished before the failure (a very slow machine): then it is named
+        assert f"the last complete checkpoint is {root / names[-1]}" in r.stderr
+    else:
+        assert "no checkpoint was completed yet" in r.stderr
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_pretrain import SYNTH, TINY, fast_random_teacher, metrics  # noqa: F401 (autouse fixture)
+from test_pretrain import SYNTH, TINY, fast_random_teacher, metrics, run  # noqa: F401 (autouse fixture)
 from urfm_fast import checkpoint as ckpt
 from urfm_fast import pretrain
 
@@ -94,6 +94,45 @@ def test_corrupt_or_partial_checkpoint_falls_back(tmp_path_factory, capsys):
     got = losses(out)
     assert list(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=0, atol=1e-6)
+
+
+def test_async_save_trains_while_writing_and_preemption_waits(tmp_path_factory, monkeypatch, capsys):
+    """The step-4 checkpoint is written in the background (slowed by 2 s): step 5 trains meanwhile, the
+    SIGTERM after step 5 waits for it before the final save, and resuming from it is exact, so the
+    state was copied when the save began, not when the write happened."""
+    ref = losses(reference_run(tmp_path_factory))
+    out = tmp_path_factory.mktemp("async") / "run"
+    monkeypatch.setenv("URFM_FAULTS", "slowsave@4,sigterm@4")
+    assert pretrain.main([*REF_ARGS, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint step_00000004 complete (written in the background while 1 step(s) trained; " \
+           "waited for the rest)" in printed
+    assert printed.index("step_00000004 complete") < printed.index("stopped by SIGTERM: step 5/8")
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["step_00000004", "step_00000005"]
+    assert all(ckpt.validate(p) is None for _, p in ckpt.list_checkpoints(out))
+    monkeypatch.delenv("URFM_FAULTS")
+    shutil.rmtree(out / "checkpoints" / "step_00000005")
+    assert pretrain.main(["--out", str(out), "--resume"]) == 0
+    assert "step_00000004 at step 4" in capsys.readouterr().out
+    np.testing.assert_allclose(list(losses(out).values()), list(ref.values()), rtol=0, atol=1e-6)
+
+
+def test_killed_during_async_save_leaves_no_renamed_partial(tmp_path_factory, capsys):
+    """The process dies (``os._exit``, as under kill -9) while step 4's checkpoint is still being
+    written: only its temporary folder exists, the run resumes from step 2 and follows the curve."""
+    ref = losses(reference_run(tmp_path_factory))
+    out = tmp_path_factory.mktemp("killed_async") / "run"
+    r = run([*REF_ARGS, "--save-every", "2", "--out", str(out)], env={"URFM_FAULTS": "slowsave@4,die@5"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert max(losses(out)) == 5  # step 5 trained while the step-4 write was pending
+    root = out / "checkpoints"
+    assert (root / ".tmp-step_00000004").is_dir() and not (root / "step_00000004").exists()
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["step_00000002"]
+    assert ckpt.validate(root / "step_00000002") is None
+    assert pretrain.main(["--out", str(out), "--resume"]) == 0
+    assert "step_00000002 at step 2" in capsys.readouterr().out
+    assert not (root / ".tmp-step_00000004").exists()
+    np.testing.assert_allclose(list(losses(out).values()), list(ref.values()), rtol=0, atol=1e-6)
 
 
 def test_resume_from_pth(tmp_path_factory, capsys):

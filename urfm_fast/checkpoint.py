@@ -9,6 +9,10 @@ Two kinds, as in torchtitan:
   written under ``.tmp-step_XXXXXXXX`` and renamed only when complete, so a crash mid-save never
   leaves a folder that looks finished; a folder whose files do not match its manifest is reported
   as corrupt and the previous one is used. The newest ``keep`` folders are kept.
+  Saves are two-phase so that they can run in the background (``torch.distributed.checkpoint.
+  async_save``: the state is copied to CPU memory, then a thread writes it while training goes on):
+  ``start_save`` writes the per-rank files and launches the DCP write; ``finish_save`` waits for it
+  on every rank, then writes the manifest, renames and prunes. Only a finished save is ever renamed.
 - **Export** (end of run and on request): ``checkpoint-XXXXXXXX.pth`` in URFM's own format
   (``model``, ``ema_state_dict``, ``optimizer``, ``epoch``, ``step``, ``args``), written to a temporary
   name and renamed. ``args`` is a plain dict so ``torch.load(weights_only=True)`` reads the file with no
@@ -25,6 +29,8 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,15 +152,54 @@ def candidates(resume: str, out: Path) -> list[Path]:
     raise CheckpointError(f"--resume {resume}: no such checkpoint folder, run folder or .pth file")
 
 
-def save_dcp(
+def async_available() -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    return hasattr(dcp, "async_save")
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose DCP files may still be being written; ``finish_save`` completes it."""
+
+    out: Path
+    step: int
+    tmp: Path
+    final: Path
+    future: Future
+    config: dict
+    keep: int
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+def remove_partial(out: Path) -> None:
+    """Delete the temporary folders of saves that never finished (a killed run); rank 0 only."""
+    root = out / CKPT_DIR
+    if root.is_dir():
+        for p in root.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def start_save(
     out: Path,
     step: int,
     state: dict,
     trainer_state: dict,
     config: dict,
     keep: int,
-) -> Path:
-    """Write a resumable checkpoint (a collective: every rank calls it). Returns the final folder."""
+    *,
+    asynchronous: bool = False,
+    process_group=None,
+    planner=None,
+) -> PendingSave:
+    """Begin a resumable checkpoint (a collective: every rank calls it) under ``.tmp-step_XXXXXXXX``.
+
+    ``asynchronous``: ``dcp.async_save`` copies ``state`` to CPU memory now and writes it from a
+    thread, so the caller may keep training; its collectives (plan exchange, metadata) then need a
+    process group of their own (``process_group``, gloo), or they would interleave with training's.
+    """
     import torch.distributed.checkpoint as dcp
 
     final = step_dir(out, step)
@@ -164,21 +209,56 @@ def save_dcp(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
-    _barrier()
+    kw = dict(checkpoint_id=str(tmp), planner=planner, no_dist=not dist.is_initialized())
+    if asynchronous:
+        future = dcp.async_save(state, process_group=process_group, **kw)
+    else:
+        future = Future()
+        try:
+            future.set_result(dcp.save(state, **kw))
+        except Exception as e:  # reported by finish_save, on every rank alike
+            future.set_exception(e)
+    return PendingSave(out, step, tmp, final, future, config, keep)
+
+
+def finish_save(p: PendingSave) -> Path:
+    """Wait for the write on every rank, then manifest, rename and prune (a collective). Returns the
+    final folder; raises CheckpointError on every rank if any rank failed to write its files."""
+    try:
+        p.future.result()
+        error = None
+    except Exception as e:
+        error = f"rank {_rank()}: {type(e).__name__}: {str(e)[:300]}"
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    errors = [e for e in errors if e]
+    rank = _rank()
+    if errors:
+        if rank == 0:
+            shutil.rmtree(p.tmp, ignore_errors=True)
+        raise CheckpointError(f"writing checkpoint {p.final} failed ({'; '.join(errors)}); check the disk "
+                              "(space, permissions) of --out")
     if rank == 0:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        tmp, final = p.tmp, p.final
+        (tmp / CONFIG_FILE).write_text(json.dumps(p.config, indent=2, sort_keys=True, default=str) + "\n")
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest = {"step": p.step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "time": time.time(), "files": files}
         write_json_atomic(tmp / MANIFEST, manifest)
-        if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
+        if final.exists():  # re-saving the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune(out, keep)
+        prune(p.out, p.keep)
     _barrier()
-    return final
+    return p.final
+
+
+def save_dcp(out: Path, step: int, state: dict, trainer_state: dict, config: dict, keep: int) -> Path:
+    """Write a resumable checkpoint synchronously (a collective). Returns the final folder."""
+    return finish_save(start_save(out, step, state, trainer_state, config, keep))
 
 
 def prune(out: Path, keep: int) -> None:

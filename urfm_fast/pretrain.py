@@ -13,8 +13,9 @@ checkpointing, compile, sharding, optimizer, loop.
     python -m urfm_fast.pretrain --out runs/<name> --resume
 
 Logged per step: loss, lr, grad norm, images/s, MFU (GPU), peak memory; ``metrics.jsonl`` and the
-resolved ``config.json`` live in ``--out``; resumable DCP checkpoints in ``--out/checkpoints``; a
-URFM-format ``checkpoint-XXXXXXXX.pth`` at the end.
+resolved ``config.json`` live in ``--out``; resumable DCP checkpoints in ``--out/checkpoints`` (written
+in the background while training goes on, renamed into place only when complete); a URFM-format
+``checkpoint-XXXXXXXX.pth`` at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -102,6 +104,8 @@ class TrainConfig:
     log_every: int = _f(10, "log to the console and metrics.jsonl every N steps")
     save_every: int = _f(1000, "resumable checkpoint every N steps (0 = only at the end / on preemption)")
     keep: int = _f(3, "resumable checkpoints kept (newest)")
+    async_save: bool = _f(True, "write periodic checkpoints in the background while training goes on "
+                                "(DCP async_save; synchronous where this torch lacks it)")
     pth_every: int = _f(0, "also write a URFM-format .pth every N steps (0 = only at the end)")
     resume: str | None = _f(None, "continue a run: bare --resume = latest checkpoint in --out, or a checkpoint "
                                   "folder / run folder / .pth", nargs="?", const="latest")
@@ -281,15 +285,28 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> 
 
 
 def parse_faults(spec: str) -> dict[str, set[int]]:
-    """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5,die@7"``: inject a NaN loss at steps 3..9, a SIGTERM to
-    rank 0 after step 5, and the last rank exiting abruptly (``os._exit(1)``, as a segfault or the OOM
-    killer would) at the start of step 7, so the fault paths run exactly as in production."""
+    """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5,die@7,slowsave@4"``: inject a NaN loss at steps 3..9,
+    a SIGTERM to rank 0 after step 5, the last rank exiting abruptly (``os._exit(1)``, as a segfault
+    or the OOM killer would) at the start of step 7, and a checkpoint of step 4 whose background
+    write takes 2 s longer (a slow file system), so the fault paths run exactly as in production."""
     faults: dict[str, set[int]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, rng = item.partition("@")
         lo, _, hi = rng.partition("-")
         faults.setdefault(kind, set()).update(range(int(lo), int(hi or lo) + 1))
     return faults
+
+
+def _slow_planner(seconds: float):
+    """DCP's own save planner, delayed: it runs in the writer thread of an async save."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class SlowPlanner(DefaultSavePlanner):
+        def create_local_plan(self):
+            time.sleep(seconds)
+            return super().create_local_plan()
+
+    return SlowPlanner()
 
 
 _signal_received: int = 0
@@ -323,8 +340,8 @@ def fail_fast(rank: int, e: BaseException, where: str, advice: str = "") -> typi
     - torchrun's agent polls its workers every 0.1 s and, on the first failure (no ``--max-restarts``),
       SIGTERMs the other local workers and SIGKILLs them 30 s later: the backstop on one node. Workers
       on other nodes see the closed connection or the timeout above, and their agents do the same.
-    We exit with ``os._exit``: a normal interpreter exit would destroy the process group, which may
-    wait on the dead peer.
+    We exit with ``os._exit``: a normal interpreter exit would destroy the process group and join the
+    background checkpoint writer, and either may wait on the dead peer.
     """
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     _report(f"error: a collective failed {where} ({type(e).__name__}: {first}). Another rank died or hung "
@@ -376,6 +393,11 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     d = init_distributed(cfg)
     say = _printer(d)
     faults = parse_faults(os.environ.get("URFM_FAULTS", ""))
+    use_async = cfg.async_save and ckpt.async_available()
+    # The background writer's collectives get a gloo group of their own (DCP requires a CPU backend;
+    # sharing the training group would interleave its collectives with FSDP's).
+    ckpt_pg = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.timeout))
+               if use_async and d.enabled else None)
     if cfg.resume == "latest" and not cfg.out:
         raise UsageError("--resume without a path continues the run in --out: pass --out RUN_FOLDER")
 
@@ -402,6 +424,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     out = Path(out)
     if d.main:
         ckpt.check_out_dir(out, resume=bool(cfg.resume))
+        ckpt.remove_partial(out)  # temporary folders of saves a killed run never finished
     _barrier(d)
 
     # -- data ------------------------------------------------------------------------------------
@@ -512,19 +535,36 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                   "bf16": bf16, "compile": use_compile, "accumulation": accum, "micro_batch": micro,
                   "lr": base_lr, "total_steps": total, "warmup_steps": warmup, "teacher_source": teacher.source,
                   "torch": torch.__version__}
-    state = types.SimpleNamespace(step=0, skipped=0, bad_in_a_row=0, last_good=None, elapsed=0.0)
+    state = types.SimpleNamespace(step=0, skipped=0, bad_in_a_row=0, last_good=None, elapsed=0.0, pending=None)
 
     def trainer_state() -> dict:
         return {"step": state.step, "epoch": stream.epoch, "skipped": state.skipped,
                 "bad_in_a_row": state.bad_in_a_row, "elapsed": state.elapsed, "data": stream.state_dict(),
                 "rng": rng_state(d.device), "mask_gen": mask_gen.get_state()}
 
-    def save(step: int, pth: bool = False) -> Path:
-        path = ckpt.save_dcp(out, step, app_state(), trainer_state(), run_config, cfg.keep)
-        state.last_good = path
-        if pth:
-            save_pth(step)
-        return path
+    def save(step: int, background: bool = False) -> Path | None:
+        """A resumable checkpoint of now. In the background, it is renamed into place by
+        finish_pending: when every rank's write is done (checked each step), at the next save, or at
+        the end; until then it is only a temporary folder, which a killed run leaves unfinished."""
+        finish_pending()
+        planner = _slow_planner(2.0) if step in faults.get("slowsave", ()) else None
+        state.pending = ckpt.start_save(out, step, app_state(), trainer_state(), run_config, cfg.keep,
+                                        asynchronous=background and use_async, process_group=ckpt_pg,
+                                        planner=planner)
+        state.pending_since = state.step
+        return None if background and use_async else finish_pending()
+
+    def finish_pending() -> Path | None:
+        p, state.pending = state.pending, None
+        if p is None:
+            return None
+        waited = not p.done()
+        state.last_good = ckpt.finish_save(p)
+        ran = state.step - state.pending_since
+        if ran or waited:
+            say(f"checkpoint {p.final.name} complete (written in the background while {ran} step(s) trained"
+                f"{'; waited for the rest' if waited else ''})")
+        return state.last_good
 
     def save_pth(step: int) -> Path | None:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -632,6 +672,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 say(f"step {step}: non-finite loss or gradients (grad norm {float(norm)}); update skipped "
                     f"({state.bad_in_a_row} in a row, {state.skipped} in all)")
                 if state.bad_in_a_row >= cfg.max_bad_steps:
+                    finish_pending()  # every rank stops here: complete the save started before the streak
                     where = (f"the last good checkpoint is {state.last_good}" if state.last_good
                              else "no checkpoint was written yet")
                     raise Stop(f"stopping: {state.bad_in_a_row} consecutive steps with NaN/Inf loss or gradients "
@@ -661,22 +702,30 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 window_loss.zero_()
                 window_n, window_t0, window_steps = 0, time.time(), 0
 
-            # -- preemption: every rank must agree, so the flag is reduced ----------------------
+            # -- preemption, and a background save finished: every rank must agree, so the flags
+            #    are reduced (one small all-reduce per step for both)
             if step in faults.get("sigterm", ()) and d.main:
                 os.kill(os.getpid(), signal.SIGTERM)
-            flag = torch.tensor(float(_signal_received), device=d.device)
+            writing = state.pending is not None and not state.pending.done()
+            flags = torch.tensor([float(_signal_received), float(writing)], device=d.device)
             if d.enabled and d.world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
-                stop_reason = signal.Signals(int(flag.item())).name
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            sig, writing = (int(v) for v in flags.tolist())
+            if state.pending is not None and not writing:
+                finish_pending()
+            if sig:
+                stop_reason = signal.Signals(sig).name
                 break
 
             # Not during a NaN streak: the last checkpoint should be the last good one.
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total and finite:
-                save(state.step)
+                save(state.step, background=True)
             if cfg.pth_every and state.step % cfg.pth_every == 0 and state.step < total:
                 save_pth(state.step)
     except Exception as e:
+        if state.pending is not None and d.main:
+            # a save still being written is abandoned: no temporary folder is left behind either
+            shutil.rmtree(state.pending.tmp, ignore_errors=True)
         # Here, with the preemption handler still installed: torchrun's SIGTERM to the survivors
         # cannot cut the message short.
         if d.world > 1 and is_collective_failure(e):
@@ -693,7 +742,10 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             metrics_file.close()
 
     # -- end: final (or preemption) checkpoint and a summary ---------------------------------------
-    path = save(state.step)
+    finish_pending()  # a preemption or the end waits for the background save, then saves now
+    path = state.last_good
+    if path != ckpt.step_dir(out, state.step):  # (preempted right after a periodic save: it is this one)
+        path = save(state.step)
     pth = save_pth(state.step) if stop_reason is None else None
     summary = [f"{'stopped by ' + stop_reason if stop_reason else 'done'}: step {state.step}/{total} in "
                f"{state.elapsed:.0f}s (first step incl. compile {first_step_time or 0:.1f}s)",
