@@ -140,3 +140,17 @@ def test_save_grid(tmp_path):
     save_grid(path, n=6, size=32, seed=0)
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width >= 3 * 32 and im.height > 2 * 32
+
+
+def test_render_all_fills_the_cache_with_the_same_images():
+    from urfm_fast.synthetic import CHUNK, SyntheticUltrasound
+
+    eager = SyntheticUltrasound(CHUNK + 7, size=32, seed=5)
+    assert eager.render_all(batch=48)  # rounded to whole chunks
+    assert len(eager._cache) == 2
+    lazy = SyntheticUltrasound(CHUNK + 7, size=32, seed=5)
+    for i in (0, CHUNK - 1, CHUNK, CHUNK + 6):
+        assert torch.equal(eager[i][0], lazy[i][0]) and eager[i][1] == lazy[i][1]
+    too_big = SyntheticUltrasound(10, size=32, seed=0)
+    too_big.max_cache_bytes = 100
+    assert not too_big.render_all() and not too_big._cache

@@ -165,6 +165,8 @@ class SyntheticSource(Dataset):
         from urfm_fast.synthetic import SyntheticUltrasound  # lazy: only the demo needs it
 
         self.ds = SyntheticUltrasound(length, size, seed)
+        # Rendered up front (on the GPU when there is one) so forked workers share one copy.
+        self.ds.render_all("cuda" if torch.cuda.is_available() else "cpu")
 
     def __len__(self):
         return len(self.ds)

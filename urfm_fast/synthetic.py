@@ -352,6 +352,25 @@ class SyntheticUltrasound(torch.utils.data.Dataset):
         img, lab = self._cache[k]
         return img[i % CHUNK].clone(), int(lab[i % CHUNK])
 
+    def render_all(self, device="cpu", batch=4 * CHUNK) -> bool:
+        """Render every image now (on ``device``, e.g. a GPU) into the cache; False if it would not fit.
+
+        Training reads shuffled indices, so lazily rendered chunks are each touched by every
+        DataLoader worker in the first epoch; rendering once before the workers fork lets them all
+        share the result. GPU and CPU renderings agree up to float rounding, not bit for bit.
+        """
+        if self.length * self.size**2 > self.max_cache_bytes:
+            return False
+        batch = max(CHUNK, batch // CHUNK * CHUNK)  # whole chunks per rendering
+        for lo in range(0, self.length, batch):
+            hi = min(lo + batch, self.length)
+            img, _, lab = _generate_range(lo, hi, self.size, self.seed, device)
+            img, lab = img.cpu(), lab.cpu()
+            for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
+                a, b = k * CHUNK - lo, min((k + 1) * CHUNK, hi) - lo
+                self._cache[k] = (img[a:b].clone(), lab[a:b].clone())
+        return True
+
 
 def save_grid(path, n=16, size=128, seed=0):
     """Write a PNG grid of n images with their class and probe as captions."""
