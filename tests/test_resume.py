@@ -51,10 +51,13 @@ def test_sigterm_then_resume_follows_the_same_curve(tmp_path_factory, monkeypatc
     ref = losses(reference_run(tmp_path_factory))
     out = tmp_path_factory.mktemp("killed") / "run"
     monkeypatch.setenv("URFM_FAULTS", "sigterm@2")  # preemption notice during step 3
-    assert pretrain.main([*REF_ARGS, "--out", str(out)]) == 0  # exit 0 with a message
+    assert pretrain.main([*REF_ARGS, "--pth-every", "2", "--out", str(out)]) == 0  # exit 0 with a message
     printed = capsys.readouterr().out
     assert "stopped by SIGTERM: step 3/8" in printed and "--resume" in printed
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["step_00000003"]
+    # URFM-format .pth: every --pth-every steps, and on preemption too
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint-00000002.pth", "checkpoint-00000003.pth"]
+    assert f"URFM-format checkpoint: {out / 'checkpoint-00000003.pth'}" in printed
     monkeypatch.delenv("URFM_FAULTS")
     assert pretrain.main(["--out", str(out), "--resume"]) == 0  # settings come from the run folder
     assert "resumed from" in capsys.readouterr().out

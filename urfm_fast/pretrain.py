@@ -15,7 +15,7 @@ checkpointing, compile, sharding, optimizer, loop.
 Logged per step: loss, lr, grad norm, images/s, MFU (GPU), peak memory; ``metrics.jsonl`` and the
 resolved ``config.json`` live in ``--out``; resumable DCP checkpoints in ``--out/checkpoints`` (written
 in the background while training goes on, renamed into place only when complete); a URFM-format
-``checkpoint-XXXXXXXX.pth`` at the end.
+``checkpoint-XXXXXXXX.pth`` at the end, on preemption and every ``--pth-every`` steps.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ class TrainConfig:
     keep: int = _f(3, "resumable checkpoints kept (newest)")
     async_save: bool = _f(True, "write periodic checkpoints in the background while training goes on "
                                 "(DCP async_save; synchronous where this torch lacks it)")
-    pth_every: int = _f(0, "also write a URFM-format .pth every N steps (0 = only at the end)")
+    pth_every: int = _f(0, "a URFM-format checkpoint-XXXXXXXX.pth (model, ema_state_dict, optimizer, epoch, step, "
+                           "args) is written at the end of the run and on preemption; on request, also every "
+                           "N steps (0 = only then)")
     resume: str | None = _f(None, "continue a run: bare --resume = latest checkpoint in --out, or a checkpoint "
                                   "folder / run folder / .pth", nargs="?", const="latest")
     init: str | None = _f(None, "start from the weights of a URFM checkpoint (official or ours; weights only)")
@@ -746,7 +748,9 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     path = state.last_good
     if path != ckpt.step_dir(out, state.step):  # (preempted right after a periodic save: it is this one)
         path = save(state.step)
-    pth = save_pth(state.step) if stop_reason is None else None
+    # The .pth after the resumable checkpoint: a preemption grace period that runs out while the
+    # (larger, gathered) .pth is written still leaves a complete DCP checkpoint behind.
+    pth = save_pth(state.step)
     summary = [f"{'stopped by ' + stop_reason if stop_reason else 'done'}: step {state.step}/{total} in "
                f"{state.elapsed:.0f}s (first step incl. compile {first_step_time or 0:.1f}s)",
                f"skipped NaN/Inf steps: {state.skipped}"]
