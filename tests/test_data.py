@@ -115,7 +115,7 @@ def test_image_folder_counts_unreadable(tmp_path, caplog):
     (root / "a b" / "c").mkdir(parents=True)
     for k in range(5):
         Image.fromarray(np.full((40 + k, 60), 30 * k, np.uint8)).save(root / "a b" / "c" / f"{k}.png")
-    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).save(root / "deep16.png")
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(root / "deep16.png")
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(root / "rgb.JPG")
     data = (root / "deep16.png").read_bytes()
     (root / "trunc.png").write_bytes(data[: len(data) // 2])
