@@ -80,7 +80,7 @@ class ReferenceURFM(nn.Module):
         decoder_num_heads=16,
         mlp_ratio=4.0,
         target_dim=768,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),  # noqa: B008 (MAE's signature)
     ):
         super().__init__()
         # encoder

@@ -69,7 +69,8 @@ def render(data: dict, command: str | None = None, title: str | None = None) -> 
         lines += [f"### {title}", ""]
     lines.append(f"- date: {data.get('datetime', '?')}")
     cores = urfm.get("cpu_cores") or cpu.get("count", "?")
-    lines.append(f"- machine: {cpu.get('brand_raw', mi.get('processor', '?'))}, {cores} cores; device: {urfm.get('device', 'cpu')}")
+    cpu_name = cpu.get("brand_raw", mi.get("processor", "?"))
+    lines.append(f"- machine: {cpu_name}, {cores} cores; device: {urfm.get('device', 'cpu')}")
     versions = ", ".join(f"{k} {v}" for k, v in urfm.get("versions", {}).items())
     lines.append(f"- python {mi.get('python_version', '?')}" + (f", {versions}" if versions else ""))
     if urfm.get("scale"):

@@ -120,7 +120,8 @@ def _attn_fwd_kernel(
         m_i = m_new
     acc = acc / l_i[:, None]  # l_i >= 1: the row maximum contributes exp2(0)
     o_rows = bh.to(tl.int64) * N + offs_m
-    tl.store(o_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_offs = o_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + o_rows, m_i + tl.log2(l_i), mask=m_ok)
 
 
@@ -250,7 +251,8 @@ def _attn_bwd_dq_kernel(
         v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         _, ds = _attn_bwd_tile(q, k, v, do, lse, delta, n_ok, qk_scale, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(dq_ptr + (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    dq_offs = (row0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptr + dq_offs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +302,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     if q.ndim != 4:
         raise ValueError(f"q must be [B,H,N,Dh], got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one shape (self-attention), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"q, k, v must share one shape (self-attention), got {shapes}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -112,7 +112,8 @@ def cosine_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (scalar fp32 loss, d loss/d pred as [M,D] in pred's dtype, or an empty tensor without with_grad)."""
     if pred.shape != target.shape or pred.ndim < 1:
-        raise ValueError(f"pred and target must have the same shape [..., D]; got {tuple(pred.shape)}, {tuple(target.shape)}")
+        shapes = f"{tuple(pred.shape)}, {tuple(target.shape)}"
+        raise ValueError(f"pred and target must have the same shape [..., D]; got {shapes}")
     if pred.device != target.device:
         raise ValueError(f"pred is on {pred.device}, target on {target.device}")
     if not (pred.is_floating_point() and target.is_floating_point()):
@@ -183,4 +184,5 @@ def cosine_loss(
 ) -> torch.Tensor:
     """Triton version of ``cosine_loss_ref``; the [M,D] gradient is written only when pred needs it."""
     with_grad = torch.is_grad_enabled() and pred.requires_grad
-    return _cosine_loss_op(pred, target.detach(), None if weight is None else weight.detach(), target_norm, with_grad)[0]
+    weight = None if weight is None else weight.detach()
+    return _cosine_loss_op(pred, target.detach(), weight, target_norm, with_grad)[0]

@@ -52,7 +52,9 @@ def gather_visible_ref(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cl
     return torch.cat([head, vis], dim=1)
 
 
-def unshuffle_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def unshuffle_ref(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     """Decoder input. x [B,1+K,D] (CLS first), mask_token [D], ids_restore [B,N], pos [1+N,D] -> [B,1+N,D].
 
     out[:, 0] = x[:, 0] + pos[0]; for r = ids_restore[b,n]:
@@ -345,7 +347,9 @@ def gather_visible_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cl
 
 
 @launcher
-def gather_visible_bwd(grad: torch.Tensor, idx: torch.Tensor, x_dtype: torch.dtype, pos: torch.Tensor, cls: torch.Tensor):
+def gather_visible_bwd(
+    grad: torch.Tensor, idx: torch.Tensor, x_dtype: torch.dtype, pos: torch.Tensor, cls: torch.Tensor
+):
     """grad [B,1+K,D] -> (dx [B,N,D] in x_dtype, dpos like pos, dcls like cls)."""
     grad = _check_rows("grad", grad, 3)
     N = pos.shape[0] - 1
@@ -357,7 +361,9 @@ def gather_visible_bwd(grad: torch.Tensor, idx: torch.Tensor, x_dtype: torch.dty
 
 
 @launcher
-def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def unshuffle_fwd(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     x = _check_rows("x", x, 3)
     B, K1, D = x.shape
     ids_restore = _check_ids_restore(ids_restore, B, x.device)
@@ -379,7 +385,9 @@ def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
 
 
 @launcher
-def unshuffle_bwd(grad: torch.Tensor, ids_restore: torch.Tensor, K: int, mask_dtype: torch.dtype, pos_dtype: torch.dtype):
+def unshuffle_bwd(
+    grad: torch.Tensor, ids_restore: torch.Tensor, K: int, mask_dtype: torch.dtype, pos_dtype: torch.dtype
+):
     """grad [B,1+N,D] -> (dx [B,1+K,D], dmask [D], dpos [1+N,D])."""
     grad = _check_rows("grad", grad, 3)
     B, N1, D = grad.shape
@@ -491,7 +499,9 @@ _gather_visible_op.register_autograd(_gather_visible_backward, setup_context=_ga
 
 
 @torch.library.custom_op("urfm_fast::unshuffle", mutates_args=())
-def _unshuffle_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _unshuffle_op(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     return unshuffle_fwd(x, mask_token, ids_restore, pos)
 
 
@@ -510,7 +520,8 @@ def _unshuffle_bwd_op(
 @_unshuffle_bwd_op.register_fake
 def _(grad, ids_restore, K, mask_dtype, pos_dtype):
     B, N1, D = grad.shape
-    return grad.new_empty((B, K + 1, D)), grad.new_empty((D,), dtype=mask_dtype), grad.new_empty((N1, D), dtype=pos_dtype)
+    grad_x = grad.new_empty((B, K + 1, D))
+    return grad_x, grad.new_empty((D,), dtype=mask_dtype), grad.new_empty((N1, D), dtype=pos_dtype)
 
 
 def _unshuffle_setup(ctx, inputs, output):

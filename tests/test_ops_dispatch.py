@@ -29,7 +29,8 @@ def test_auto_uses_torch_for_cpu_tensors():
 @pytest.mark.parametrize("backend,expect_kernel", [("triton", True), ("torch", False)])
 def test_every_op_routes_by_backend(backend, expect_kernel, monkeypatch):
     calls = []
-    for module, name in [(G, "gather_tokens"), (G, "gather_visible"), (G, "unshuffle"), (A, "attention"), (C, "cosine_loss")]:
+    kernel_ops = [(G, "gather_tokens"), (G, "gather_visible"), (G, "unshuffle"), (A, "attention"), (C, "cosine_loss")]
+    for module, name in kernel_ops:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     x, idx = torch.randn(2, 4, 16), torch.tensor([[0, 2], [3, 1]])

@@ -105,7 +105,8 @@ def load_urfm_weights(model: VisionTransformer, ckpt: LoadedCheckpoint) -> Visio
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "attn_pool."))]
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt.meta.get('path')}: missing {missing[:3]}, unexpected {unexpected[:3]} in timm ViT")
+        where = ckpt.meta.get("path")
+        raise CheckpointError(f"{where}: missing {missing[:3]}, unexpected {unexpected[:3]} in timm ViT")
     return model
 
 

@@ -28,7 +28,9 @@ DECODER_PREFIXES = ("decoder_", "mask_token")
 class URFM(ViTEncoder):
     def __init__(self, cfg: URFMConfig | None = None):
         cfg = cfg or URFMConfig()
-        super().__init__(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+        super().__init__(
+            cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio
+        )
         self.cfg = cfg
         n = cfg.num_patches
         self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
