@@ -183,6 +183,79 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, capsys, monkeypatch):
     assert "step_00000002" in err  # names the last good checkpoint
 
 
+def test_nan_steps_skipped_on_the_device(tmp_path, capsys, monkeypatch):
+    """The device-side skip (the default on CUDA: no host sync per step), run on CPU: the same counts,
+    log records and stop as the host-side check, and the same curve."""
+    monkeypatch.setenv("URFM_FAULTS", "nan@1-2")
+    args = [*TINY, *SYNTH, "--batch-size", "4", "--steps", "5", "--log-every", "1"]
+    assert pretrain.main([*args, "--out", str(tmp_path / "host")]) == 0
+    host_out = capsys.readouterr().out
+    monkeypatch.setattr(pretrain, "_DEVICE_SIDE_SKIP", True)
+    assert pretrain.main([*args, "--out", str(tmp_path / "dev")]) == 0
+    dev_out = capsys.readouterr().out
+    for line in ("skipped NaN/Inf steps: 2", "step 1: non-finite loss or gradients (grad norm nan); update skipped "
+                 "(1 in a row, 1 in all)", "step 2: non-finite loss or gradients (grad norm nan); update skipped "
+                 "(2 in a row, 2 in all)"):
+        assert line in host_out and line in dev_out, line
+    host, dev = metrics(tmp_path / "host"), metrics(tmp_path / "dev")
+    assert [m["skipped"] for m in dev] == [m["skipped"] for m in host] == [0, 1, 2, 2, 2]
+    # fused AdamW (device path) and foreach AdamW (host path) round differently, nothing more
+    np.testing.assert_allclose([m["loss"] for m in dev], [m["loss"] for m in host], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([m["grad_norm"] for m in dev], [m["grad_norm"] for m in host], rtol=1e-4)
+
+    # a streak stops at the same step, with the same message; log steps are not the only reads
+    monkeypatch.setenv("URFM_FAULTS", "nan@3-100")
+    rc = pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "20", "--save-every", "2", "--log-every", "7",
+                        "--max-bad-steps", "3", "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "stopping: 3 consecutive steps with NaN/Inf loss or gradients (step 6)" in err
+    assert "step_00000002" in err
+
+
+def test_device_side_skip_leaves_state_unchanged():
+    """A skipped step on the device path: parameters, AdamW state (moments and step counts) and EMA are
+    bit-identical afterwards; a good step then updates as usual."""
+    from urfm_fast.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ema = EMA(model, 0.9)
+
+    def step(bad_value: float):
+        loss = model(torch.randn(3, 4)).square().mean() * bad_value
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        bad = ~torch.isfinite(norm)
+        opt.found_inf = bad.to(torch.float32)
+        opt.step()
+        ema.update(model, skip=bad)
+        opt.zero_grad(set_to_none=True)
+
+    def snapshot():
+        return ([p.detach().clone() for p in model.parameters()],
+                {k: v.clone() for st in opt.state.values() for k, v in st.items()},
+                [s.clone() for s in ema.shadow])
+
+    step(1.0)
+    before = snapshot()
+    opt_before = copy.deepcopy(opt.state_dict()["state"])
+    step(float("nan"))
+    step(float("inf"))
+    after = snapshot()
+    for a, b in zip(before[0] + before[2], after[0] + after[2]):
+        assert torch.equal(a, b)
+    opt_after = opt.state_dict()["state"]
+    for i, st in opt_before.items():
+        for k, v in st.items():
+            assert torch.equal(v, opt_after[i][k]), (i, k)
+    assert all(int(st["step"]) == 1 for st in opt_after.values())
+    step(1.0)
+    assert all(int(st["step"]) == 2 for st in opt.state_dict()["state"].values())
+    assert not torch.equal(before[0][0], next(model.parameters()))
+    assert not torch.equal(before[2][0], ema.shadow[0])
+
+
 def test_out_folder_is_never_overwritten(tmp_path, capsys):
     user = tmp_path / "mine"
     user.mkdir()

@@ -4,6 +4,9 @@ The shadow copy has the student's parameter names and lives on the student's dev
 FSDP2 each shadow tensor is a DTensor with the parameter's sharding, so every rank averages only
 its own shard (no communication) and DCP reshards the EMA like any other state on resume.
 The update is one ``torch._foreach_lerp_`` over all tensors: ``ema += (1 - decay) * (p - ema)``.
+The local tensors it works on are looked up once (after FSDP2's lazy initialisation, which may
+re-pad them: at the first update) and again after ``load_state_dict`` or ``refresh()``; FSDP2
+updates sharded parameters in place, so the same local tensors stay valid between steps.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def clean_name(name: str) -> str:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    # to_local() is a view of the shard, so in-place ops on it update the DTensor.
-    return t.to_local() if isinstance(t, DTensor) else t
+    # The shard itself (what to_local() returns without autograd), so in-place ops on it update the DTensor.
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class EMA:
@@ -41,14 +44,37 @@ class EMA:
         self.names = [clean_name(n) for n, _ in model.named_parameters()]
         with torch.no_grad():
             self.shadow = [p.detach().clone().float() for p in model.parameters()]
+        self._cache: tuple | None = None  # (model, local parameter tensors, local shadow tensors)
+
+    def refresh(self) -> None:
+        """Look the local tensors up again at the next update (after the model's tensors were replaced)."""
+        self._cache = None
+
+    def _tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._cache is None or self._cache[0] is not model:
+            params = [_local(p) for p in model.parameters()]
+            if len(params) != len(self.shadow):
+                raise ValueError(f"EMA of {len(self.shadow)} tensors updated from a model with {len(params)}")
+            self._cache = (model, params, [_local(s) for s in self.shadow])
+        return self._cache[1], self._cache[2]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        params = [_local(p.detach()) for p in model.parameters()]
-        shadow = [_local(s) for s in self.shadow]
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One EMA step. ``skip``: a bool tensor on the device; where true, the shadow stays exactly as
+        it is (a step whose update was skipped), decided on the device without a host sync."""
+        params, shadow = self._tensors(model)
         if any(p.dtype != torch.float32 for p in params):
             params = [p.float() for p in params]
-        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+        if skip is None:
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+            return
+        # ema += w * (p - ema) with w = 0 on a skipped step: adds exact zeros (the parameters were not
+        # updated, so p - ema is finite). Three multi-tensor passes; a lerp with a tensor weight has no
+        # multi-tensor kernel and would launch one kernel per parameter.
+        weight = torch.where(skip, 0.0, 1.0 - self.decay).to(torch.float32)
+        delta = torch._foreach_sub(params, shadow)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(shadow, delta)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """name -> tensor (DTensor shards under FSDP2); the form DCP saves and loads in place."""
@@ -69,6 +95,7 @@ class EMA:
 
                 src = distribute_tensor(src.to(s.device, torch.float32), s.device_mesh, s.placements)
             s.copy_(src)
+        self.refresh()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded CPU copy (a collective under FSDP2: every rank must call it)."""

@@ -313,6 +313,14 @@ def _slow_planner(seconds: float):
 
 _signal_received: int = 0
 
+# Where a step with a NaN/Inf gradient norm is skipped. On the device (default on CUDA): fused AdamW
+# skips the update through its ``found_inf`` input (undoing its step count) and the EMA blends with
+# weight 0, so nothing waits for the GPU; the host reads the norm from a non-blocking copy one step
+# later, or at the next log, save or stop, and keeps the counts (skipped, in a row, stop after
+# --max-bad-steps) exactly as the host-side check does. On CPU a sync costs nothing and the check
+# stays on the host; tests set this to True to run the device path on CPU.
+_DEVICE_SIDE_SKIP: bool | None = None
+
 
 def _on_signal(signum, frame):  # preemption notice: finish the step, save, exit 0
     global _signal_received
@@ -512,8 +520,10 @@ def train(cfg: TrainConfig, demo: bool) -> int:
 
     # -- optimizer and EMA -------------------------------------------------------------------------
     cuda = d.device.type == "cuda"
+    device_skip = cuda if _DEVICE_SIDE_SKIP is None else _DEVICE_SIDE_SKIP
+    fused = cuda or device_skip  # found_inf is an input of the fused kernel only
     optimizer = torch.optim.AdamW(student.param_groups(cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
-                                  fused=cuda or None, foreach=None if cuda else True)
+                                  fused=fused or None, foreach=None if fused else True)
     ema = EMA(student, cfg.ema_decay)
     mask_gen = torch.Generator(d.device).manual_seed(cfg.seed * 1000 + d.rank)
 
@@ -523,7 +533,6 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         get_model_state_dict,
         get_optimizer_state_dict,
         get_state_dict,
-        set_state_dict,
     )
 
     sd_model = model if mode == "ddp" else student
@@ -598,8 +607,9 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     except ImportError:
         pass
 
-    say(f"model {cfg.model} (depth {model_cfg.depth}, decoder {model_cfg.decoder_embed_dim}d{model_cfg.decoder_depth}b) "
-        f"{n_params / 1e6:.1f}M trainable params | img {cfg.img_size} | mask {cfg.mask_ratio} | teacher {teacher.source}")
+    say(f"model {cfg.model} (depth {model_cfg.depth}, decoder {model_cfg.decoder_embed_dim}d"
+        f"{model_cfg.decoder_depth}b) {n_params / 1e6:.1f}M trainable params | img {cfg.img_size} | "
+        f"mask {cfg.mask_ratio} | teacher {teacher.source}")
     say(f"{d.world} rank(s) on {d.device.type} | {mode}{'/' + shard if mode == 'fsdp' else ''} | "
         f"{'bf16' if bf16 else 'fp32'} | compile {use_compile} | ac {cfg.ac} | global batch {cfg.batch_size} = "
         f"{d.world} x {micro} x {accum} accumulation | lr {base_lr:.3g} | {total} steps "
@@ -616,6 +626,37 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     first_step_time = None
     stop_reason = None
     metrics_file = open(out / ckpt.METRICS_FILE, "a") if d.main else None
+    last_norm = float("nan")
+    # device-side skip: grad norms copied to pinned host memory, not read yet: (step, host copy, event)
+    unread: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+    norm_bufs = [torch.zeros((), dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+
+    def account(step: int, norm_value: float) -> None:
+        """The host's bookkeeping of step ``step`` (0-based) from its global grad norm."""
+        nonlocal window_n, last_norm
+        last_norm = norm_value
+        if math.isfinite(norm_value):
+            state.bad_in_a_row = 0
+            window_n += 1
+            return
+        state.skipped += 1
+        state.bad_in_a_row += 1
+        say(f"step {step}: non-finite loss or gradients (grad norm {norm_value}); update skipped "
+            f"({state.bad_in_a_row} in a row, {state.skipped} in all)")
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            finish_pending()  # every rank stops here: complete the save started before the streak
+            where = (f"the last good checkpoint is {state.last_good}" if state.last_good
+                     else "no checkpoint was written yet")
+            raise Stop(f"stopping: {state.bad_in_a_row} consecutive steps with NaN/Inf loss or gradients "
+                       f"(step {step + 1}); {where}. Lower --lr, check the data, or use --precision fp32.")
+
+    def read_norms(keep: int = 0) -> None:
+        """Account the steps whose norms were copied to the host, all but the newest ``keep``."""
+        while len(unread) > keep:
+            step, buf, event = unread.pop(0)
+            if event is not None:
+                event.synchronize()  # recorded a step ago: normally long complete
+            account(step, float(buf))
     try:
         while state.step < total:
             step = state.step
@@ -653,10 +694,24 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                                                       foreach=True)
                 if hasattr(norm, "full_tensor"):
                     norm = norm.full_tensor()
-                finite = bool(torch.isfinite(norm))
-                if finite:
+                if device_skip:
+                    buf = norm_bufs[step % 2]  # the previous user of this buffer (step - 2) was read
+                    buf.copy_(norm.detach(), non_blocking=cuda)
+                    event = torch.cuda.Event() if cuda else None
+                    if event is not None:
+                        event.record()
+                    unread.append((step, buf, event))
+                    bad = ~torch.isfinite(norm)
+                    optimizer.found_inf = bad.to(torch.float32)  # fused AdamW: no update, step count kept
                     optimizer.step()
-                    ema.update(student)
+                    ema.update(student, skip=bad)
+                    window_loss += torch.where(bad, 0.0, loss_sum / accum)
+                else:
+                    finite = bool(torch.isfinite(norm))
+                    if finite:
+                        optimizer.step()
+                        ema.update(student)
+                        window_loss += loss_sum / accum
                 optimizer.zero_grad(set_to_none=True)
             except torch.OutOfMemoryError:
                 raise Stop(oom_message(d, micro, accum)) from None
@@ -664,31 +719,25 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 first_step_time = time.time() - t_step
             state.step += 1
             state.elapsed += time.time() - t_step
-            if finite:
-                state.bad_in_a_row = 0
-                window_loss += loss_sum / accum
-                window_n += 1
+            log_now = state.step % cfg.log_every == 0 or state.step == total
+            save_now = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total
+            pth_now = cfg.pth_every and state.step % cfg.pth_every == 0 and state.step < total
+            if not device_skip:
+                account(step, float(norm))
+            elif log_now or save_now or pth_now:
+                read_norms()  # counts and NaN streak up to date before they are logged or saved
             else:
-                state.skipped += 1
-                state.bad_in_a_row += 1
-                say(f"step {step}: non-finite loss or gradients (grad norm {float(norm)}); update skipped "
-                    f"({state.bad_in_a_row} in a row, {state.skipped} in all)")
-                if state.bad_in_a_row >= cfg.max_bad_steps:
-                    finish_pending()  # every rank stops here: complete the save started before the streak
-                    where = (f"the last good checkpoint is {state.last_good}" if state.last_good
-                             else "no checkpoint was written yet")
-                    raise Stop(f"stopping: {state.bad_in_a_row} consecutive steps with NaN/Inf loss or gradients "
-                               f"(step {state.step}); {where}. Lower --lr, check the data, or use --precision fp32.")
+                read_norms(keep=1)  # the previous step's verdict
             window_steps += 1
             bar.update(1)
 
             # -- logging (a collective on the loss: every rank takes part) ---------------------
-            if state.step % cfg.log_every == 0 or state.step == total:
+            if log_now:
                 mean_loss = float(all_mean(window_loss, d)) / window_n if window_n else float("nan")
                 dt = time.time() - window_t0
                 ips = window_steps * cfg.batch_size / max(dt, 1e-9)
                 rec = {"step": state.step, "epoch": stream.epoch, "loss": mean_loss, "lr": lr,
-                       "grad_norm": float(norm), "images_per_s": ips, "skipped": state.skipped,
+                       "grad_norm": last_norm, "images_per_s": ips, "skipped": state.skipped,
                        "peak_mem_gb": peak_memory_gb(d.device), "time": time.time()}
                 if flops_per_image:
                     rec["tflops"] = ips * flops_per_image / 1e12
@@ -700,7 +749,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
                 mfu = f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
                 say(f"step {state.step:>7d}/{total} | loss {mean_loss:.4f} | lr {lr:.3e} | grad norm "
-                    f"{float(norm):.3f} | {ips:.1f} img/s{mfu} | peak mem {rec['peak_mem_gb']:.2f} GB")
+                    f"{last_norm:.3f} | {ips:.1f} img/s{mfu} | peak mem {rec['peak_mem_gb']:.2f} GB")
                 window_loss.zero_()
                 window_n, window_t0, window_steps = 0, time.time(), 0
 
@@ -716,13 +765,14 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             if state.pending is not None and not writing:
                 finish_pending()
             if sig:
+                read_norms()  # the final checkpoint carries the counts of every step trained
                 stop_reason = signal.Signals(sig).name
                 break
 
             # Not during a NaN streak: the last checkpoint should be the last good one.
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total and finite:
+            if save_now and state.bad_in_a_row == 0:
                 save(state.step, background=True)
-            if cfg.pth_every and state.step % cfg.pth_every == 0 and state.step < total:
+            if pth_now:
                 save_pth(state.step)
     except Exception as e:
         if state.pending is not None and d.main:
@@ -844,7 +894,8 @@ def _init_from(student: URFM, path: str, say) -> None:
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise UsageError(f"--init {path}: shapes differ from this model for {bad[:3]} (checkpoint config "
-                         f"{loaded.config.model}, img {loaded.config.img_size}); match --model/--img-size/decoder flags")
+                         f"{loaded.config.model}, img {loaded.config.img_size}); match --model/--img-size/"
+                         "decoder flags")
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if unexpected:
         raise UsageError(f"--init {path}: unexpected keys {unexpected[:5]}")
