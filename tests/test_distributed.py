@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 import pytest
-
 from test_pretrain import fast_random_teacher  # noqa: F401 (autouse fixture for in-process runs)
 from test_resume import REF_ARGS, STEPS, losses, reference_run
+
 from urfm_fast import checkpoint as ckpt
 from urfm_fast import pretrain
 
@@ -62,6 +62,17 @@ def test_ddp_preempted_and_resumed_matches_one_rank(tmp_path_factory):
     got = losses(out)
     assert list(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=0, atol=ATOL)
+
+
+def test_preemption_between_log_steps_stops_every_rank_at_the_next(tmp_path):
+    """With several ranks the preemption flag is agreed on at log steps: SIGTERM to rank 0 after step 2
+    stops both ranks after step 3 (--log-every 3), with one complete checkpoint of that step."""
+    out = tmp_path / "run"
+    r = torchrun([*REF_ARGS, "--dist", "fsdp", "--log-every", "3", "--out", str(out)], env={"URFM_FAULTS": "sigterm@1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stopped by SIGTERM: step 3/8" in r.stdout
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["step_00000003"]
+    assert ckpt.validate(out / "checkpoints" / "step_00000003") is None
 
 
 def test_nan_streak_stops_every_rank(tmp_path):

@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from urfm_fast import URFM, URFMConfig
-from urfm_fast import pretrain
+from urfm_fast import URFM, URFMConfig, pretrain
 
 TINY = [
     "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",

@@ -408,6 +408,11 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     # sharing the training group would interleave its collectives with FSDP's).
     ckpt_pg = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.timeout))
                if use_async and d.enabled else None)
+    # The loop's own flags (preemption notice, background save still writing) are agreed on over
+    # another gloo group: CPU ints, no GPU sync, and never interleaved with the writer thread's
+    # collectives on ckpt_pg (both threads issuing collectives on one group could pair them wrongly).
+    flags_pg = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.timeout))
+                if d.enabled and d.world > 1 else None)
     if cfg.resume == "latest" and not cfg.out:
         raise UsageError("--resume without a path continues the run in --out: pass --out RUN_FOLDER")
 
@@ -753,15 +758,20 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 window_loss.zero_()
                 window_n, window_t0, window_steps = 0, time.time(), 0
 
-            # -- preemption, and a background save finished: every rank must agree, so the flags
-            #    are reduced (one small all-reduce per step for both)
+            # -- preemption, and a background save finished: every rank must agree. One rank reads
+            #    its flags every step; several reduce them (CPU ints on flags_pg, no GPU sync, but a
+            #    host round trip) at log steps and the last step, so a preemption notice is acted on
+            #    within --log-every steps.
             if step in faults.get("sigterm", ()) and d.main:
                 os.kill(os.getpid(), signal.SIGTERM)
-            writing = state.pending is not None and not state.pending.done()
-            flags = torch.tensor([float(_signal_received), float(writing)], device=d.device)
-            if d.enabled and d.world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            sig, writing = (int(v) for v in flags.tolist())
+            sig, writing = 0, 1
+            if flags_pg is None or log_now:
+                sig = _signal_received
+                writing = int(state.pending is not None and not state.pending.done())
+                if flags_pg is not None:
+                    flags = torch.tensor([sig, writing], dtype=torch.int64)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=flags_pg)
+                    sig, writing = (int(v) for v in flags.tolist())
             if state.pending is not None and not writing:
                 finish_pending()
             if sig:
