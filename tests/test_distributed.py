@@ -75,6 +75,50 @@ def test_preemption_between_log_steps_stops_every_rank_at_the_next(tmp_path):
     assert ckpt.validate(out / "checkpoints" / "step_00000003") is None
 
 
+_EMA_LOCALS_SCRIPT = """
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from urfm_fast.ema import EMA
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.LayerNorm(10), torch.nn.Linear(10, 3))
+fully_shard(model[0])
+fully_shard(model[2])
+fully_shard(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+ema = EMA(model, 0.5)
+ref = [s.to_local().clone() for s in ema.shadow]
+seen = None
+for i in range(4):
+    model(torch.randn(5, 6)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    now = [(id(p._local_tensor), p._local_tensor.untyped_storage().data_ptr()) for p in model.parameters()]
+    assert seen is None or now == seen, f"step {i}: FSDP2 replaced a parameter's local tensor"
+    seen = now
+    ema.update(model)  # cached local tensors
+    with torch.no_grad():  # the per-step lookup
+        torch._foreach_lerp_(ref, [p.detach().to_local() for p in model.parameters()], 0.5)
+    assert all(torch.equal(r, s.to_local()) for r, s in zip(ref, ema.shadow)), f"step {i}"
+dist.destroy_process_group()
+print("OK")
+"""
+
+
+def test_fsdp2_local_tensors_are_stable_for_the_ema(tmp_path):
+    """The EMA looks up the parameters' local shards once: FSDP2 (after its lazy init in the first
+    forward) updates them in place, so the cached tensors give the per-step lookup's result exactly."""
+    script = tmp_path / "ema_locals.py"
+    script.write_text(_EMA_LOCALS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("OK") == 2
+
+
 def test_nan_streak_stops_every_rank(tmp_path):
     r = torchrun([*REF_ARGS, "--max-bad-steps", "2", "--out", str(tmp_path / "run")], env={"URFM_FAULTS": "nan@1-8"})
     assert r.returncode != 0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_pretrain import SYNTH, TINY, fast_random_teacher, metrics, run  # noqa: F401 (autouse fixture)
+
 from urfm_fast import checkpoint as ckpt
 from urfm_fast import pretrain
 

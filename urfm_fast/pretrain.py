@@ -121,7 +121,8 @@ class TrainConfig:
                             "grad up to ViT-B, full above", choices=["auto", "full", "grad"])
     compile: bool | None = _f(None, "torch.compile each block and the teacher (default: on for CUDA)")
     ac: bool = _f(False, "activation checkpointing of every block (less memory, ~30%% more compute)")
-    precision: str = _f("auto", "bf16 mixed precision (params bf16, reductions fp32) or fp32; auto = bf16 on CUDA",
+    precision: str = _f("auto", "bf16 mixed precision (params bf16, reductions fp32) or fp32; auto = bf16 on CUDA. "
+                                "fp32 on CUDA runs matmuls in TF32 (torch.set_float32_matmul_precision('high'))",
                         choices=["auto", "bf16", "fp32"])
     timeout: float = _f(10.0, "minutes a collective may wait before the run fails (a dead rank)")
 
@@ -425,6 +426,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         raise UsageError(f"per-rank batch {per_rank} is not a multiple of --micro-batch {micro}")
     accum = per_rank // micro
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    if d.device.type == "cuda" and not bf16:
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores: fp32 storage, 10-bit mantissa products
     use_compile = cfg.compile if cfg.compile is not None else d.device.type == "cuda"
     shard = cfg.shard if cfg.shard != "auto" else ("grad" if VIT_PRESETS[cfg.model][0] <= 768 else "full")
     mode = cfg.dist if d.enabled else "single"
@@ -475,6 +478,13 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             "useful. Pass --teacher PATH for real targets.\n" + "!" * 100)
         teacher = BiomedCLIPTeacher.load("random", target=cfg.target)
     teacher.to(d.device)
+    if d.device.type == "cuda" and bf16:
+        # Autocast runs the teacher's matmuls and convolutions in bf16: store their weights in bf16 rather
+        # than cast them every step (the same numbers). Norms, class token and position embedding stay
+        # fp32, as do the residual stream and LayerNorm (fp32 under autocast).
+        for m in teacher.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.to(torch.bfloat16)
 
     # -- student ---------------------------------------------------------------------------------
     overrides = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
@@ -496,10 +506,15 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         for blk in blocks:
             _checkpoint_block(blk)
     if use_compile:
+        from urfm_fast import ops
+
+        ops.get_backend()  # logs the kernel backend here, not from inside a compiled block
+        # dynamic=False: encoder, decoder and teacher blocks share Block.forward at different token
+        # counts; each count gets its own static graph instead of one symbolic-shape graph.
         for blk in blocks:
-            blk.compile()  # in place: parameter names stay those of the URFM layout
+            blk.compile(dynamic=False)  # in place: parameter names stay those of the URFM layout
         for blk in teacher.trunk.blocks:  # the teacher calls forward_features, so compile its blocks
-            blk.compile()
+            blk.compile(dynamic=False)
     model = student
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -627,6 +642,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     batches = iter(stream)
     bar = _progress(d, total, state.step)
+    params = list(student.parameters())  # the sharded parameters under FSDP2: the same objects every step
     window_loss, window_n, window_t0, window_steps = torch.zeros((), device=d.device), 0, time.time(), 0
     first_step_time = None
     stop_reason = None
@@ -675,7 +691,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             try:
                 for k in range(accum):
                     images01, index = next(batches)  # (B, 3, S, S) in [0, 1], (B,)
-                    target = teacher(images01).clone()  # (B, N, T) fp32; clone leaves inference mode
+                    target = teacher(images01)  # (B, N, T) fp32, a normal tensor (copied out of inference mode)
                     imgs = normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
                     if mode == "fsdp" and bf16:
                         imgs = imgs.to(torch.bfloat16)
@@ -695,8 +711,11 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                     (loss / accum).backward()
                     loss_sum += loss.detach()
                 # The global grad norm (identical on every rank) doubles as the NaN/Inf check.
-                norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad or float("inf"),
-                                                      foreach=True)
+                if cfg.clip_grad:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
+                else:  # the norm only (logged, NaN check): no multiplication of every gradient by 1
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None],
+                                                         foreach=True)
                 if hasattr(norm, "full_tensor"):
                     norm = norm.full_tensor()
                 if device_skip:
@@ -720,8 +739,14 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 optimizer.zero_grad(set_to_none=True)
             except torch.OutOfMemoryError:
                 raise Stop(oom_message(d, micro, accum)) from None
-            if first_step_time is None:
+            first = first_step_time is None
+            if first:
+                if cuda:
+                    torch.cuda.synchronize(d.device)  # once: the first step's own time, compile included
                 first_step_time = time.time() - t_step
+                say(f"first step (compile, autotuning, data start-up): {first_step_time:.1f}s; images/s and MFU "
+                    "are timed from the next step")
+                window_t0 = time.time()
             state.step += 1
             state.elapsed += time.time() - t_step
             log_now = state.step % cfg.log_every == 0 or state.step == total
@@ -733,14 +758,16 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                 read_norms()  # counts and NaN streak up to date before they are logged or saved
             else:
                 read_norms(keep=1)  # the previous step's verdict
-            window_steps += 1
+            window_steps += 0 if first else 1
             bar.update(1)
 
             # -- logging (a collective on the loss: every rank takes part) ---------------------
             if log_now:
                 mean_loss = float(all_mean(window_loss, d)) / window_n if window_n else float("nan")
                 dt = time.time() - window_t0
-                ips = window_steps * cfg.batch_size / max(dt, 1e-9)
+                # a window of the first step alone (--log-every 1) has only that step's time
+                ips = (window_steps * cfg.batch_size / max(dt, 1e-9) if window_steps
+                       else cfg.batch_size / max(first_step_time, 1e-9))
                 rec = {"step": state.step, "epoch": stream.epoch, "loss": mean_loss, "lr": lr,
                        "grad_norm": last_norm, "images_per_s": ips, "skipped": state.skipped,
                        "peak_mem_gb": peak_memory_gb(d.device), "time": time.time()}
