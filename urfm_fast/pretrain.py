@@ -994,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(message)s")
     rank = int(os.environ.get("RANK", 0))
+    # process-wide settings a run changes (--deterministic, TF32 for fp32): restored for the caller
+    settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.get_float32_matmul_precision())
     try:
         cfg, given, demo = parse_config(argv)
         if demo and rank == 0:
@@ -1018,6 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.use_deterministic_algorithms(settings[0], warn_only=settings[1])
+        torch.set_float32_matmul_precision(settings[2])
 
 
 def _report(msg: str, rank: int) -> None:
