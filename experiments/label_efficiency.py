@@ -33,12 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from urfm_fast import URFM, URFMConfig, synthetic
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from urfm_fast.evaluate import format_table, load_data, plot, resolve_backbone, run, summarize
 from urfm_fast.masking import split_ids
 from urfm_fast.teacher import BiomedCLIPTeacher, TeacherUnavailable
-
-IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
 def pixel_targets(imgs_norm: torch.Tensor, p: int) -> torch.Tensor:
@@ -74,7 +72,7 @@ def pretrain(arm: str, init: dict, cfg: URFMConfig, images01: torch.Tensor, targ
         f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
         for group in opt.param_groups:
             group["lr"] = lr * f
-        imgs = (images01[idx] - IMAGENET_MEAN) / IMAGENET_STD
+        imgs = normalize(images01[idx], IMAGENET_MEAN, IMAGENET_STD)
         if arm == "urfm":
             loss = model(imgs, targets[idx], ids_shuffle)[0]
         else:

@@ -36,11 +36,10 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import adapt_input_conv
 
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
 from urfm_fast.checkpoint_io import CheckpointError, LoadedCheckpoint, _size_from_name, load_checkpoint
 from urfm_fast.config import VIT_PRESETS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # One mean/std for a grey channel: the channel averages of the student normalisation.
 GREY_MEAN = (sum(IMAGENET_MEAN) / 3,)
 GREY_STD = (sum(IMAGENET_STD) / 3,)

@@ -62,6 +62,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -342,8 +344,8 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
         meta = {"format": "timm", "name": name}
     probe = make()
     cfg = probe.pretrained_cfg
-    return Backbone(label, target, make, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                    tuple(cfg.get("std", (0.229, 0.224, 0.225))), int(cfg["input_size"][-1]), meta)
+    return Backbone(label, target, make, tuple(cfg.get("mean", IMAGENET_MEAN)),
+                    tuple(cfg.get("std", IMAGENET_STD)), int(cfg["input_size"][-1]), meta)
 
 
 # ---------------------------------------------------------------------------------------------

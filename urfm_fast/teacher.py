@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from urfm_fast.augment import CLIP_MEAN, CLIP_STD
 from urfm_fast.vit import ViTEncoder
 
 log = logging.getLogger(__name__)
 
 HF_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRUNK_PREFIX = "visual.trunk."
 PROJ_KEY = "visual.head.proj.weight"
 
