@@ -311,3 +311,21 @@ def test_init_loads_weights_only(tmp_path):
     assert got["step"] == 1
     for k, v in src.items():
         assert torch.equal(got["model"][k], v), k
+
+
+def test_a_kernel_failing_its_start_up_check_runs_on_torch(tmp_path, monkeypatch, capsys):
+    # What a GPU run does before compiling: every kernel is checked at the run's shapes; a wrong one
+    # (here attention, 1 % off) is switched to torch and the run trains on correct numbers.
+    from urfm_fast import ops
+    from urfm_fast.kernels import attention as A
+
+    real = A.attention
+    monkeypatch.setattr(A, "attention", lambda q, k, v: real(q, k, v) * 1.01)
+    try:
+        with ops.use_backend("triton"):  # the Triton interpreter on this CPU
+            rc = pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "2", "--out", str(tmp_path / "r")])
+        assert rc == 0
+        assert "attention failed the start-up check and run on torch" in capsys.readouterr().out
+        assert ops._disabled == {"attention"}
+    finally:
+        ops.enable_triton()

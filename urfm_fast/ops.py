@@ -6,7 +6,9 @@ Every op is differentiable and keeps the signature of its torch reference in ``u
     URFM_KERNELS=triton  always Triton; with TRITON_INTERPRET=1 this runs on CPU tensors
     URFM_KERNELS=torch   always the torch references
 
-Tests flip the backend with ``set_backend`` or the ``use_backend`` context manager.
+Tests flip the backend with ``set_backend`` or the ``use_backend`` context manager. A single op can
+be sent back to torch with ``disable_triton`` (training does this when a kernel fails its start-up
+check on the GPU at hand, see urfm_fast.kernel_check).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from urfm_fast.kernels.gather import gather_tokens_ref, gather_visible_ref, unsh
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
+OPS = ("gather_tokens", "gather_visible", "unshuffle", "attention", "cosine_loss")
 
 
 def _backend_from_env() -> str:
@@ -79,10 +82,29 @@ def _cuda_sm80(device_index: int) -> bool:
     return torch.cuda.get_device_properties(device_index).major >= 8
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on tensor ``t`` should run the Triton kernel."""
+# Ops switched to torch for this process because their kernel failed a check on this machine
+# (urfm_fast.kernel_check.verify_or_fall_back); set before any compile, so graphs see it as constant.
+_disabled: set[str] = set()
+
+
+def disable_triton(op: str, reason: str) -> None:
+    """Run ``op`` on the torch reference from now on, whatever the backend says."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if op not in _disabled:
+        _disabled.add(op)
+        log.warning("urfm_fast: %s falls back to torch: %s", op, reason)
+
+
+def enable_triton(op: str | None = None) -> None:
+    """Undo ``disable_triton`` for one op, or for all."""
+    _disabled.difference_update(OPS if op is None else (op,))
+
+
+def use_triton(t: torch.Tensor, op: str | None = None) -> bool:
+    """Whether ``op`` on tensor ``t`` should run the Triton kernel."""
     backend = get_backend()
-    if backend == "torch":
+    if backend == "torch" or op in _disabled:
         return False
     if backend == "triton":
         if not triton_available():
@@ -93,28 +115,28 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B,N,D], idx [B,K] int64 -> [B,K,D]."""
-    if use_triton(x):
+    if use_triton(x, "gather_tokens"):
         return _gather.gather_tokens(x, idx)
     return gather_tokens_ref(x, idx)
 
 
 def gather_visible(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """Encoder input: x [B,N,D], idx [B,K], pos [1+N,D], cls [D] -> [B,1+K,D] (CLS first, pos added)."""
-    if use_triton(x):
+    if use_triton(x, "gather_visible"):
         return _gather.gather_visible(x, idx, pos, cls)
     return gather_visible_ref(x, idx, pos, cls)
 
 
 def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Decoder input: x [B,1+K,D], mask_token [D], ids_restore [B,N], pos [1+N,D] -> [B,1+N,D]."""
-    if use_triton(x):
+    if use_triton(x, "unshuffle"):
         return _gather.unshuffle(x, mask_token, ids_restore, pos)
     return unshuffle_ref(x, mask_token, ids_restore, pos)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[B,H,N,Dh] each -> softmax(q k^T / sqrt(Dh)) v."""
-    if use_triton(q):
+    if use_triton(q, "attention"):
         return _attention.attention(q, k, v)
     return attention_ref(q, k, v)
 
@@ -126,6 +148,6 @@ def cosine_loss(
     target_norm: bool = False,
 ) -> torch.Tensor:
     """pred [M,D], target [M,D] -> scalar fp32 mean(1 - cos); no gradient to target."""
-    if use_triton(pred):
+    if use_triton(pred, "cosine_loss"):
         return _cosine_loss.cosine_loss(pred, target, weight, target_norm)
     return cosine_loss_ref(pred, target, weight, target_norm)

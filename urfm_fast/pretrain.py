@@ -45,10 +45,12 @@ import torch
 import torch.distributed as dist
 
 from urfm_fast import checkpoint as ckpt
+from urfm_fast import ops
 from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from urfm_fast.config import VIT_PRESETS, URFMConfig
 from urfm_fast.data import DataError, ImageFolderDataset, build_train_stream
 from urfm_fast.ema import EMA
+from urfm_fast.kernel_check import Shapes, verify_or_fall_back
 from urfm_fast.model import URFM
 from urfm_fast.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable
 
@@ -500,14 +502,18 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     student.to(d.device)
     n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
+    # -- kernels: checked once at this run's shapes on this GPU, before anything is compiled --------
+    if ops.use_triton(torch.empty(0, device=d.device)):
+        failed = verify_or_fall_back(Shapes.of_run(model_cfg), d.device, torch.bfloat16 if bf16 else torch.float32)
+        say("Triton kernels: " + (f"{', '.join(failed)} failed the start-up check and run on torch"
+                                   if failed else "all passed the start-up check against torch"))
+
     # -- activation checkpointing, then compile, then sharding (torchtitan's order) ---------------
     blocks = list(student.blocks) + list(student.decoder_blocks)
     if cfg.ac:
         for blk in blocks:
             _checkpoint_block(blk)
     if use_compile:
-        from urfm_fast import ops
-
         ops.get_backend()  # logs the kernel backend here, not from inside a compiled block
         # dynamic=False: encoder, decoder and teacher blocks share Block.forward at different token
         # counts; each count gets its own static graph instead of one symbolic-shape graph.
