@@ -29,12 +29,17 @@ import os
 import re
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# A single-process run saves and loads DCP checkpoints without a process group on purpose; DCP
+# warns about that on every call (from the background writer too), which would only be noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 RUN_KIND = "urfm_fast.pretrain"
 CONFIG_FILE = "config.json"
