@@ -42,6 +42,15 @@ def row_values(bench: dict, by_name: dict[str, dict]) -> dict[str, str]:
     peak = info.get("peak_tflops")
     ref = by_name.get(info.get("reference") or "")
     tflops = flops / mean / 1e12 if flops else None
+    if "step_s" in info:
+        # A whole torchrun training run timed once: its rates are the median logged step after warm-up
+        # (bench_distributed.py), not the wall time of the run.
+        vals = {c: "-" for c in COLUMNS}
+        vals.update({"row": bench["name"].removeprefix("test_"), "rounds": "1 run",
+                     "mean ms": _fmt(info["step_s"] * 1e3) + " (median step)",
+                     "images/s": _fmt(info.get("images_per_s")),
+                     "MFU": f"{100 * info['mfu']:.1f} %" if info.get("mfu") else "-"})
+        return vals
     return {
         "row": bench["name"].removeprefix("test_"),
         "rounds": str(stats["rounds"]),
@@ -84,7 +93,9 @@ def render(data: dict, command: str | None = None, title: str | None = None) -> 
     lines.append("")
     groups: dict[str, list[dict]] = {}
     for b in benches:
-        groups.setdefault(b.get("group") or "ungrouped", []).append(b)
+        # Rows without a group are grouped by their file: bench/bench_data.py -> "data".
+        module = b.get("fullname", "").split("::")[0].rsplit("/", 1)[-1].removesuffix(".py").removeprefix("bench_")
+        groups.setdefault(b.get("group") or module or "ungrouped", []).append(b)
     for group, rows in groups.items():
         lines += [f"#### {group}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for b in rows:
