@@ -1,6 +1,7 @@
 """kernels/ ships as urfm_fast.kernels, never as a top-level `kernels` (a PyPI package of that name exists)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -29,3 +30,13 @@ def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
     assert "urfm_fast/kernels/__init__.py" in names and "urfm_fast/kernels/gather.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert "urfm_fast/ops.py" in names
+
+    # Installed from the wheel (not editable), the package imports its kernels from the install.
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    probe = "import urfm_fast.kernels.gather as g, importlib.util as u; print(g.__file__); print(u.find_spec('kernels'))"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(target)}).stdout.split("\n")
+    assert out[0] == str(target / "urfm_fast" / "kernels" / "gather.py")
+    assert out[1] == "None"  # no top-level `kernels` package was installed
