@@ -35,8 +35,8 @@ def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    probe = "import urfm_fast.kernels.gather as g, importlib.util as u; print(g.__file__); print(u.find_spec('kernels'))"
+    probe = "import urfm_fast.kernels.gather as g, importlib.util as u; print(g.__file__, u.find_spec('kernels'))"
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(target)}).stdout.split("\n")
+                         env={**os.environ, "PYTHONPATH": str(target)}).stdout.split()
     assert out[0] == str(target / "urfm_fast" / "kernels" / "gather.py")
     assert out[1] == "None"  # no top-level `kernels` package was installed
