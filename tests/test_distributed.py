@@ -166,3 +166,20 @@ def test_fsdp_compile_and_activation_checkpointing_on_cpu(tmp_path_factory):
     # inductor fuses and reorders float ops: close, not bit-equal (steps 1-3 share warm-up and schedule
     # with the 8-step reference only through step 3's learning rate, which is the same: warm-up)
     np.testing.assert_allclose(got, list(ref.values())[:3], rtol=0, atol=1e-4)
+
+
+def test_fsdp_bf16_mixed_precision_follows_the_fp32_curve(tmp_path_factory):
+    # The GPU default (bf16 parameters in compute, fp32 reductions and master weights) run on CPU gloo:
+    # the curve stays within bf16 rounding of the fp32 one, and the checkpoint holds fp32 weights.
+    import torch
+
+    ref = losses(reference_run(tmp_path_factory))
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    r = torchrun([*REF_ARGS, "--dist", "fsdp", "--precision", "bf16", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| bf16 |" in r.stdout
+    got = losses(out)
+    np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=0, atol=2e-2)
+    assert list(got.values()) != list(ref.values())  # bf16 really ran
+    sd = torch.load(out / f"checkpoint-{STEPS:08d}.pth", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd["model"].values() if v.is_floating_point())
