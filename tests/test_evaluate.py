@@ -142,6 +142,17 @@ def test_cli_bad_backbone_one_line(setup, capsys):
     assert err.count("\n") == 1 and "not a PyTorch checkpoint" in err
 
 
+def test_cli_backbones_of_different_sizes_share_first_size(setup, capsys, one_thread):
+    # a 32-px checkpoint beside `random` (224 px by default) without --img-size: both run at 32 px
+    out = setup / "o3"
+    argv = ["--backbone", f"urfm={setup / 'tiny.pth'}", "random", "--arch", "vit_tiny", "--data",
+            str(setup / "data"), "--protocol", "knn", "--label-fractions", "1.0", "--seeds", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert "all run at 32px" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert {r["backbone"] for r in res["runs"]} == {"urfm", "random"}
+
+
 # ---------------------------------------------------------------------------------------------
 # shard folder + labels CSV
 

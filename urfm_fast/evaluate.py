@@ -661,6 +661,11 @@ def main(argv=None) -> int:
     try:
         backbones = [resolve_backbone(s, a.arch, a.global_pool, a.img_size) for s in a.backbone]
         size = a.img_size or backbones[0].img_size
+        if any(b.img_size != size for b in backbones):
+            # Native sizes differ (e.g. a 64-px checkpoint beside a 224-px one): every backbone gets the
+            # first one's input size (position embeddings resampled), as the data is read once at that size.
+            print(f"backbones differ in input size; all run at {size}px (the first backbone's; set --img-size)")
+            backbones = [resolve_backbone(s, a.arch, a.global_pool, size) for s in a.backbone]
         splits, classes = load_data(a.data, size, a.labels, a.synthetic_train, a.synthetic_val)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
