@@ -81,7 +81,9 @@ print("cuda:", torch.cuda.is_available(), torch.version.cuda,
       "datasheet peak bf16:", peak_flops(0) if torch.cuda.is_available() else None)
 EOF
 if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    log "WARNING: no CUDA device: the checks below run at CPU scale"
+    log "no CUDA device: this script checks the bf16 kernels and the ViT-B recipe on a GPU and cannot run here."
+    log "On a CPU run 'pytest' (the kernels under Triton's interpreter) and 'pytest bench/ --benchmark-only'."
+    exit 2
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$LOG" 2>&1 || true
 
