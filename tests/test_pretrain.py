@@ -130,6 +130,9 @@ def test_help_lists_every_flag():
                  "--teacher", "--data", "--out", "--seed", "--save-every", "--log-every", "--resume", "--init",
                  "--dist", "--shard", "--compile", "--ac", "--deterministic", "--micro-batch"):
         assert flag in help_text
+    # flags with a fixed set of values name them
+    for values in ("vit_base,vit_huge,vit_large,vit_small,vit_tiny", "random,block", "tokens,proj", "fsdp,ddp"):
+        assert "{" + values + "}" in help_text, values
 
 
 def test_lr_schedule():

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:
-            p.add_argument(flag, type=typ, help=help_, metavar=f.name.upper(), **meta)
+            metavar = "{" + ",".join(meta["choices"]) + "}" if "choices" in meta else f.name.upper()
+            p.add_argument(flag, type=typ, help=help_, metavar=metavar, **meta)
     return p
 
 
