@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     try:
         teacher = BiomedCLIPTeacher.load(a.teacher)
     except TeacherUnavailable as e:
+        if not a.teacher.startswith("hf-hub:"):  # a path the user typed: a typo must not go unnoticed
+            raise SystemExit(f"error: {e}") from None
         print(f"teacher unavailable ({str(e)[:120]}...): using a RANDOM teacher", flush=True)
         teacher = BiomedCLIPTeacher.load("random")
     teacher_kind = "random" if teacher.source == "random" else "BiomedCLIP"

@@ -79,3 +79,13 @@ def test_cli_bad_checkpoint_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "not a PyTorch checkpoint" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_custom_depth_keeps_its_family_name_and_loads(tmp_path):
+    ckpt = tmp_path / "mae_vit_tiny_patch16_dec768d8b_custom.pth"
+    make_official_checkpoint(ckpt, depth=2, img_size=32)
+    assert main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["model_args"]["depth"] == 2
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert len(model.blocks) == 2 and model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 5, 192)

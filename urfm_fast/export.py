@@ -26,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-from urfm_fast.backbone import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
 from urfm_fast.checkpoint_io import CheckpointError, LoadedCheckpoint, load_checkpoint
 
-# Our width/depth -> timm's registered ViT of that size (patch 16); any other shape uses
-# vit_base_patch16_224 with model_args overriding every dimension.
-_TIMM_NAMES = {(192, 12): "vit_tiny", (384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large"}
+# Our width -> timm's registered patch-16 ViT of that family, so a custom depth keeps its family's
+# name; any other width (and ViT-H, which timm registers only at patch 14) is vit_base_patch16_224.
+# Either way model_args in config.json override every dimension.
+_TIMM_NAMES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}
 FILES = ("model.safetensors", "config.json")
 
 
 def timm_architecture(ckpt: LoadedCheckpoint) -> str:
     c = ckpt.config
-    name = _TIMM_NAMES.get((c.embed_dim, c.depth), "vit_base")
-    return f"{name}_patch16_224"
+    return f"{_TIMM_NAMES.get(c.embed_dim, 'vit_base')}_patch16_224"
 
 
 def export_config(ckpt: LoadedCheckpoint) -> dict:
