@@ -83,7 +83,7 @@ class TrainConfig:
     # data
     data: str | None = _f(None, "folder of PNG/JPEG/BMP/TIFF (recursive) or a shard folder; 'synthetic' for the "
                                 "built-in data; without it the run is a short demo on synthetic data")
-    num_workers: int = _f(8, "DataLoader workers per rank")
+    num_workers: int | None = _f(None, "DataLoader workers per rank (default: 8, at most the CPU cores per rank)")
     synthetic_images: int = _f(8192, "number of distinct images of the synthetic data set")
     # schedule and optimizer
     batch_size: int = _f(256, "global batch size (all ranks, all accumulation steps)")
@@ -259,6 +259,12 @@ def init_distributed(cfg: TrainConfig) -> Dist:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return d
+
+
+def _default_workers() -> int:
+    """8 DataLoader workers per rank, but never more than this rank's share of the CPU cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -454,7 +460,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         raise DataError(f"--data {source} does not exist")
     stream = build_train_stream(
         source, img_size=cfg.img_size, batch_size=micro, seed=cfg.seed, rank=d.rank, world_size=d.world,
-        num_workers=cfg.num_workers, deterministic=cfg.deterministic, device=d.device,
+        num_workers=_default_workers() if cfg.num_workers is None else cfg.num_workers,
+        deterministic=cfg.deterministic, device=d.device,
         synthetic_length=cfg.synthetic_images,
     )
     steps_per_epoch = stream.steps_per_epoch // accum
