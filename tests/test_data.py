@@ -150,3 +150,18 @@ def test_synthetic_source():
     x, idx = next(iter(s))
     assert x.shape == (2, 3, 32, 32) and idx.shape == (2,)
     assert x.std() > 0.01
+
+
+def test_synthetic_source_falls_back_to_lazy_rendering(monkeypatch, caplog):
+    # If rendering up front fails (e.g. on a GPU), the demo still runs: workers render lazily.
+    from urfm_fast.data import SyntheticSource
+    from urfm_fast.synthetic import SyntheticUltrasound
+
+    def broken(self, device="cpu", batch=256):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(SyntheticUltrasound, "render_all", broken)
+    with caplog.at_level("WARNING"):
+        src = SyntheticSource(8, 32, seed=1)
+    assert "workers render it on the CPU" in caplog.text
+    assert src[3].shape == (1, 32, 32) and src[3].dtype == torch.uint8

@@ -166,7 +166,12 @@ class SyntheticSource(Dataset):
 
         self.ds = SyntheticUltrasound(length, size, seed)
         # Rendered up front (on the GPU when there is one) so forked workers share one copy.
-        self.ds.render_all("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.ds.render_all(device)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # the demo must still run: render lazily
+            self.ds = SyntheticUltrasound(length, size, seed)  # drop any partial rendering
+            log.warning("synthetic data: rendering on %s failed (%s); workers render it on the CPU", device, e)
 
     def __len__(self):
         return len(self.ds)
