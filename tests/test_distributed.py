@@ -103,8 +103,11 @@ for i in range(4):
     with torch.no_grad():  # the per-step lookup
         torch._foreach_lerp_(ref, [p.detach().to_local() for p in model.parameters()], 0.5)
     assert all(torch.equal(r, s.to_local()) for r, s in zip(ref, ema.shadow)), f"step {i}"
+print("OK", flush=True)
+# Both ranks done with every collective before the group goes away: tearing gloo down while the peer
+# is still in a collective can abort the process at exit.
+dist.barrier()
 dist.destroy_process_group()
-print("OK")
 """
 
 

@@ -864,6 +864,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         summary.append(f"resume with: python -m urfm_fast.pretrain --out {out} --resume")
     for line in summary:
         say(line)
+    _barrier(d)  # every rank is past its last collective before main() tears the process group down
     return 0
 
 
