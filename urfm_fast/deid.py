@@ -12,6 +12,8 @@ everything is blanked by the crop anyway; inside it, text on tissue is what this
 - Static overlays in cines: inside the live region, pixels that stay (almost) constant over the
   frames of a cine are text, calipers, markers and depth scales drawn over moving tissue
   (`StaticPixels`). Cines with too few frames, or frozen ones, give no static mask.
+- `find_text` runs the detector twice per frame it looks at (whole frame; live crop): each pass
+  finds text the other misses.
 - `FileCleaner` applies both to all frames of one file: the geometry (live mask, crop box, output
   size) is fixed on the first frame, text is detected on a few frames and its boxes are applied
   to every frame, the static mask is added at the end, and the combined mask, dilated so that no
@@ -32,6 +34,7 @@ DET_EVERY = 16  # cines: text detection on every 16th kept frame (the first alwa
 STATIC_MIN_FRAMES = 8  # fewer kept frames: no static mask, the detector sees every frame instead
 STATIC_TOL = 4  # grey levels a static pixel may wander (lossy compression of the cine)
 STATIC_FROZEN = 0.5  # more than this fraction of the live region static: a frozen cine, mask unused
+LINE_MAX = 0.08  # the tallest text line taken, as a fraction of the image's short side
 MAX_BLANKED = 0.35  # more of the live region than this blanked: text not cleanly separable, leave out
 _MODEL = ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
 _SESSIONS = {}  # pid -> onnxruntime session (a forked worker must not reuse its parent's)
@@ -96,8 +99,9 @@ def text_prob(g):
     return prob, (H / h, W / w)
 
 
-def text_boxes(g):
-    """uint8 [H,W] -> [(y0, y1, x0, x1), ...] boxes around detected text, margin included, in g's pixels."""
+def text_boxes(g, max_h=None):
+    """uint8 [H,W] -> [(y0, y1, x0, x1), ...] boxes around detected text, margin included, in g's
+    pixels; with max_h, regions taller than max_h pixels are not taken for text."""
     import cv2
 
     prob, (sy, sx) = text_prob(g)
@@ -109,14 +113,46 @@ def text_boxes(g):
     boxes = []
     for i in range(1, n):
         x, y, w, h, _ = stats[i]
-        if score[i] < DET_BOX_THRESH:
+        if score[i] < DET_BOX_THRESH or (max_h is not None and h * sy > max_h):
             continue
-        # DB's map covers a core shrunk by ~0.4 of the line height on each side: grow it back, then
-        # add a safety margin of 0.3 line heights and 2 source pixels (antialiased glyph edges).
-        m = 0.7 * min(w, h) + 1
+        # DB's map at this threshold hugs the glyphs; grow it by 0.35 line heights and 2 source
+        # pixels (antialiased glyph edges, descenders, accents).
+        m = 0.35 * min(w, h) + 1
         boxes.append((max(0, int((y - m) * sy) - 2), min(H, int(np.ceil((y + h + m) * sy)) + 2),
                       max(0, int((x - m) * sx) - 2), min(W, int(np.ceil((x + w + m) * sx)) + 2)))
     return boxes
+
+
+def find_text(g, roi, live):
+    """uint8 frame [H,W], roi (y0, y1, x0, x1), live bool [roi] -> bool [roi] mask of text boxes.
+
+    Two detector passes, each finding text the other misses: the whole frame (the network was
+    trained on whole screens and pages), then the live crop alone (a lone grey "G" beside an icon
+    on a real test file is found only there). Regions taller than a text line (LINE_MAX of the short
+    side) are not text: on a crop the network once took a row of colour-Doppler streaks for one.
+    (Blanking the first pass's boxes before the second was tried and dropped: the black rectangles
+    changed what the network saw and it missed text it had found before.)"""
+    y0, y1, x0, x1 = roi
+    text = boxes_mask(g.shape, text_boxes(g, max_h=_line_max(g.shape)))[y0:y1, x0:x1]
+    crop = np.where(live, g[y0:y1, x0:x1], 0).astype(np.uint8)
+    return boxes_mask(crop.shape, text_boxes(crop, max_h=_line_max(crop.shape)), out=text)
+
+
+def _line_max(shape):
+    return max(24, LINE_MAX * min(shape))
+
+
+def small_marks(crop, outside):
+    """Letters, icons, caliper marks and depth dots on the black around the scan: bright objects
+    outside the scan hull (bool, crop's shape) no bigger than a text line -> bool mask (grown by 2 px
+    for antialiased edges). Long structures (probe reverberation lines) are kept."""
+    import cv2
+
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(((crop > 40) & outside).astype(np.uint8), connectivity=8)
+    size = _line_max(crop.shape)
+    small = (stats[:, 2] <= size) & (stats[:, 3] <= size)
+    small[0] = False
+    return dilate(small[lab], 2)
 
 
 def boxes_mask(shape, boxes, out=None):
@@ -196,8 +232,8 @@ class FileCleaner:
     then `finish()` -> (resized frames, blank boxes in output pixels, blanked fraction of the live
     region). `finish` raises NotCleanable when text covers too much of the image to trust the result."""
 
-    def __init__(self, roi, live, resize, kept):
-        self.roi, self.live, self.resize = roi, live, resize
+    def __init__(self, roi, live, resize, kept, outside=None):
+        self.roi, self.live, self.resize, self.outside = roi, live, resize, outside
         self.kept = kept
         self.text = np.zeros(live.shape, bool)
         self.static = StaticPixels() if kept >= STATIC_MIN_FRAMES else None
@@ -208,7 +244,9 @@ class FileCleaner:
         crop = np.where(self.live, g[y0:y1, x0:x1], 0).astype(np.uint8)
         k = len(self.frames)
         if self.static is None or k % DET_EVERY == 0 or k == self.kept - 1:
-            boxes_mask(crop.shape, text_boxes(crop), out=self.text)
+            self.text |= find_text(g, self.roi, self.live)
+            if self.outside is not None:
+                self.text |= small_marks(crop, self.outside)
         if self.static is not None:
             self.static.add(crop)
         self.frames.append(self.resize(crop))

@@ -255,19 +255,21 @@ def is_dicom(path):
 
 
 def _geometry(g, box):
-    """First frame of a file -> (roi (y0, y1, x0, x1), live bool [roi], crop kind).
+    """First frame of a file -> (roi (y0, y1, x0, x1), live bool [roi], crop kind, outside bool [roi] or None).
 
-    A DICOM region box is the live image as the scanner states it (kept whole: text inside it is the
-    detector's job); otherwise the detected fan/rectangle, else the whole frame."""
+    A DICOM region box is the live image as the scanner states it, kept whole (the scan hull found
+    in it can miss dark tissue), with `outside` = the box minus that hull, where small bright marks
+    are blanked; otherwise the detected fan/rectangle, else the whole frame."""
     if box is not None:
         y0, y1, x0, x1 = box
-        return box, np.ones((y1 - y0, x1 - x0), bool), "regions"
+        hull = detect_scan_region(g[y0:y1, x0:x1])
+        return box, np.ones((y1 - y0, x1 - x0), bool), "regions", None if hull is None else ~hull
     mask = detect_scan_region(g) if g.size else None
     if mask is None:
-        return (0, g.shape[0], 0, g.shape[1]), np.ones(g.shape, bool), "full"
+        return (0, g.shape[0], 0, g.shape[1]), np.ones(g.shape, bool), "full", None
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    return (y0, y1, x0, x1), mask[y0:y1, x0:x1], "detected"
+    return (y0, y1, x0, x1), mask[y0:y1, x0:x1], "detected", None
 
 
 def _clean_frames(frames, short_side, box=None, kept=1):
@@ -278,8 +280,8 @@ def _clean_frames(frames, short_side, box=None, kept=1):
     cleaner, kind, numbers, shape = None, None, [], None
     for idx, g in frames:
         if cleaner is None:
-            roi, live, kind = _geometry(g, box)
-            cleaner = deid.FileCleaner(roi, live, lambda c: np.array(resize_short(c, short_side)), kept)
+            roi, live, kind, outside = _geometry(g, box)
+            cleaner = deid.FileCleaner(roi, live, lambda c: np.array(resize_short(c, short_side)), kept, outside)
             shape = g.shape
         elif g.shape != shape:
             raise ValueError("frames of different sizes in one file")
