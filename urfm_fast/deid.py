@@ -144,13 +144,28 @@ def _line_max(shape):
 
 def small_marks(crop, outside):
     """Letters, icons, caliper marks and depth dots on the black around the scan: bright objects
-    outside the scan hull (bool, crop's shape) no bigger than a text line -> bool mask (grown by 2 px
-    for antialiased edges). Long structures (probe reverberation lines) are kept."""
+    outside the scan hull (bool, crop's shape), no bigger than a text line, flat, on a black surround ->
+    bool mask (grown by 2 px for antialiased edges). Long structures (probe reverberation lines) and
+    speckle islands at the edge of the scan (grey surround) are kept."""
     import cv2
 
     n, lab, stats, _ = cv2.connectedComponentsWithStats(((crop > 40) & outside).astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return np.zeros(crop.shape, bool)
     size = _line_max(crop.shape)
     small = (stats[:, 2] <= size) & (stats[:, 3] <= size)
+    # The ring 2 px around each object, labelled by the dilated label image: mostly black.
+    ring_lab = cv2.dilate(lab.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)
+    ring = (lab == 0) & (ring_lab > 0)
+    black = np.bincount(ring_lab[ring], weights=crop[ring] <= 12, minlength=n)
+    small &= black >= 0.6 * np.bincount(ring_lab[ring], minlength=n)
+    # Drawn in one colour: at least 40 % of an object at >= 3/4 of its brightest pixel (glyphs and
+    # icons are flat, antialiased edges aside; speckle islands at the edge of a dark near field are not).
+    fg = lab > 0
+    top = np.zeros(n, np.int64)
+    np.maximum.at(top, lab[fg], crop[fg])
+    flat = np.bincount(lab[fg], weights=4 * crop[fg].astype(np.int64) >= 3 * top[lab[fg]], minlength=n)
+    small &= flat >= 0.4 * stats[:, 4]
     small[0] = False
     return dilate(small[lab], 2)
 

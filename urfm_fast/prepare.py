@@ -263,6 +263,8 @@ def _geometry(g, box):
     if box is not None:
         y0, y1, x0, x1 = box
         hull = detect_scan_region(g[y0:y1, x0:x1])
+        if hull is not None:  # a margin: the hull can cut off bright tissue at a dark near field
+            hull = deid.dilate(hull, max(2, round(0.02 * min(hull.shape))))
         return box, np.ones((y1 - y0, x1 - x0), bool), "regions", None if hull is None else ~hull
     mask = detect_scan_region(g) if g.size else None
     if mask is None:
