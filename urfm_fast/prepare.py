@@ -612,9 +612,44 @@ def source_salt(out):
     return meta["salt"]
 
 
+def _hash(salt, kind, text):
+    return hashlib.sha256(f"{salt}\0{kind}\0{text}".encode()).hexdigest()
+
+
 def source_id(salt, src, rel):
-    """Stable salted hash naming one source file (src folder name, relative path) in every output."""
-    return hashlib.sha256(f"{salt}\0{src}\0{rel}".encode()).hexdigest()[:20]
+    """Stable salted hash naming one source file in every output: 8 hex digits for the source folder
+    name, 16 for the path inside it (so a labels file can name a file with or without its folder)."""
+    return _hash(salt, "src", src)[:8] + _hash(salt, "path", rel)[:16]
+
+
+def record_source(r):
+    """The source (folder) of an index record, hashed or, in older folders, by name."""
+    return r["src"] if "src" in r else r["id"][:8]
+
+
+def path_lookup(root, records):
+    """-> find(path) -> indices of the records of that source file, where path is "rel/path" or
+    "src/rel/path" (for labels files that name files by path; the names are hashed the same way)."""
+    if records and "path" in records[0]:  # written before sources were hashed
+        by_key = {}
+        for k, r in enumerate(records):
+            for key in {r["path"], f"{r['src']}/{r['path']}" if r["src"] else r["path"]}:
+                by_key.setdefault(key, []).append(k)
+        return lambda p: by_key.get(p, [])
+    with open(os.path.join(root, MARKER)) as f:
+        salt = json.load(f).get("salt", "")
+    by_id, by_rel = {}, {}
+    for k, r in enumerate(records):
+        by_id.setdefault(r["id"], []).append(k)
+        by_rel.setdefault(r["id"][8:], []).append(k)
+
+    def find(p):
+        items = set(by_rel.get(_hash(salt, "path", p)[:16], []))
+        if "/" in p:
+            items.update(by_id.get(source_id(salt, *p.split("/", 1)), []))
+        return sorted(items)
+
+    return find
 
 
 def _hash_old_names(out, salt):
