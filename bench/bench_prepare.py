@@ -8,14 +8,17 @@ Row (frames/s in extra_info['frames_per_s']):
                               768x1024, JPEG baseline/lossless, RGB, palette, greyscale) into a
                               new shard folder: decode, scan-region crop, text and overlay
                               blanking, resize to 256, write.
+    test_text_detector[WxH]   urfm_fast.deid.find_text on one real frame of that size (two passes
+                              of the PP-OCRv4 detector, one thread): ms per frame it looks at
 One worker is one core: the per-core rate times the cores a machine gives prepare is its rate.
 """
 
 import os
 
+import numpy as np
 import pytest
 
-from urfm_fast import prepare
+from urfm_fast import deid, prepare
 
 PYDICOM_US = ("US1_UNCR.dcm", "color3d_jpeg_baseline.dcm", "gdcm-US-ALOKA-16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 
@@ -53,3 +56,17 @@ def test_prepare_real_dicom(benchmark, measure, real_set, tmp_path):
     if s:
         benchmark.extra_info["frames_per_s"] = round(frames[0] / s, 2)
         benchmark.extra_info["frames"] = frames[0]
+
+
+@pytest.mark.parametrize("name", ["US1_UNCR.dcm", "ultrasound-multiframe.dcm", "GREYSCALE_IMAGE.dcm"])
+def test_text_detector(benchmark, measure, real_set, name):
+    import pydicom
+    from pydicom.pixels import iter_pixels
+
+    g = prepare.to_grey8(next(iter_pixels(real_set / name)))
+    live = np.ones(g.shape, bool)
+    roi = (0, g.shape[0], 0, g.shape[1])
+    deid.check_detector()  # session created outside the timed rounds
+    measure(benchmark, lambda: deid.find_text(g, roi, live), rounds=5)
+    benchmark.extra_info["frame"] = f"{g.shape[1]}x{g.shape[0]}"
+    assert pydicom  # the fixture skipped already when it is missing

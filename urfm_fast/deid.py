@@ -28,9 +28,9 @@ import os
 
 import numpy as np
 
-DET_LONG_SIDE = 800  # detector input: the long side is scaled down to this (never up)
+DET_LONG_SIDE = 640  # detector input: the long side is scaled down to this (never up)
 DET_THRESH, DET_BOX_THRESH = 0.3, 0.5  # pixel and region score thresholds (PP-OCR's defaults)
-DET_EVERY = 16  # cines: text detection on every 16th kept frame (the first always)
+DET_EVERY = 64  # cines with a static mask: text detection on every 64th kept frame, the first and the last
 STATIC_MIN_FRAMES = 8  # fewer kept frames: no static mask, the detector sees every frame instead
 STATIC_TOL = 4  # grey levels a static pixel may wander (lossy compression of the cine)
 STATIC_FROZEN = 0.5  # more than this fraction of the live region static: a frozen cine, mask unused

@@ -7,23 +7,36 @@ Zip archives (``.zip``) are read as if they were folders: every member is stream
 (no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
 deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
 corrupt archive or member, an encrypted member or a zip inside a zip is listed in skipped.jsonl.
-Every image/frame becomes 8-bit grey, is cropped to the scan region, resized to a fixed short side
-and appended to memory-mappable shards:
+Every image/frame becomes 8-bit grey, is cropped to the scan region, de-identified (burned-in text and
+overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to memory-mappable shards:
 
-    DIR/urfm_shards.json   format marker and the short side
+    DIR/urfm_shards.json   format marker, the short side and the salt of the source ids
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
-    DIR/index.jsonl        one line per image: shard, offset, h, w, src, path, frame, crop
-    DIR/skipped.jsonl      one line per unreadable file or archive member: src, path, reason
+    DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
+                           the source frame), blank (boxes blanked inside it, output pixels), burned_in
+    DIR/skipped.jsonl      one line per file or archive member left out: id, reason
     DIR/summary.json       counts of the last run
+    DIR/review.png         with --review N: N random images, blanked areas outlined
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
 regions); otherwise the largest connected bright blob after an opening that erases text and thin
 lines (the fan or rectangle of live image), holes filled; pixels outside it (text, UI, calipers)
 are blanked and the image is cropped to it. When nothing convincing is found the frame is kept whole.
 
+Inside it (urfm_fast.deid): text boxes found by the PP-OCRv4 detection network, cine pixels that never
+change (overlays), and in a region box small flat marks on black outside the scan hull are blanked.
+DICOM with BurnedInAnnotation YES are cleaned and flagged (or left out with --burned-in skip); an image
+whose text covers over 35 % of it is left out (skipped.jsonl gives the reason). Without the detector
+prepare refuses to run.
+
+Names: sources appear in every output only as `source_id` (a salted hash of the SRC folder name and
+the relative path; the salt stays in DIR), so folder and file names (often patient names, dates,
+record numbers) never reach the shard folder, the logs or the console. --path-map FILE (outside DIR)
+writes the id -> path table for whoever may hold it. No DICOM header value is written anywhere.
+
 Resumable and idempotent: files already in the index (or in skipped.jsonl) are not read again, so a
-second run adds only new files; a crash loses at most the file being written. No DICOM header value
-(names, IDs, dates, UIDs...) is written anywhere: only the relative path, frame number and pixels.
+second run adds only new files; a crash loses at most the file being written. A folder written
+before names were hashed has its index and skip list rewritten with ids on the next run.
 
     python -m urfm_fast.prepare /data/us_archive --out /data/us_shards
     python -m urfm_fast.prepare /data/cines.zip /data/more_scans --out /data/us_shards
@@ -139,22 +152,13 @@ _WORK = 160  # detection runs on a copy with this short side: fast, and text str
 
 
 def _largest_component(m):
-    """bool [h,w] -> bool mask of its largest 4-connected component (flood fills run in C via PIL)."""
-    # .copy(): an image made by fromarray shares the read-only array and ignores flood fills
-    lab = Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).copy()
-    best, best_n, label = None, 0, 1
-    arr = np.asarray(lab)
-    while label < 255:
-        ys, xs = np.nonzero(arr == 255)
-        if len(ys) == 0:
-            break
-        ImageDraw.floodfill(lab, (int(xs[0]), int(ys[0])), label)
-        arr = np.asarray(lab)
-        n = int((arr == label).sum())
-        if n > best_n:
-            best, best_n = label, n
-        label += 1
-    return arr == best if best is not None else np.zeros_like(m)
+    """bool [h,w] -> bool mask of its largest 4-connected component."""
+    import cv2  # comes with rapidocr-onnxruntime (the text detector)
+
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=4)
+    if n <= 1:
+        return np.zeros_like(m)
+    return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def _hull(points):
