@@ -274,8 +274,8 @@ class FileCleaner:
                 blank |= dilate(still, 2)  # antialiased edges of static glyphs move with the tissue
         frac = float(blank.sum()) / max(1, int(self.live.sum()))
         if frac > MAX_BLANKED:
-            raise NotCleanable(f"text and overlays cover {frac:.0%} of the image (over {MAX_BLANKED:.0%}: "
-                             "not cleanly separable, left out)")
+            raise NotCleanable(f"mostly text or overlays ({frac:.0%} of the image would be blanked, over "
+                               f"{MAX_BLANKED:.0%}: not cleanly separable, left out)")
         out_h, out_w = self.frames[0].shape
         s = min(out_h / blank.shape[0], out_w / blank.shape[1])
         # A resized pixel mixes source pixels up to ~1/s away (bilinear, antialiased): grow the mask
