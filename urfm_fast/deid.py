@@ -5,19 +5,22 @@ everything is blanked by the crop anyway; inside it, text on tissue is what this
 
 - Text detector: the PP-OCRv4 detection network (DB, differentiable binarisation) that ships inside
   the `rapidocr-onnxruntime` wheel, run with onnxruntime on the CPU, detection only (no text is ever
-  recognised or stored). Its probability map is thresholded, each connected region with a mean
-  score >= 0.5 becomes a box, and the box is grown by a margin (DB's map covers a shrunk core of
-  each text line) before it is blanked. The detector runs at most at DET_LONG_SIDE pixels on the
-  long side. One ONNX session per process, created on first use.
+  recognised or stored), at most DET_LONG_SIDE pixels on the long side. Its probability map is
+  thresholded; each connected region with a mean score >= 0.5 and no taller than a text line becomes
+  a box, grown by a margin (antialiased edges, descenders) before it is blanked. One ONNX session
+  per process, created on first use. `find_text` runs it twice per frame it looks at (whole frame;
+  live crop): each pass finds text the other misses.
 - Static overlays in cines: inside the live region, pixels that stay (almost) constant over the
   frames of a cine are text, calipers, markers and depth scales drawn over moving tissue
-  (`StaticPixels`). Cines with too few frames, or frozen ones, give no static mask.
-- `find_text` runs the detector twice per frame it looks at (whole frame; live crop): each pass
-  finds text the other misses.
-- `FileCleaner` applies both to all frames of one file: the geometry (live mask, crop box, output
-  size) is fixed on the first frame, text is detected on a few frames and its boxes are applied
-  to every frame, the static mask is added at the end, and the combined mask, dilated so that no
-  resized output pixel takes any weight from a blanked source pixel, zeroes the resized frames.
+  (`StaticPixels`). Cines with too few frames, or frozen ones (most of the image static), give no
+  static mask.
+- Marks around the scan inside a DICOM region box: small, flat, bright objects on black outside the
+  detected scan hull (`small_marks`: lone letters, icons, caliper and depth marks).
+- `FileCleaner` applies all three to the frames of one file: the geometry (live mask, crop box,
+  output size) is fixed on the first frame, text is detected on a few frames and its boxes are
+  applied to every frame, the static mask is added at the end, and the combined mask, dilated so
+  that no resized output pixel takes any weight from a blanked source pixel, zeroes the resized
+  frames.
 
 Limits (see README): text with little contrast to the tissue under it, or drawn in a frame the
 detector did not see and that does not stay still, can survive; `prepare --review N` is the check.
