@@ -214,7 +214,8 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
     c = json.loads((out / "summary.json").read_text())
     assert c["files_added"] == 3 and c["files_skipped"] == 3, c
     blobs = all_output_bytes(out) + [("stdout", text.out.encode()), ("stderr", text.err.encode())]
-    assert any(n.endswith("review.png") for n, _ in blobs)
+    with Image.open(out / "review.png") as sheet:  # 2x2 tiles of 200 px
+        assert sheet.mode == "RGB" and sheet.width == 2 * 204 + 4
     for name, blob in blobs:
         for s in SECRETS:
             assert s.lower().encode() not in blob.lower(), (name, s)

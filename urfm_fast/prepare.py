@@ -828,32 +828,37 @@ def _write_jsonl(p, rows):
     os.replace(tmp, p)
 
 
-def write_review(out, n, seed=None):
-    """PNG contact sheet of n random prepared images of a shard folder, blanked areas outlined in red
-    (the scan-region crop is the black outside the image) -> path of out/review.png."""
+def _shard_image(out, maps, r):
+    """uint8 [h,w] of one index record (shard files memory-mapped once, in maps)."""
+    m = maps.get(r["shard"])
+    if m is None:
+        m = maps[r["shard"]] = np.memmap(shard_path(out, r["shard"]), dtype=np.uint8, mode="r")
+    return np.array(m[r["offset"]:r["offset"] + r["h"] * r["w"]]).reshape(r["h"], r["w"])
+
+
+def write_review(out, n, seed=None, tile=200):
+    """PNG contact sheet of n random prepared images of a shard folder (index order, each scaled to fit
+    tile x tile, labelled with its index line and frame), the blanked areas outlined in red (the
+    scan-region crop is the black around the image) -> path of out/review.png."""
     recs = read_index(out)
     if not recs:
         raise PrepareError(f"{out} holds no prepared images to review")
-    rng = random.Random(seed)
-    pick = sorted(rng.sample(range(len(recs)), min(n, len(recs))))
-    tile, cols = 200, max(1, min(8, math.ceil(math.sqrt(len(pick)))))
-    rows = math.ceil(len(pick) / cols)
-    sheet = Image.new("RGB", (cols * (tile + 4) + 4, rows * (tile + 18) + 4), (40, 40, 40))
-    draw = ImageDraw.Draw(sheet)
-    maps = {}
-    for t, k in enumerate(pick):
-        r = recs[k]
-        m = maps.get(r["shard"])
-        if m is None:
-            m = maps[r["shard"]] = np.memmap(shard_path(out, r["shard"]), dtype=np.uint8, mode="r")
-        img = np.array(m[r["offset"]:r["offset"] + r["h"] * r["w"]]).reshape(r["h"], r["w"])
-        s = tile / max(r["h"], r["w"])
-        x0, y0 = 4 + (t % cols) * (tile + 4), 4 + (t // cols) * (tile + 18)
-        sheet.paste(Image.fromarray(img).resize((max(1, round(r["w"] * s)), max(1, round(r["h"] * s)))).convert("RGB"),
-                    (x0, y0))
-        for by0, by1, bx0, bx1 in r.get("blank", []):
-            draw.rectangle((x0 + bx0 * s - 1, y0 + by0 * s - 1, x0 + bx1 * s, y0 + by1 * s), outline=(255, 40, 40))
-        draw.text((x0, y0 + tile + 3), f"#{k} frame {r['frame']}", fill=(220, 220, 120))
+    pick = sorted(random.Random(seed).sample(range(len(recs)), min(n, len(recs))))
+    cols = max(1, min(8, math.ceil(math.sqrt(len(pick)))))
+    scale = [tile / max(recs[k]["h"], recs[k]["w"]) for k in pick]
+    rows = [pick[i:i + cols] for i in range(0, len(pick), cols)]
+    heights = [max(round(recs[k]["h"] * scale[pick.index(k)]) for k in row) + 16 for row in rows]
+    sheet = Image.new("RGB", (cols * (tile + 4) + 4, sum(heights) + 4 * len(rows) + 4), (40, 40, 40))
+    draw, maps, y0 = ImageDraw.Draw(sheet), {}, 4
+    for row, height in zip(rows, heights):
+        for c, k in enumerate(row):
+            r, s, x0 = recs[k], scale[pick.index(k)], 4 + c * (tile + 4)
+            img = Image.fromarray(_shard_image(out, maps, r))
+            sheet.paste(img.resize((max(1, round(r["w"] * s)), max(1, round(r["h"] * s)))).convert("RGB"), (x0, y0))
+            for by0, by1, bx0, bx1 in r.get("blank", []):
+                draw.rectangle((x0 + bx0 * s - 1, y0 + by0 * s - 1, x0 + bx1 * s, y0 + by1 * s), outline=(255, 40, 40))
+            draw.text((x0, y0 + height - 14), f"#{k} frame {r['frame']}", fill=(220, 220, 120))
+        y0 += height + 4
     path = os.path.join(out, REVIEW)
     sheet.save(path)
     return path
