@@ -495,6 +495,7 @@ def scrub_names(text, path, member, rel):
         if n:
             parts.add(n)
             parts.update(x for x in n.split("/") if len(x) >= 3)
+    parts |= {repr(x)[1:-1] for x in parts}  # as quoted by %r in messages (escaped quotes, backslashes)
     parts.discard("")
     for part in sorted(parts, key=len, reverse=True):
         text = text.replace(part, "<file>")
