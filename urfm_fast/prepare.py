@@ -153,7 +153,7 @@ _WORK = 160  # detection runs on a copy with this short side: fast, and text str
 
 def _largest_component(m):
     """bool [h,w] -> bool mask of its largest 4-connected component."""
-    import cv2  # comes with rapidocr-onnxruntime (the text detector)
+    import cv2
 
     n, lab, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=4)
     if n <= 1:
