@@ -16,6 +16,10 @@ from urfm_fast.data import ShardDataset
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("onnxruntime")
+try:
+    deid.model_path()
+except deid.DetectorUnavailable:
+    pytest.skip("rapidocr-onnxruntime (the text detector's model) is not installed", allow_module_level=True)
 from test_prepare import all_output_bytes, named, write_dicom  # noqa: E402
 
 
