@@ -236,6 +236,8 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
     assert P.main(args[:-2] + ["--quiet"]) == 0
     assert json.loads((out / "summary.json").read_text())["files_added"] == 0
     assert {n: b for n, b in all_output_bytes(out) if not n.endswith("summary.json")} == before
+    assert P.main(["--out", str(out), "--review", "2"]) == 0  # review alone, on an existing folder
+    assert "review sheet" in capfd.readouterr().out
     # the map must stay apart from the shards
     assert P.main(args[:-1] + [str(out / "paths.jsonl")]) == 2
     assert "inside the shard folder" in capfd.readouterr().err
