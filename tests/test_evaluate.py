@@ -172,9 +172,10 @@ def labelled_shards(tmp_path_factory):
         name = f"{cls[0]}{split[0]}{p.stem}.png"
         p.rename(src / name)
         rows.append((name, cls, split))
-    c = prepare.prepare([src], root / "out", short_side=32, workers=1, progress=False)
+    c = prepare.prepare([src], root / "out", short_side=32, workers=1, progress=False, path_map=root / "map.jsonl")
     assert c["images_total"] == 36 and c["files_skipped"] == 0
-    return root / "out", rows, [r["path"] for r in prepare.read_index(root / "out")]
+    paths = {r["id"]: r["path"] for r in prepare._read_jsonl(root / "map.jsonl")}
+    return root / "out", rows, [paths[r["id"]] for r in prepare.read_index(root / "out")]
 
 
 def _write_csv(path, header, rows):

@@ -71,6 +71,13 @@ def messy(tmp_path):
     return root, SECRETS + [uid1, uid2]
 
 
+def named(out, path_map):
+    """(index records, skipped records) of a shard folder with src/path joined back from a --path-map."""
+    m = {r["id"]: r for r in map(json.loads, open(path_map))}
+    join = lambda r: dict(r, src=m[r["id"]]["src"], path=m[r["id"]]["path"])
+    return [join(r) for r in P.read_index(out)], [join(r) for r in P._read_jsonl(os.path.join(out, "skipped.jsonl"))]
+
+
 def all_output_bytes(out):
     blobs = []
     for d, _, files in os.walk(out):
@@ -82,18 +89,18 @@ def all_output_bytes(out):
 def test_messy_folder(messy, tmp_path, capfd):
     root, secrets = messy
     out = tmp_path / "shards"
-    rc = P.main([str(root), "--out", str(out), "--short-side", "32", "--workers", "2"])
+    pmap = tmp_path / "map.jsonl"
+    rc = P.main([str(root), "--out", str(out), "--short-side", "32", "--workers", "2", "--path-map", str(pmap)])
     assert rc == 0
     text = capfd.readouterr()
     c = json.loads((out / "summary.json").read_text())
     assert c["files_seen"] == 10 and c["files_added"] == 8 and c["files_skipped"] == 2
     assert c["images_added"] == 11 and c["images_total"] == 11  # 6 stills + 4-frame cine + mono1
-    lines = (out / "skipped.jsonl").read_text().splitlines()
-    skipped = {r["path"]: r["reason"] for r in map(json.loads, lines)}
+    index, skips = named(out, pmap)
+    skipped = {r["path"]: r["reason"] for r in skips}
     assert set(skipped) == {"truncated.png", "notes.txt"}
     assert skipped["notes.txt"] == "not an image or DICOM file"
     assert skipped["truncated.png"].startswith("unreadable image")
-    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
     assert {(r["path"], r["frame"]) for r in index if "nested" in r["path"]} == {
         ("nested dir/deeper/cine.dcm", k) for k in range(4)} | {("nested dir/deeper/rgbscan", 0),
                                                                ("nested dir/deeper/scan.tif", 0)}
@@ -136,8 +143,9 @@ def test_frame_stride_and_same_output_any_worker_count(messy, tmp_path):
         out = tmp_path / f"o{w}"
         c = P.prepare([root / "nested dir"], out, short_side=24, frame_stride=3, workers=w, progress=False)
         assert c["images_added"] == 4  # cine frames 0 and 3, rgbscan, scan.tif
-        outs.append({os.path.relpath(n, out): b for n, b in all_output_bytes(out) if "summary" not in n})
-    assert outs[0] == outs[1]
+        shards = {os.path.relpath(n, out): b for n, b in all_output_bytes(out / "shards")}
+        outs.append((shards, [{k: v for k, v in r.items() if k != "id"} for r in P.read_index(out)]))
+    assert outs[0] == outs[1]  # pixels and index alike (ids differ: each folder has its own salt)
 
 
 def test_bad_inputs(tmp_path, capfd):
@@ -211,9 +219,10 @@ def test_real_ultrasound_dicom(tmp_path):
         ds = pydicom.dcmread(src / n, stop_before_pixels=True)
         names += [str(v) for v in (ds.get("PatientName"), ds.get("PatientID")) if v and len(str(v)) >= 4]
     out = tmp_path / "out"
-    c = P.prepare([src], out, short_side=64, frame_stride=40, workers=1, progress=False)
+    c = P.prepare([src], out, short_side=64, frame_stride=40, workers=1, progress=False,
+                  path_map=tmp_path / "map.jsonl")
     assert c["files_skipped"] == 0, (out / "skipped.jsonl").read_text()
-    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    index, _ = named(out, tmp_path / "map.jsonl")
     for n, (frames, kind) in REAL.items():
         mine = [r for r in index if r["path"] == n]
         assert len(mine) == frames and all(r["crop"] == kind for r in mine), (n, mine)
@@ -271,13 +280,15 @@ def test_zip_archives(tmp_path, monkeypatch, capfd):
 
     monkeypatch.setattr(P, "SPOOL_BYTES", 10_000)  # the cine (~15 kB) goes through a temp file
     out = tmp_path / "out"
-    assert P.main([str(src), "--out", str(out), "--short-side", "32", "--workers", "1", "--quiet"]) == 0
+    pmap = tmp_path / "map.jsonl"
+    assert P.main([str(src), "--out", str(out), "--short-side", "32", "--workers", "1", "--quiet",
+                   "--path-map", str(pmap)]) == 0
     text = capfd.readouterr()
-    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    index, skips = named(out, pmap)
     assert sorted({(r["src"], r["path"], r["frame"]) for r in index}) == sorted(
         [("src", "plain.png", 0), ("src", "study.zip/scan.png", 0)]
         + [("src", "study.zip/cines/day 1/cine", k) for k in range(3)])
-    skipped = {r["path"]: r["reason"] for r in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    skipped = {r["path"]: r["reason"] for r in skips}
     assert set(skipped) == {"study.zip/bad.png", "study.zip/readme.txt", "study.zip/inner.zip", "broken.zip",
                             "empty.zip"}
     assert skipped["study.zip/bad.png"].startswith("corrupt zip member (BadZipFile")
@@ -290,10 +301,10 @@ def test_zip_archives(tmp_path, monkeypatch, capfd):
             assert s.encode() not in blob, (name, s)
     # pixels identical to reading the same files from a folder
     ref = tmp_path / "ref"
-    P.prepare([loose], ref, short_side=32, workers=1, progress=False)
+    P.prepare([loose], ref, short_side=32, workers=1, progress=False, path_map=tmp_path / "ref.jsonl")
     a, b = ShardDataset(out), ShardDataset(ref)
     ia = {(r["path"].split("/", 1)[1], r["frame"]): k for k, r in enumerate(index) if r["path"].startswith("study")}
-    ib = {(r["path"], r["frame"]): k for k, r in enumerate(P.read_index(ref))}
+    ib = {(r["path"], r["frame"]): k for k, r in enumerate(named(ref, tmp_path / "ref.jsonl")[0])}
     assert set(ia) <= set(ib)
     for key, k in ia.items():
         assert torch.equal(a[k], b[ib[key]]), key
@@ -304,14 +315,15 @@ def test_zip_archives(tmp_path, monkeypatch, capfd):
     assert {n: blob for n, blob in all_output_bytes(out) if not n.endswith("summary.json")} == before
     with zipfile.ZipFile(z, "a") as zf:
         zf.write(loose / "scan.png", "more/scan2.png")
-    c3 = P.prepare([src], out, short_side=32, workers=2, progress=False)
+    c3 = P.prepare([src], out, short_side=32, workers=2, progress=False, path_map=pmap)
     assert c3["files_added"] == 1 and c3["images_added"] == 1 and c3["files_skipped"] == 0
-    assert P.read_index(out)[-1]["path"] == "study.zip/more/scan2.png"
+    assert named(out, pmap)[0][-1]["path"] == "study.zip/more/scan2.png"
     # an archive given directly as SRC: paths relative to it
     out2 = tmp_path / "out2"
-    c4 = P.prepare([z], out2, short_side=32, workers=2, progress=False)
+    c4 = P.prepare([z], out2, short_side=32, workers=2, progress=False, path_map=tmp_path / "map2.jsonl")
     assert c4["images_added"] == 5
-    assert {r["path"] for r in P.read_index(out2)} >= {"study.zip/cines/day 1/cine", "study.zip/scan.png"}
+    paths = {r["path"] for r in named(out2, tmp_path / "map2.jsonl")[0]}
+    assert paths >= {"study.zip/cines/day 1/cine", "study.zip/scan.png"}
 
 
 def test_real_zipped_cine(tmp_path):
@@ -328,9 +340,10 @@ def test_real_zipped_cine(tmp_path):
         ds = pydicom.dcmread(zf.open(member), stop_before_pixels=True)
     names = [str(v) for v in (ds.get("PatientName"), ds.get("PatientID")) if v and len(str(v)) >= 4]
     out = tmp_path / "out"
-    c = P.prepare([z], out, short_side=64, frame_stride=10, workers=1, progress=False)
+    c = P.prepare([z], out, short_side=64, frame_stride=10, workers=1, progress=False,
+                  path_map=tmp_path / "map.jsonl")
     assert c["files_skipped"] == 0, (out / "skipped.jsonl").read_text()
-    index = P.read_index(out)
+    index, _ = named(out, tmp_path / "map.jsonl")
     assert [(r["path"], r["frame"]) for r in index] == [(f"GREYSCALE_CINE.zip/{member}", k) for k in (0, 10, 20)]
     assert all(r["crop"] == "regions" for r in index)
     x = ShardDataset(out)

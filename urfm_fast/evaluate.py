@@ -20,8 +20,9 @@ centre-cropped to the backbone's input size. Metrics are computed on ``test`` wh
 Labels CSV for a shard folder (--labels): a header row, then one row per labelled image, keyed in one of
 two ways:
   index,label,split        index = 0-based position of the image in DIR/index.jsonl (= ShardDataset item)
-  path,label,split[,frame] path = the source path as in DIR/index.jsonl ("path", or "src/path" to tell
-                           two sources apart), e.g. "liver/p01.png" or "cines.zip/a/cine.dcm"; without a
+  path,label,split[,frame] path = the source path as prepare read it ("path" inside its SRC folder, or
+                           "src/path" to tell two sources apart; DIR/index.jsonl holds only salted hashes
+                           of them, matched here), e.g. "liver/p01.png" or "cines.zip/a/cine.dcm"; without a
                            frame column (or with it empty) every frame of that file gets the row
 label is a class name or id (classes are ordered numerically when all are integers, else by name); split
 is train, val or test. A train split and a val or test split are required; extra columns are ignored and
@@ -203,11 +204,7 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
     if not keys <= set(header) or not ({"index", "path"} & set(header)):
         raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
                          "path,label,split[,frame] (see --help)")
-    by_path = {}  # "path" and "src/path" -> item indices
-    if "index" not in header:
-        for k, r in enumerate(records):
-            for key in {r["path"], f"{r['src']}/{r['path']}" if r["src"] else r["path"]}:
-                by_path.setdefault(key, []).append(k)
+    find = prepare.path_lookup(root, records)  # "path" or "src/path" -> item indices
     out, seen = [], {}
     for line, r in enumerate(rows, start=2):
         where = f"{labels_file} line {line}"
@@ -225,10 +222,10 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
             items = [int(v)]
         else:
             path = (r.get("path") or "").strip().replace("\\", "/")
-            items = by_path.get(path, [])
+            items = find(path)
             if not items:
-                raise ValueError(f"{where}: path {path!r} is not in {root}/{prepare.INDEX}")
-            if len({records[k]["src"] for k in items}) > 1:
+                raise ValueError(f"{where}: path {path!r} is not in {root} (as prepare read it)")
+            if len({prepare.record_source(records[k]) for k in items}) > 1:
                 raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
             frame = (r.get("frame") or "").strip()
             if frame:

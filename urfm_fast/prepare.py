@@ -7,23 +7,36 @@ Zip archives (``.zip``) are read as if they were folders: every member is stream
 (no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
 deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
 corrupt archive or member, an encrypted member or a zip inside a zip is listed in skipped.jsonl.
-Every image/frame becomes 8-bit grey, is cropped to the scan region, resized to a fixed short side
-and appended to memory-mappable shards:
+Every image/frame becomes 8-bit grey, is cropped to the scan region, de-identified (burned-in text and
+overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to memory-mappable shards:
 
-    DIR/urfm_shards.json   format marker and the short side
+    DIR/urfm_shards.json   format marker, the short side and the salt of the source ids
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
-    DIR/index.jsonl        one line per image: shard, offset, h, w, src, path, frame, crop
-    DIR/skipped.jsonl      one line per unreadable file or archive member: src, path, reason
+    DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
+                           the source frame), blank (boxes blanked inside it, output pixels), burned_in
+    DIR/skipped.jsonl      one line per file or archive member left out: id, reason
     DIR/summary.json       counts of the last run
+    DIR/review.png         with --review N: N random images, blanked areas outlined
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
 regions); otherwise the largest connected bright blob after an opening that erases text and thin
 lines (the fan or rectangle of live image), holes filled; pixels outside it (text, UI, calipers)
 are blanked and the image is cropped to it. When nothing convincing is found the frame is kept whole.
 
+Inside it (urfm_fast.deid): text boxes found by the PP-OCRv4 detection network, cine pixels that never
+change (overlays), and in a region box small flat marks on black outside the scan hull are blanked.
+DICOM with BurnedInAnnotation YES are cleaned and flagged (or left out with --burned-in skip); an image
+whose text covers over 35 % of it is left out (skipped.jsonl gives the reason). Without the detector
+prepare refuses to run.
+
+Names: sources appear in every output only as `source_id` (a salted hash of the SRC folder name and
+the relative path; the salt stays in DIR), so folder and file names (often patient names, dates,
+record numbers) never reach the shard folder, the logs or the console. --path-map FILE (outside DIR)
+writes the id -> path table for whoever may hold it. No DICOM header value is written anywhere.
+
 Resumable and idempotent: files already in the index (or in skipped.jsonl) are not read again, so a
-second run adds only new files; a crash loses at most the file being written. No DICOM header value
-(names, IDs, dates, UIDs...) is written anywhere: only the relative path, frame number and pixels.
+second run adds only new files; a crash loses at most the file being written. A folder written
+before names were hashed has its index and skip list rewritten with ids on the next run.
 
     python -m urfm_fast.prepare /data/us_archive --out /data/us_shards
     python -m urfm_fast.prepare /data/cines.zip /data/more_scans --out /data/us_shards
@@ -31,11 +44,14 @@ second run adds only new files; a crash loses at most the file being written. No
 """
 
 import argparse
+import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -47,10 +63,13 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from urfm_fast import deid
+
 MARKER = "urfm_shards.json"
 INDEX = "index.jsonl"
 SKIPPED = "skipped.jsonl"
 SUMMARY = "summary.json"
+REVIEW = "review.png"
 SHARD_DIR = "shards"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTS = (".dcm", ".dicom", ".dic")
@@ -133,22 +152,13 @@ _WORK = 160  # detection runs on a copy with this short side: fast, and text str
 
 
 def _largest_component(m):
-    """bool [h,w] -> bool mask of its largest 4-connected component (flood fills run in C via PIL)."""
-    # .copy(): an image made by fromarray shares the read-only array and ignores flood fills
-    lab = Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).copy()
-    best, best_n, label = None, 0, 1
-    arr = np.asarray(lab)
-    while label < 255:
-        ys, xs = np.nonzero(arr == 255)
-        if len(ys) == 0:
-            break
-        ImageDraw.floodfill(lab, (int(xs[0]), int(ys[0])), label)
-        arr = np.asarray(lab)
-        n = int((arr == label).sum())
-        if n > best_n:
-            best, best_n = label, n
-        label += 1
-    return arr == best if best is not None else np.zeros_like(m)
+    """bool [h,w] -> bool mask of its largest 4-connected component."""
+    import cv2
+
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=4)
+    if n <= 1:
+        return np.zeros_like(m)
+    return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def _hull(points):
@@ -248,19 +258,46 @@ def is_dicom(path):
         return False
 
 
-def _finish(g, short_side, box=None, mask=None):
-    """Crop (region box, else detection) and resize one grey frame -> (uint8 [h,w], crop kind)."""
+def _geometry(g, box):
+    """First frame of a file -> (roi (y0, y1, x0, x1), live bool [roi], crop kind, outside bool [roi] or None).
+
+    A DICOM region box is the live image as the scanner states it, kept whole (the scan hull found
+    in it can miss dark tissue), with `outside` = the box minus that hull, where small bright marks
+    are blanked; otherwise the detected fan/rectangle, else the whole frame."""
     if box is not None:
         y0, y1, x0, x1 = box
-        g, kind = g[y0:y1, x0:x1], "regions"
-    else:
-        if mask is None or mask.shape != g.shape:
-            mask = detect_scan_region(g)
-        if mask is not None:
-            g, kind = crop_to_mask(g, mask), "detected"
-        else:
-            kind = "full"
-    return np.ascontiguousarray(resize_short(g, short_side)), kind
+        hull = detect_scan_region(g[y0:y1, x0:x1])
+        if hull is not None:  # a margin: the hull can cut off bright tissue at a dark near field
+            hull = deid.dilate(hull, max(2, round(0.02 * min(hull.shape))))
+        return box, np.ones((y1 - y0, x1 - x0), bool), "regions", None if hull is None else ~hull
+    mask = detect_scan_region(g) if g.size else None
+    if mask is None:
+        return (0, g.shape[0], 0, g.shape[1]), np.ones(g.shape, bool), "full", None
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    return (y0, y1, x0, x1), mask[y0:y1, x0:x1], "detected", None
+
+
+def _clean_frames(frames, short_side, box=None, kept=1):
+    """Crop, de-identify (urfm_fast.deid) and resize the grey frames of one file.
+
+    frames: iterable of (frame number, uint8 [H,W]) -> [(frame, uint8 [h,w], crop kind, extra)],
+    extra = {"roi": crop box in the source frame, "blank": boxes blanked inside it (output pixels)}."""
+    cleaner, kind, numbers, shape = None, None, [], None
+    for idx, g in frames:
+        if cleaner is None:
+            roi, live, kind, outside = _geometry(g, box)
+            cleaner = deid.FileCleaner(roi, live, lambda c: np.array(resize_short(c, short_side)), kept, outside)
+            shape = g.shape
+        elif g.shape != shape:
+            raise ValueError("frames of different sizes in one file")
+        cleaner.add(g)
+        numbers.append(idx)
+    if cleaner is None:
+        return []
+    imgs, blank, _ = cleaner.finish()
+    extra = {"roi": list(cleaner.roi), "blank": blank}
+    return [(idx, np.ascontiguousarray(img), kind, extra) for idx, img in zip(numbers, imgs)]
 
 
 def _rewind(src):
@@ -271,16 +308,26 @@ def _rewind(src):
 
 def read_image_file(src, short_side):
     """src: a path or a seekable binary file object."""
-    g = load_image_grey8(_rewind(src))
-    out, kind = _finish(g, short_side)
-    return [(0, out, kind)]
+    return _clean_frames([(0, load_image_grey8(_rewind(src)))], short_side)
 
 
-def read_dicom_file(src, short_side, stride=1):
-    """Decode a DICOM (a path or a seekable binary file object) frame by frame (pixel data never
-    loaded whole) -> [(frame, uint8, kind)]."""
-    import pydicom
+def _dicom_frames(src, ds, n, stride):
+    """-> iterator of (frame number, uint8 grey [H,W]) of a DICOM, decoded one frame at a time."""
     from pydicom.pixels import apply_color_lut, iter_pixels
+
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    for idx, a in zip(range(0, n, stride), iter_pixels(_rewind(src), indices=range(0, n, stride))):
+        if pi == "PALETTE COLOR":
+            a = apply_color_lut(a, ds)
+        g = to_grey8(a)
+        yield idx, (255 - g if pi == "MONOCHROME1" else g)  # 0 = white in MONOCHROME1
+
+
+def read_dicom_file(src, short_side, stride=1, burned_in="clean"):
+    """Decode a DICOM (a path or a seekable binary file object) frame by frame (pixel data never
+    loaded whole) -> [(frame, uint8, kind, extra)]. burned_in: what to do with BurnedInAnnotation
+    YES ("clean": detect and blank like every file, and flag it; "skip": leave the file out)."""
+    import pydicom
 
     try:
         ds = pydicom.dcmread(_rewind(src), stop_before_pixels=True, force=True)
@@ -288,39 +335,39 @@ def read_dicom_file(src, short_side, stride=1):
         raise ValueError(f"not a readable DICOM file ({type(e).__name__})") from None
     if "Rows" not in ds or "Columns" not in ds:
         raise ValueError("DICOM without image pixel data")
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    flagged = str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES"
+    if flagged and burned_in == "skip":
+        raise ValueError("BurnedInAnnotation YES (left out by --burned-in skip)")
     n = int(ds.get("NumberOfFrames", 1) or 1)
-    out, mask = [], None
     box = region_box(ds, (int(ds.Rows), int(ds.Columns)))
     try:
-        frames = iter_pixels(_rewind(src), indices=range(0, n, stride))
-        for idx, a in zip(range(0, n, stride), frames):
-            if pi == "PALETTE COLOR":
-                a = apply_color_lut(a, ds)
-            g = to_grey8(a)
-            if pi == "MONOCHROME1":
-                g = 255 - g  # 0 = white in MONOCHROME1
-            if box is None and mask is None:
-                mask = detect_scan_region(g) if g.size else None  # one fan per cine: detect once
-                if mask is None:
-                    mask = np.ones(g.shape, bool)
-            img, kind = _finish(g, short_side, box, mask)
-            if box is None and mask.all():
-                kind = "full"
-            out.append((idx, img, kind))
+        out = _clean_frames(_dicom_frames(src, ds, n, stride), short_side, box, kept=len(range(0, n, stride)))
+    except (deid.DetectorUnavailable, deid.NotCleanable):
+        raise
     except Exception as e:
-        # Messages of decoders can quote header values: report the class and the standard
-        # transfer-syntax name only, never the message text.
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(ts, "name", "unknown transfer syntax")
-        raise ValueError(f"cannot decode DICOM pixel data ({name}; {type(e).__name__})") from None
+        raise _decode_error(ds, e) from None
     if not out:
         raise ValueError("DICOM without frames")
+    if flagged:
+        for _, _, _, extra in out:
+            extra["burned_in"] = True
     return out
 
 
-def _quiet_worker():
+def _decode_error(ds, e):
+    """Messages of decoders can quote header values: report the class and the standard
+    transfer-syntax name only, never the message text."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(ts, "name", "unknown transfer syntax")
+    return ValueError(f"cannot decode DICOM pixel data ({name}; {type(e).__name__})")
+
+
+_BURNED_IN = ["clean"]  # this process's --burned-in policy (set by _quiet_worker)
+
+
+def _quiet_worker(burned_in="clean"):
     """Silence decoders in workers: pydicom warnings quote header values (names, dates)."""
+    _BURNED_IN[0] = burned_in
     warnings.simplefilter("ignore")
     logging.getLogger("pydicom").disabled = True
     try:
@@ -335,10 +382,13 @@ def _read_any(src, name, head, short_side, stride):
     """Dispatch on content/suffix: image, DICOM (with or without suffix) or neither."""
     dicom = is_dicom_head(head, name)
     if name.lower().endswith(IMAGE_EXTS) and not dicom:
-        return "ok", read_image_file(src, short_side)
+        try:
+            return "ok", read_image_file(src, short_side)
+        except deid.NotCleanable as e:
+            return "skip", str(e)
     if dicom:
         try:
-            return "ok", read_dicom_file(src, short_side, stride)
+            return "ok", read_dicom_file(src, short_side, stride, _BURNED_IN[0])
         except ValueError as e:
             return "skip", str(e)
         except Exception as e:
@@ -430,11 +480,26 @@ def process_file(job):
                 head = f.read(132)
             status, payload = _read_any(path, path, head, short_side, stride)
         if status == "skip":
-            return status, payload
-        return "ok", [(fr, img.shape[0], img.shape[1], kind, img.tobytes()) for fr, img, kind in payload]
+            return status, scrub_names(payload, path, member, rel)
+        return "ok", [(fr, img.shape[0], img.shape[1], kind, extra, img.tobytes()) for fr, img, kind, extra in payload]
     except Exception as e:  # a bad file is listed, never a crash
-        msg = str(e).replace(path, rel)[:200]
+        msg = scrub_names(str(e), path, member, rel)[:200]
         return "skip", f"unreadable image ({type(e).__name__}: {msg})"
+
+
+def scrub_names(text, path, member, rel):
+    """text with the absolute path, and every file and folder name of the member and relative path,
+    replaced by <file>: messages of decoders and zipfile quote them, and names can hold patient data."""
+    parts = {path, os.path.basename(path)}
+    for n in (member, rel):
+        if n:
+            parts.add(n)
+            parts.update(x for x in n.split("/") if len(x) >= 3)
+    parts |= {repr(x)[1:-1] for x in parts}  # as quoted by %r in messages (escaped quotes, backslashes)
+    parts.discard("")
+    for part in sorted(parts, key=len, reverse=True):
+        text = text.replace(part, "<file>")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,25 +603,140 @@ class _ShardWriter:
             self.f.close()
 
 
+def source_salt(out):
+    """The shard folder's salt (hex) for hashing source names, made on first use and kept in its marker."""
+    mpath = os.path.join(out, MARKER)
+    with open(mpath) as f:
+        meta = json.load(f)
+    if "salt" not in meta:
+        meta["salt"] = os.urandom(16).hex()
+        with open(mpath + ".tmp", "w") as f:
+            json.dump(meta, f)
+            f.write("\n")
+        os.replace(mpath + ".tmp", mpath)
+    return meta["salt"]
+
+
+def _hash(salt, kind, text):
+    return hashlib.sha256(f"{salt}\0{kind}\0{text}".encode()).hexdigest()
+
+
+def source_id(salt, src, rel):
+    """Stable salted hash naming one source file in every output: 8 hex digits for the source folder
+    name, 16 for the path inside it (so a labels file can name a file with or without its folder)."""
+    return _hash(salt, "src", src)[:8] + _hash(salt, "path", rel)[:16]
+
+
+def record_source(r):
+    """The source (folder) of an index record, hashed or, in older folders, by name."""
+    return r["src"] if "src" in r else r["id"][:8]
+
+
+def path_lookup(root, records):
+    """-> find(path) -> indices of the records of that source file, where path is "rel/path" or
+    "src/rel/path" (for labels files that name files by path; the names are hashed the same way)."""
+    if records and "path" in records[0]:  # written before sources were hashed
+        by_key = {}
+        for k, r in enumerate(records):
+            for key in {r["path"], f"{r['src']}/{r['path']}" if r["src"] else r["path"]}:
+                by_key.setdefault(key, []).append(k)
+        return lambda p: by_key.get(p, [])
+    with open(os.path.join(root, MARKER)) as f:
+        salt = json.load(f).get("salt", "")
+    by_id, by_rel = {}, {}
+    for k, r in enumerate(records):
+        by_id.setdefault(r["id"], []).append(k)
+        by_rel.setdefault(r["id"][8:], []).append(k)
+
+    def find(p):
+        items = set(by_rel.get(_hash(salt, "path", p)[:16], []))
+        if "/" in p:
+            items.update(by_id.get(source_id(salt, *p.split("/", 1)), []))
+        return sorted(items)
+
+    return find
+
+
+def _hash_old_names(out, salt):
+    """Folders written before sources were hashed name them in index.jsonl and skipped.jsonl: replace
+    those names by their ids (each file rewritten whole, atomically) -> [(id, src, rel)] replaced."""
+    named = []
+    for name in (INDEX, SKIPPED):
+        p = os.path.join(out, name)
+        rows = _read_jsonl(p)
+        if not any("path" in r for r in rows):
+            continue
+        for k, r in enumerate(rows):
+            if "path" in r:
+                src, rel = r.pop("src"), r.pop("path")
+                sid = source_id(salt, src, rel)
+                named.append((sid, src, rel))
+                rows[k] = {"id": sid, **r}
+        _write_jsonl(p, rows)
+    return named
+
+
+def _check_path_map(path_map, out):
+    """Refuse a --path-map inside the shard folder, or an existing file that is not a path map."""
+    pm, root = os.path.realpath(path_map), os.path.realpath(out)
+    if os.path.commonpath([pm, root]) == root:
+        raise PrepareError(f"--path-map {path_map} is inside the shard folder; the map names patients' "
+                           "files and must be kept apart from the shards (choose a path outside --out)")
+    if os.path.isdir(pm) or not os.path.isdir(os.path.dirname(pm)):
+        raise PrepareError(f"--path-map {path_map} is a folder or in a folder that does not exist")
+    try:
+        rows = _read_jsonl(pm)
+    except (OSError, ValueError, UnicodeDecodeError):
+        rows = None
+    if rows is None or any(set(r) != {"id", "src", "path"} for r in rows):
+        raise PrepareError(f"--path-map {path_map} exists and is not a path map of prepare; choose another file")
+    return {r["id"]: r for r in rows}
+
+
+def _write_path_map(path_map, known, entries):
+    """Merge (id, src, rel) entries into the user's path map (JSON lines: id, src, path)."""
+    for sid, src, rel in entries:
+        known.setdefault(sid, {"id": sid, "src": src, "path": rel})
+    _write_jsonl(path_map, sorted(known.values(), key=lambda r: (r["src"], r["path"])))
+
+
 def prepare(
-    sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True
+    sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True,
+    path_map=None, burned_in="clean",
 ):
-    """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs."""
+    """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs.
+
+    Sources are named in the outputs by `source_id` only; path_map (a file outside out) receives
+    the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES."""
     if frame_stride < 1:
         raise PrepareError("--frame-stride must be >= 1")
+    if burned_in not in ("clean", "skip"):
+        raise PrepareError("--burned-in must be clean or skip")
+    try:
+        deid.check_detector()
+    except deid.DetectorUnavailable as e:
+        raise PrepareError(str(e)) from None
+    path_map = os.fspath(path_map) if path_map else None
+    known = _check_path_map(path_map, out) if path_map else None
     files = walk_sources(sources, out)
     if not files:
         raise PrepareError(f"no files found under {' '.join(map(str, sources))}")
     _open_out(out, short_side)
-    done = {(r["src"], r["path"]) for r in read_index(out)}
+    salt = source_salt(out)
+    renamed = _hash_old_names(out, salt)
+    ids = [source_id(salt, s, rel) for s, rel, _, _ in files]
+    if known is not None:
+        _write_path_map(path_map, known, [(i, s, rel) for i, (s, rel, _, _) in zip(ids, files)] + renamed)
+    done = {r["id"] for r in read_index(out)}
     old_skips = _read_jsonl(os.path.join(out, SKIPPED))
     if retry_skipped:  # forget old skips; they are listed again if they fail again
-        _write_jsonl(os.path.join(out, SKIPPED), [r for r in old_skips if (r["src"], r["path"]) in done])
+        _write_jsonl(os.path.join(out, SKIPPED), [r for r in old_skips if r["id"] in done])
     else:
-        done |= {(r["src"], r["path"]) for r in old_skips}
-    todo = [(s, rel, p, m) for s, rel, p, m in files if (s, rel) not in done]
+        done |= {r["id"] for r in old_skips}
+    todo = [(i, rel, p, m) for i, (_, rel, p, m) in zip(ids, files) if i not in done]
     counts = {"files_seen": len(files), "files_already_done": len(files) - len(todo), "files_added": 0,
-              "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {}}
+              "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {},
+              "images_blanked": 0, "burned_in_cleaned": 0}
     t0 = time.time()
     writer = _ShardWriter(out)
     jobs = [(p, m, rel, short_side, frame_stride) for _, rel, p, m in todo]
@@ -565,36 +745,22 @@ def prepare(
     with open(os.path.join(out, INDEX), "a", encoding="utf-8") as index, \
             open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skipped:
         if workers == 1:
-            _quiet_worker()
+            _quiet_worker(burned_in)
             results = map(process_file, jobs)
             pool = None
         else:
             # fork: workers start at once (spawn would re-import torch through the urfm_fast package);
-            # they only run numpy/PIL/pydicom code.
+            # they only run numpy/PIL/pydicom/onnxruntime code.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(workers, initializer=_quiet_worker)
+            pool = mp.get_context(method).Pool(workers, initializer=_quiet_worker, initargs=(burned_in,))
             results = pool.imap(process_file, jobs, chunksize=1)  # ordered: same input, same shards
         try:
             bar = _progress(len(jobs), progress)
-            for (src, rel, _, _), (status, payload) in zip(todo, results):
+            for (sid, _, _, _), (status, payload) in zip(todo, results):
                 if status == "skip":
-                    skipped.write(json.dumps({"src": src, "path": rel, "reason": payload}) + "\n")
-                    skipped.flush()
-                    counts["files_skipped"] += 1
-                    key = payload.split(" (")[0]
-                    counts["skip_reasons"][key] = counts["skip_reasons"].get(key, 0) + 1
+                    _log_skip(skipped, counts, sid, payload)
                 else:
-                    lines = []
-                    for frame, h, w, kind, data in payload:
-                        k, off = writer.write(data)
-                        lines.append(json.dumps({"shard": k, "offset": off, "h": h, "w": w, "src": src,
-                                                 "path": rel, "frame": frame, "crop": kind}))
-                        counts["crop"][kind] = counts["crop"].get(kind, 0) + 1
-                    writer.flush()  # pixels on disk before the index points at them
-                    index.write("\n".join(lines) + "\n")
-                    index.flush()
-                    counts["files_added"] += 1
-                    counts["images_added"] += len(payload)
+                    _write_images(writer, index, counts, sid, payload)
                 bar.update(1)
                 bar.set_postfix(images=counts["images_added"], skipped=counts["files_skipped"], refresh=False)
             bar.close()
@@ -610,6 +776,36 @@ def prepare(
         json.dump(counts, f, indent=1)
         f.write("\n")
     return counts
+
+
+def _log_skip(skipped, counts, sid, reason):
+    skipped.write(json.dumps({"id": sid, "reason": reason}) + "\n")
+    skipped.flush()
+    counts["files_skipped"] += 1
+    key = reason.split(" (")[0]
+    counts["skip_reasons"][key] = counts["skip_reasons"].get(key, 0) + 1
+
+
+def _write_images(writer, index, counts, sid, payload):
+    """Pixels of one file to the shards, then its index lines (pixels on disk before the index points at them)."""
+    lines = []
+    for frame, h, w, kind, extra, data in payload:
+        k, off = writer.write(data)
+        rec = {"shard": k, "offset": off, "h": h, "w": w, "id": sid, "frame": frame, "crop": kind}
+        rec["roi"] = extra["roi"]
+        if extra["blank"]:
+            rec["blank"] = extra["blank"]
+            counts["images_blanked"] += 1
+        if extra.get("burned_in"):
+            rec["burned_in"] = True
+        lines.append(json.dumps(rec))
+        counts["crop"][kind] = counts["crop"].get(kind, 0) + 1
+    writer.flush()
+    index.write("\n".join(lines) + "\n")
+    index.flush()
+    counts["files_added"] += 1
+    counts["images_added"] += len(payload)
+    counts["burned_in_cleaned"] += bool(payload and payload[0][4].get("burned_in"))
 
 
 def _progress(total, enabled):
@@ -633,6 +829,42 @@ def _write_jsonl(p, rows):
     os.replace(tmp, p)
 
 
+def _shard_image(out, maps, r):
+    """uint8 [h,w] of one index record (shard files memory-mapped once, in maps)."""
+    m = maps.get(r["shard"])
+    if m is None:
+        m = maps[r["shard"]] = np.memmap(shard_path(out, r["shard"]), dtype=np.uint8, mode="r")
+    return np.array(m[r["offset"]:r["offset"] + r["h"] * r["w"]]).reshape(r["h"], r["w"])
+
+
+def write_review(out, n, seed=None, tile=200):
+    """PNG contact sheet of n random prepared images of a shard folder (index order, each scaled to fit
+    tile x tile, labelled with its index line and frame), the blanked areas outlined in red (the
+    scan-region crop is the black around the image) -> path of out/review.png."""
+    recs = read_index(out)
+    if not recs:
+        raise PrepareError(f"{out} holds no prepared images to review")
+    pick = sorted(random.Random(seed).sample(range(len(recs)), min(n, len(recs))))
+    cols = max(1, min(8, math.ceil(math.sqrt(len(pick)))))
+    scale = [tile / max(recs[k]["h"], recs[k]["w"]) for k in pick]
+    rows = [pick[i:i + cols] for i in range(0, len(pick), cols)]
+    heights = [max(round(recs[k]["h"] * scale[pick.index(k)]) for k in row) + 16 for row in rows]
+    sheet = Image.new("RGB", (cols * (tile + 4) + 4, sum(heights) + 4 * len(rows) + 4), (40, 40, 40))
+    draw, maps, y0 = ImageDraw.Draw(sheet), {}, 4
+    for row, height in zip(rows, heights):
+        for c, k in enumerate(row):
+            r, s, x0 = recs[k], scale[pick.index(k)], 4 + c * (tile + 4)
+            img = Image.fromarray(_shard_image(out, maps, r))
+            sheet.paste(img.resize((max(1, round(r["w"] * s)), max(1, round(r["h"] * s)))).convert("RGB"), (x0, y0))
+            for by0, by1, bx0, bx1 in r.get("blank", []):
+                draw.rectangle((x0 + bx0 * s - 1, y0 + by0 * s - 1, x0 + bx1 * s, y0 + by1 * s), outline=(255, 40, 40))
+            draw.text((x0, y0 + height - 14), f"#{k} frame {r['frame']}", fill=(220, 220, 120))
+        y0 += height + 4
+    path = os.path.join(out, REVIEW)
+    sheet.save(path)
+    return path
+
+
 def format_summary(c, out):
     lines = [
         f"{c['files_seen']} files seen, {c['files_already_done']} already done, {c['files_added']} added "
@@ -643,6 +875,9 @@ def format_summary(c, out):
         lines.append(f"  skipped {n:6d}  {reason}")
     if c["crop"]:
         lines.append("  scan-region crop: " + ", ".join(f"{k} {v}" for k, v in sorted(c["crop"].items())))
+    if c["images_added"]:
+        lines.append(f"  text/overlays blanked inside the scan region in {c['images_blanked']} images; "
+                     f"{c['burned_in_cleaned']} files flagged BurnedInAnnotation YES cleaned")
     return "\n".join(lines)
 
 
@@ -650,26 +885,46 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m urfm_fast.prepare",
         description="Convert folders and zip archives of ultrasound images and DICOM (cine) files into "
-        "uint8 shards for python -m urfm_fast.pretrain --data DIR. Unreadable files and archive members "
+        "de-identified uint8 shards for python -m urfm_fast.pretrain --data DIR: burned-in text and "
+        "overlays are blanked, sources are named by salted hashes. Unreadable files and archive members "
         "are listed in DIR/skipped.jsonl; a second run adds only new files.",
     )
-    ap.add_argument("sources", nargs="+", metavar="SRC",
+    ap.add_argument("sources", nargs="*", metavar="SRC",
                     help="folders (searched recursively), files or .zip archives (read like folders, "
-                    "members recorded as archive.zip/member/path)")
+                    "members named archive.zip/member/path in the --path-map)")
     ap.add_argument("--out", required=True, help="shard folder to create or extend (resumable)")
     ap.add_argument("--short-side", type=int, default=256, help="resize every image to this short side")
     ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine")
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     ap.add_argument("--retry-skipped", action="store_true", help="read files listed in skipped.jsonl again")
+    ap.add_argument("--path-map", metavar="FILE", default=None,
+                    help="also write the table source id -> folder/relative path to FILE (JSON lines; it "
+                    "names patients' files: must be outside --out; merged with FILE when it exists)")
+    ap.add_argument("--burned-in", choices=("clean", "skip"), default="clean",
+                    help="DICOM with BurnedInAnnotation YES: blank its text like any file and flag it in "
+                    "index.jsonl (clean), or leave it out, listed in skipped.jsonl (skip)")
+    ap.add_argument("--review", type=int, default=0, metavar="N",
+                    help="write DIR/review.png, a contact sheet of N random prepared images with the "
+                    "blanked areas outlined (with no SRC: only that, for an existing shard folder)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
-                    workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet)
+        if args.review < 0:
+            raise PrepareError("--review must be >= 0")
+        if not args.sources and not args.review:
+            raise PrepareError("give at least one SRC (or --review N for an existing shard folder)")
+        if args.sources:
+            c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
+                        workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet,
+                        path_map=args.path_map, burned_in=args.burned_in)
+            print(format_summary(c, args.out))
+        if args.review:
+            if not is_shard_dir(args.out):
+                raise PrepareError(f"--out {args.out} is not a shard folder")
+            print(f"review sheet: {write_review(args.out, args.review)}")
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(c, args.out))
     return 0
 
 
