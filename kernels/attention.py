@@ -5,7 +5,7 @@ math out with an ``upcast`` flag so tests can build an fp32 ground truth.
 
 The Triton version is flash-attention (online softmax, the N x N scores never reach memory) cut
 for ViT: no causal mask, scale 1/sqrt(Dh), key masking so any N works (1, 50, 197, 257, primes),
-and 32/64-wide tiles chosen by autotuning per (N, Dh) so short sequences waste little. Forward
+and 32- to 128-wide tiles autotuned per (N, Dh, B*H bucket) so short sequences waste little. Forward
 saves the per-row log-sum-exp; backward recomputes the probabilities from it in two kernels,
 one owning key tiles (dK, dV) and one owning query tiles (dQ), so nothing needs atomics and the
 result is deterministic. All accumulation is fp32.
@@ -14,9 +14,11 @@ Limits: self-attention only (q, k, v of one shape); head size Dh <= 128 (32/64/1
 fast cases; others are padded to the next power of two); fp16, bf16 or fp32 inputs with a unit
 stride along Dh (other strides free, so q/k/v views of a packed qkv tensor need no copy; an
 input without it is copied). Outputs and gradients come back in the input dtype, contiguous.
-fp32 inputs use full-precision (ieee, not tf32) dots: exact, but far slower than bf16.
+fp32 inputs use full-precision (ieee, not tf32) dots, exact, under the interpreter only: on a GPU
+those tiles spill registers and overflow shared memory, so the launcher refuses fp32 CUDA tensors
+and ``urfm_fast.ops.attention`` sends fp32 to ``F.scaled_dot_product_attention``.
 
-Caution: autotuning compiles and runs the first call of each (N, Dh, dtype) several times; the
+Caution: autotuning compiles and runs the first call of each (N, Dh, dtype, B*H bucket) several times; the
 kernels only write their outputs, so this is safe, but time the second call, and do not make
 that first call inside CUDA-graph capture.
 Caution: triton's interpreter computes bf16 ``tl.dot`` wrongly; test bf16 on a GPU only.
@@ -84,6 +86,7 @@ def _attn_fwd_kernel(
     H,
     N,
     qk_scale,  # log2(e) / sqrt(Dh)
+    BH_BUCKET,  # B*H rounded up to a power of two: part of the autotune key, never read
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two, >= 16
     BLOCK_M: tl.constexpr,
@@ -170,6 +173,7 @@ def _attn_bwd_dkdv_kernel(
     N,
     qk_scale,
     sm_scale,
+    BH_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -220,6 +224,7 @@ def _attn_bwd_dq_kernel(
     N,
     qk_scale,
     sm_scale,
+    BH_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -256,28 +261,58 @@ def _attn_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# tile configs: autotuned on GPU (keyed on N, the head size and, implicitly, the dtypes), one
-# small fixed tile under the interpreter so CPU tests stay quick. 64-wide tiles fit ViT's 50 /
-# 197 tokens with little waste. The list is short on purpose: the autotuner compiles every
-# config of every kernel before the first step (x3 kernels, per head size and dtype).
+# tile configs: autotuned on GPU, one small fixed tile under the interpreter so CPU tests stay
+# quick. The autotune key is (N, head size, dot precision, BH_BUCKET): BH_BUCKET is B*H rounded
+# up to a power of two (>= 16), an argument the kernels never read, so a choice made at a small
+# batch (the start-up check's) is not reused at the training batch, where the grid is 50x larger
+# and a different tile wins. Every config below compiles for sm_90 without local-memory spills
+# and within the 227 KB of shared memory per block (tests/test_sm90_compile.py, on CPU).
+# The pruning drops what cannot win at ViT's 50 / 197 tokens (see _prune); the kernels only write
+# their outputs (no accumulation, no atomics), so autotuning's repeated launches need no reset.
 # Every tile side is >= 32 and BLOCK_D >= 16, so every tl.dot operand meets the 16 minimum.
-# The kernels only write their outputs (no accumulation into them, no atomics), so the repeated
-# launches of autotuning need no reset_to_zero / restore_value.
 # --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, warps, stages)
+GPU_TILES = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+             (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]  # fmt: skip
 
 
 def _gpu_configs():
-    # (BLOCK_M, BLOCK_N, warps, stages); 3 stages only pay where the loop has several tiles
-    tiles = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-             (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]  # fmt: skip
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_TILES]
 
 
-def _prune(configs, named_args, **kwargs):
-    # a tile larger than the sequence (beyond the 32 minimum) only wastes work
-    n = named_args["N"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, 2 * n) and c.kwargs["BLOCK_N"] <= max(32, 2 * n)]
+def prune_tiles(configs, n_tokens: int, loop_block: str):
+    """The configs worth timing at ``n_tokens``; ``loop_block`` is the tile side the kernel loops over.
+
+    A tile side beyond N rounded up to a power of two (min 32) only adds masked rows; a third
+    pipeline stage needs at least three loop iterations to overlap anything (N=50 with 64-wide
+    tiles is one iteration). At N=50 this leaves 4 of the 8 configs, at N=197 all 8.
+    """
+    cap = max(32, next_power_of_2(n_tokens))
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= cap
+        and c.kwargs["BLOCK_N"] <= cap
+        and (c.num_stages <= 2 or triton.cdiv(n_tokens, c.kwargs[loop_block]) >= 3)
+    ]
     return keep or configs[:1]
+
+
+def _pruner(loop_block: str):
+    return lambda configs, named_args, **kwargs: prune_tiles(configs, named_args["N"], loop_block)
+
+
+def bh_bucket(bh: int) -> int:
+    """B*H rounded up to a power of two, at least 16: the batch part of the autotune key."""
+    return max(16, next_power_of_2(bh))
+
+
+def _autotuned(kernel, loop_block: str):
+    key = ["N", "HEAD_DIM", "DOT_PRECISION", "BH_BUCKET"]
+    return triton.autotune(_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _pruner(loop_block)})(
+        kernel
+    )
 
 
 if INTERPRET or not HAS_TRITON:
@@ -285,10 +320,10 @@ if INTERPRET or not HAS_TRITON:
     _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 else:
     _FIXED = {}
-    _tune = dict(key=["N", "HEAD_DIM", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune})
-    _fwd = triton.autotune(_gpu_configs(), **_tune)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_gpu_configs(), **_tune)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_gpu_configs(), **_tune)(_attn_bwd_dq_kernel)
+    # the forward and dQ kernels loop over key tiles (BLOCK_N), dK/dV over query tiles (BLOCK_M)
+    _fwd = _autotuned(_attn_fwd_kernel, "BLOCK_N")
+    _dkdv = _autotuned(_attn_bwd_dkdv_kernel, "BLOCK_M")
+    _dq = _autotuned(_attn_bwd_dq_kernel, "BLOCK_N")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +345,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         raise ValueError("q, k, v must be on one device")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head size {q.shape[-1]} must lie in [1, {MAX_HEAD_DIM}]")
+    if q.dtype == torch.float32 and q.is_cuda:
+        # exact fp32 (ieee) dots need 2-3x the registers and shared memory of bf16 tiles: the
+        # kernels spill and several tiles exceed sm_90's 227 KB; urfm_fast.ops sends fp32 to SDPA
+        raise ValueError("fp32 attention on a GPU runs on F.scaled_dot_product_attention; use bf16/fp16 here")
     # in-head offsets (row * stride along N) are int32 in the kernels; the (b, h) offsets are int64
     N = q.shape[2]
     return [t if t.stride(-1) == 1 and N * t.stride(2) < 2**31 else t.contiguous() for t in (q, k, v)]
@@ -320,8 +359,9 @@ def _strides(*ts):
 
 
 def _launch_args(q: torch.Tensor) -> dict:
-    Dh = q.shape[-1]
+    B, H, _, Dh = q.shape
     return dict(
+        BH_BUCKET=bh_bucket(B * H),
         HEAD_DIM=Dh,
         BLOCK_D=max(16, next_power_of_2(Dh)),  # tl.dot needs >= 16
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay exact
