@@ -281,26 +281,42 @@ def _gpu_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_TILES]
 
 
-def prune_tiles(configs, n_tokens: int, loop_block: str):
-    """The configs worth timing at ``n_tokens``; ``loop_block`` is the tile side the kernel loops over.
+def prune_tiles(configs, n_tokens: int, loop_block: str, block_d: int = 64, accumulators: int = 1):
+    """The configs worth timing at ``n_tokens`` for a kernel that loops over ``loop_block`` and keeps
+    ``accumulators`` fp32 tiles of (its own tile side x ``block_d``) in registers.
 
     A tile side beyond N rounded up to a power of two (min 32) only adds masked rows; a third
     pipeline stage needs at least three loop iterations to overlap anything (N=50 with 64-wide
-    tiles is one iteration). At N=50 this leaves 4 of the 8 configs, at N=197 all 8.
+    tiles is one iteration). Two limits of sm_90 (tests/test_sm90_compile.py): more than 64
+    accumulator values per thread leave too few of the 255 registers for the operand tiles and
+    ptxas spills (seen: dK/dV at head size 80, 64-key tiles, 4 warps); the pipeline's buffers (two
+    16-bit operand tiles per stage) must stay within 128 KB, since layout conversions take much of
+    the rest of the 227 KB (seen: dK/dV at head size 80, 128-query tiles, 3 stages: 235 KB).
+    At N=50 this leaves 4 of the 8 configs, at N=197 all 8 (head size <= 64).
     """
     cap = max(32, next_power_of_2(n_tokens))
-    keep = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= cap
-        and c.kwargs["BLOCK_N"] <= cap
-        and (c.num_stages <= 2 or triton.cdiv(n_tokens, c.kwargs[loop_block]) >= 3)
-    ]
-    return keep or configs[:1]
+    own_block = "BLOCK_M" if loop_block == "BLOCK_N" else "BLOCK_N"
+
+    def fits(c):
+        acc_per_thread = accumulators * c.kwargs[own_block] * block_d // (32 * c.num_warps)
+        pipeline_bytes = c.num_stages * 2 * c.kwargs[loop_block] * block_d * 2
+        few_iters = triton.cdiv(n_tokens, c.kwargs[loop_block]) < 3
+        return (
+            c.kwargs["BLOCK_M"] <= cap
+            and c.kwargs["BLOCK_N"] <= cap
+            and not (c.num_stages > 2 and few_iters)
+            and acc_per_thread <= 64
+            and pipeline_bytes <= 128 * 1024
+        )
+
+    return [c for c in configs if fits(c)] or configs[:1]
 
 
-def _pruner(loop_block: str):
-    return lambda configs, named_args, **kwargs: prune_tiles(configs, named_args["N"], loop_block)
+def _pruner(loop_block: str, accumulators: int):
+    def prune(configs, named_args, **kwargs):
+        return prune_tiles(configs, named_args["N"], loop_block, kwargs["BLOCK_D"], accumulators)
+
+    return prune
 
 
 def bh_bucket(bh: int) -> int:
@@ -308,11 +324,15 @@ def bh_bucket(bh: int) -> int:
     return max(16, next_power_of_2(bh))
 
 
-def _autotuned(kernel, loop_block: str):
+# (kernel, the tile side it loops over, fp32 accumulator tiles it holds): forward and dQ own query
+# tiles and loop over keys (o / dq), dK/dV own key tiles and loop over queries (dk and dv)
+TUNED = {"fwd": ("BLOCK_N", 1), "dkdv": ("BLOCK_M", 2), "dq": ("BLOCK_N", 1)}
+
+
+def _autotuned(kernel, kind: str):
     key = ["N", "HEAD_DIM", "DOT_PRECISION", "BH_BUCKET"]
-    return triton.autotune(_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _pruner(loop_block)})(
-        kernel
-    )
+    prune = {"early_config_prune": _pruner(*TUNED[kind])}
+    return triton.autotune(_gpu_configs(), key=key, prune_configs_by=prune)(kernel)
 
 
 if INTERPRET or not HAS_TRITON:
@@ -320,10 +340,9 @@ if INTERPRET or not HAS_TRITON:
     _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 else:
     _FIXED = {}
-    # the forward and dQ kernels loop over key tiles (BLOCK_N), dK/dV over query tiles (BLOCK_M)
-    _fwd = _autotuned(_attn_fwd_kernel, "BLOCK_N")
-    _dkdv = _autotuned(_attn_bwd_dkdv_kernel, "BLOCK_M")
-    _dq = _autotuned(_attn_bwd_dq_kernel, "BLOCK_N")
+    _fwd = _autotuned(_attn_fwd_kernel, "fwd")
+    _dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv")
+    _dq = _autotuned(_attn_bwd_dq_kernel, "dq")
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,12 +377,20 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
+def block_d(head_dim: int) -> int:
+    """The head size rounded up to a power of two, >= 16 (tl.dot's minimum)."""
+    return max(16, next_power_of_2(head_dim))
+
+
+DELTA_ROWS = 64  # rows per program of the backward's rowsum(o * do) kernel on a GPU
+
+
 def _launch_args(q: torch.Tensor) -> dict:
     B, H, _, Dh = q.shape
     return dict(
         BH_BUCKET=bh_bucket(B * H),
         HEAD_DIM=Dh,
-        BLOCK_D=max(16, next_power_of_2(Dh)),  # tl.dot needs >= 16
+        BLOCK_D=block_d(Dh),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay exact
         **_FIXED,
     )
@@ -399,10 +426,9 @@ def attention_bwd(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torc
     if not dq.numel():
         return dq, dk, dv
     delta = empty((B * H, N), torch.float32, q.device)
-    block_d = max(16, next_power_of_2(Dh))
-    rows = 16 if INTERPRET else 64
+    rows = 16 if INTERPRET else DELTA_ROWS
     _attn_bwd_delta_kernel[(triton.cdiv(B * H * N, rows),)](
-        o, do, delta, B * H * N, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=rows
+        o, do, delta, B * H * N, HEAD_DIM=Dh, BLOCK_D=block_d(Dh), BLOCK_M=rows
     )  # fmt: skip
     sm_scale = 1.0 / math.sqrt(Dh)
     args = (*_strides(q, k, v), H, N, sm_scale * LOG2E, sm_scale)
