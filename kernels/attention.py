@@ -24,6 +24,7 @@ that first call inside CUDA-graph capture.
 Caution: triton's interpreter computes bf16 ``tl.dot`` wrongly; test bf16 on a GPU only.
 """
 
+import contextlib
 import math
 
 import torch
@@ -336,13 +337,35 @@ def _autotuned(kernel, kind: str):
 
 
 if INTERPRET or not HAS_TRITON:
-    _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
     _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 else:
-    _FIXED = {}
     _fwd = _autotuned(_attn_fwd_kernel, "fwd")
     _dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv")
     _dq = _autotuned(_attn_bwd_dq_kernel, "dq")
+
+_INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # one small tile: quick CPU tests
+_forced = None  # a triton.Config used instead of autotuning, inside forced_config()
+
+
+@contextlib.contextmanager
+def forced_config(config):
+    """Launch every attention kernel with this one ``triton.Config`` instead of autotuning, so a
+    check can verify each config the autotuner may pick (bench/gpu_check.py does, on a GPU)."""
+    global _forced
+    previous, _forced = _forced, config
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _kernel(tuned, raw):
+    """(kernel, its tile kwargs) for one launch: the autotuner, or the plain kernel with a fixed tile."""
+    if _forced is not None:
+        return raw, dict(_forced.kwargs, num_warps=_forced.num_warps, num_stages=_forced.num_stages)
+    if tuned is raw:  # interpreter
+        return raw, dict(_INTERPRETER_TILE)
+    return tuned, {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +415,6 @@ def _launch_args(q: torch.Tensor) -> dict:
         HEAD_DIM=Dh,
         BLOCK_D=block_d(Dh),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay exact
-        **_FIXED,
     )
 
 
@@ -410,8 +432,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     lse = empty((B * H, N), torch.float32, q.device)
     if o.numel():
         sm_scale = 1.0 / math.sqrt(Dh)
-        _fwd[_grid(N, B * H, "BLOCK_M")](
-            q, k, v, o, lse, *_strides(q, k, v), H, N, sm_scale * LOG2E, **_launch_args(q)
+        kernel, tile = _kernel(_fwd, _attn_fwd_kernel)
+        kernel[_grid(N, B * H, "BLOCK_M")](
+            q, k, v, o, lse, *_strides(q, k, v), H, N, sm_scale * LOG2E, **_launch_args(q), **tile
         )  # fmt: skip
     return o, lse
 
@@ -432,8 +455,10 @@ def attention_bwd(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torc
     )  # fmt: skip
     sm_scale = 1.0 / math.sqrt(Dh)
     args = (*_strides(q, k, v), H, N, sm_scale * LOG2E, sm_scale)
-    _dkdv[_grid(N, B * H, "BLOCK_N")](q, k, v, do, lse, delta, dk, dv, *args, **_launch_args(q))
-    _dq[_grid(N, B * H, "BLOCK_M")](q, k, v, do, lse, delta, dq, *args, **_launch_args(q))
+    kernel, tile = _kernel(_dkdv, _attn_bwd_dkdv_kernel)
+    kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, do, lse, delta, dk, dv, *args, **_launch_args(q), **tile)
+    kernel, tile = _kernel(_dq, _attn_bwd_dq_kernel)
+    kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, do, lse, delta, dq, *args, **_launch_args(q), **tile)
     return dq, dk, dv
 
 

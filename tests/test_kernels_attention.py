@@ -140,3 +140,16 @@ def test_autotune_configs_pruned_for_vit_token_counts():
     assert tiles(A.prune_tiles(configs, 1, "BLOCK_M")) == {(32, 32, 4, 2)}
     # the batch part of the key: the start-up check's batch 4 and training's 256 tune apart
     assert A.bh_bucket(4 * 12) == 64 and A.bh_bucket(256 * 12) == 4096 and A.bh_bucket(1) == 16
+
+
+
+def test_forced_config_launches_that_tile(kernel_device, kernel_dtype, close_to_fp32):
+    # what the GPU check uses to verify, one by one, every config the autotuner may pick
+    config = A._gpu_configs()[3]  # 64 x 64, 4 warps, 2 stages
+    with A.forced_config(config):
+        kernel, tile = A._kernel(A._fwd, A._attn_fwd_kernel)
+        assert kernel is A._attn_fwd_kernel
+        assert tile == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        q, k, v = (torch.randn(2, 2, 70, 32, device=kernel_device, dtype=kernel_dtype) for _ in range(3))
+        _check(q, k, v, close_to_fp32)  # 70 tokens: two 64-wide tiles, the second ragged
+    assert A._kernel(A._fwd, A._attn_fwd_kernel)[1] != tile  # the context restores the default
