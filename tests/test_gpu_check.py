@@ -2,6 +2,7 @@
 without CUDA it says so and stops, and its phase loop records timeouts and keeps going (smoke mode:
 tiny shapes, the Triton interpreter). The end-to-end phases run in-process at tiny shapes."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_check
 from urfm_fast import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
+# by path: `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 
 def _run(env_extra: dict, *args, timeout=300):
