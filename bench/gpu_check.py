@@ -222,7 +222,7 @@ def phase_kernel_speed(res: Results, smoke: bool) -> int:
         q, k, v, grad = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(4))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         flops = 3.5 * 4 * batch * heads * tokens * tokens * head_dim  # fwd 2 matmuls + bwd 5 (no recompute)
-        impls = {"triton": A.attention, "sdpa_default": F.scaled_dot_product_attention}
+        impls = {"sdpa_default": F.scaled_dot_product_attention, "triton": A.attention}  # the baseline first
         for name, backend in backends.items():
             impls[name] = lambda *a, _b=backend: _with_sdpa_backend(_b, sdpa_kernel, F, *a)
         sdpa_ms = None
@@ -311,6 +311,7 @@ def _step_rows(res: Results, phase: str, smoke: bool, compile_mode: str | None) 
                 step = OurStep(cfg, device, amp, compile_mode=compile_mode,
                                compile_backend="aot_eager" if smoke else "inductor")  # fmt: skip
             first_s = _sync_time(step, images, device, 1)
+            res.update(phase, note=f"{label}: first step (compile, autotuning) {first_s:.1f} s")  # kept if cut
             _sync_time(step, images, device, warmup)  # autotuning at this batch, any recompile
             mean_s = _sync_time(step, images, device, steps) / steps
         row = dict(row=f"{label}{', compiled blocks' if compile_mode else ''}", batch=batch, step_ms=1e3 * mean_s,

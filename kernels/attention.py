@@ -265,10 +265,10 @@ def _attn_bwd_dq_kernel(
 # tile configs: autotuned on GPU, one small fixed tile under the interpreter so CPU tests stay
 # quick. The autotune key is (N, head size, dot precision, BH_BUCKET): BH_BUCKET is B*H rounded
 # up to a power of two (>= 16), an argument the kernels never read, so a choice made at a small
-# batch (the start-up check's) is not reused at the training batch, where the grid is 50x larger
-# and a different tile wins. Every config below compiles for sm_90 without local-memory spills
-# and within the 227 KB of shared memory per block (tests/test_sm90_compile.py, on CPU).
-# The pruning drops what cannot win at ViT's 50 / 197 tokens (see _prune); the kernels only write
+# batch (the start-up check's) is not reused at the training batch, where the grid is ~64x larger
+# and another tile may win. prune_tiles drops what cannot win at ViT's 50 / 197 tokens and what
+# would spill or overflow shared memory on sm_90; every config it can keep compiles for sm_90
+# without spills and within 227 KB (tests/test_sm90_compile.py, on CPU). The kernels only write
 # their outputs (no accumulation, no atomics), so autotuning's repeated launches need no reset.
 # Every tile side is >= 32 and BLOCK_D >= 16, so every tl.dot operand meets the 16 minimum.
 # --------------------------------------------------------------------------------------------
@@ -293,7 +293,8 @@ def prune_tiles(configs, n_tokens: int, loop_block: str, block_d: int = 64, accu
     ptxas spills (seen: dK/dV at head size 80, 64-key tiles, 4 warps); the pipeline's buffers (two
     16-bit operand tiles per stage) must stay within 128 KB, since layout conversions take much of
     the rest of the 227 KB (seen: dK/dV at head size 80, 128-query tiles, 3 stages: 235 KB).
-    At N=50 this leaves 4 of the 8 configs, at N=197 all 8 (head size <= 64).
+    Head size <= 64: 4 of the 8 configs at N=50; at N=197 all 8 (7 for dK/dV, whose 128-query
+    loop has two iterations). Head size 80 (BLOCK_D 128) keeps 2-4 for dK/dV.
     """
     cap = max(32, next_power_of_2(n_tokens))
     own_block = "BLOCK_M" if loop_block == "BLOCK_N" else "BLOCK_N"
