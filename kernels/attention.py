@@ -5,7 +5,7 @@ math out with an ``upcast`` flag so tests can build an fp32 ground truth.
 
 The Triton version is flash-attention (online softmax, the N x N scores never reach memory) cut
 for ViT: no causal mask, scale 1/sqrt(Dh), key masking so any N works (1, 50, 197, 257, primes),
-and 32/64-wide tiles chosen by autotuning per (N, Dh) so short sequences waste little. Forward
+and 32- to 128-wide tiles autotuned per (N, Dh, B*H bucket) so short sequences waste little. Forward
 saves the per-row log-sum-exp; backward recomputes the probabilities from it in two kernels,
 one owning key tiles (dK, dV) and one owning query tiles (dQ), so nothing needs atomics and the
 result is deterministic. All accumulation is fp32.
@@ -14,14 +14,17 @@ Limits: self-attention only (q, k, v of one shape); head size Dh <= 128 (32/64/1
 fast cases; others are padded to the next power of two); fp16, bf16 or fp32 inputs with a unit
 stride along Dh (other strides free, so q/k/v views of a packed qkv tensor need no copy; an
 input without it is copied). Outputs and gradients come back in the input dtype, contiguous.
-fp32 inputs use full-precision (ieee, not tf32) dots: exact, but far slower than bf16.
+fp32 inputs use full-precision (ieee, not tf32) dots, exact, under the interpreter only: on a GPU
+those tiles spill registers and overflow shared memory, so the launcher refuses fp32 CUDA tensors
+and ``urfm_fast.ops.attention`` sends fp32 to ``F.scaled_dot_product_attention``.
 
-Caution: autotuning compiles and runs the first call of each (N, Dh, dtype) several times; the
+Caution: autotuning compiles and runs the first call of each (N, Dh, dtype, B*H bucket) several times; the
 kernels only write their outputs, so this is safe, but time the second call, and do not make
 that first call inside CUDA-graph capture.
 Caution: triton's interpreter computes bf16 ``tl.dot`` wrongly; test bf16 on a GPU only.
 """
 
+import contextlib
 import math
 
 import torch
@@ -84,6 +87,7 @@ def _attn_fwd_kernel(
     H,
     N,
     qk_scale,  # log2(e) / sqrt(Dh)
+    BH_BUCKET,  # B*H rounded up to a power of two: part of the autotune key, never read
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two, >= 16
     BLOCK_M: tl.constexpr,
@@ -170,6 +174,7 @@ def _attn_bwd_dkdv_kernel(
     N,
     qk_scale,
     sm_scale,
+    BH_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -220,6 +225,7 @@ def _attn_bwd_dq_kernel(
     N,
     qk_scale,
     sm_scale,
+    BH_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -256,39 +262,111 @@ def _attn_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# tile configs: autotuned on GPU (keyed on N, the head size and, implicitly, the dtypes), one
-# small fixed tile under the interpreter so CPU tests stay quick. 64-wide tiles fit ViT's 50 /
-# 197 tokens with little waste. The list is short on purpose: the autotuner compiles every
-# config of every kernel before the first step (x3 kernels, per head size and dtype).
+# tile configs: autotuned on GPU, one small fixed tile under the interpreter so CPU tests stay
+# quick. The autotune key is (N, head size, dot precision, BH_BUCKET): BH_BUCKET is B*H rounded
+# up to a power of two (>= 16), an argument the kernels never read, so a choice made at a small
+# batch (the start-up check's) is not reused at the training batch, where the grid is ~64x larger
+# and another tile may win. prune_tiles drops what cannot win at ViT's 50 / 197 tokens and what
+# would spill or overflow shared memory on sm_90; every config it can keep compiles for sm_90
+# without spills and within 227 KB (tests/test_sm90_compile.py, on CPU). The kernels only write
+# their outputs (no accumulation, no atomics), so autotuning's repeated launches need no reset.
 # Every tile side is >= 32 and BLOCK_D >= 16, so every tl.dot operand meets the 16 minimum.
-# The kernels only write their outputs (no accumulation into them, no atomics), so the repeated
-# launches of autotuning need no reset_to_zero / restore_value.
 # --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, warps, stages)
+GPU_TILES = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+             (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]  # fmt: skip
 
 
 def _gpu_configs():
-    # (BLOCK_M, BLOCK_N, warps, stages); 3 stages only pay where the loop has several tiles
-    tiles = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-             (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]  # fmt: skip
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_TILES]
 
 
-def _prune(configs, named_args, **kwargs):
-    # a tile larger than the sequence (beyond the 32 minimum) only wastes work
-    n = named_args["N"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, 2 * n) and c.kwargs["BLOCK_N"] <= max(32, 2 * n)]
-    return keep or configs[:1]
+def prune_tiles(configs, n_tokens: int, loop_block: str, block_d: int = 64, accumulators: int = 1):
+    """The configs worth timing at ``n_tokens`` for a kernel that loops over ``loop_block`` and keeps
+    ``accumulators`` fp32 tiles of (its own tile side x ``block_d``) in registers.
+
+    A tile side beyond N rounded up to a power of two (min 32) only adds masked rows; a third
+    pipeline stage needs at least three loop iterations to overlap anything (N=50 with 64-wide
+    tiles is one iteration). Two limits of sm_90 (tests/test_sm90_compile.py): more than 64
+    accumulator values per thread leave too few of the 255 registers for the operand tiles and
+    ptxas spills (seen: dK/dV at head size 80, 64-key tiles, 4 warps); the pipeline's buffers (two
+    16-bit operand tiles per stage) must stay within 128 KB, since layout conversions take much of
+    the rest of the 227 KB (seen: dK/dV at head size 80, 128-query tiles, 3 stages: 235 KB).
+    Head size <= 64: 4 of the 8 configs at N=50; at N=197 all 8 (7 for dK/dV, whose 128-query
+    loop has two iterations). Head size 80 (BLOCK_D 128) keeps 2-4 for dK/dV.
+    """
+    cap = max(32, next_power_of_2(n_tokens))
+    own_block = "BLOCK_M" if loop_block == "BLOCK_N" else "BLOCK_N"
+
+    def fits(c):
+        acc_per_thread = accumulators * c.kwargs[own_block] * block_d // (32 * c.num_warps)
+        pipeline_bytes = c.num_stages * 2 * c.kwargs[loop_block] * block_d * 2
+        few_iters = triton.cdiv(n_tokens, c.kwargs[loop_block]) < 3
+        return (
+            c.kwargs["BLOCK_M"] <= cap
+            and c.kwargs["BLOCK_N"] <= cap
+            and not (c.num_stages > 2 and few_iters)
+            and acc_per_thread <= 64
+            and pipeline_bytes <= 128 * 1024
+        )
+
+    return [c for c in configs if fits(c)] or configs[:1]
+
+
+def _pruner(loop_block: str, accumulators: int):
+    def prune(configs, named_args, **kwargs):
+        return prune_tiles(configs, named_args["N"], loop_block, kwargs["BLOCK_D"], accumulators)
+
+    return prune
+
+
+def bh_bucket(bh: int) -> int:
+    """B*H rounded up to a power of two, at least 16: the batch part of the autotune key."""
+    return max(16, next_power_of_2(bh))
+
+
+# (kernel, the tile side it loops over, fp32 accumulator tiles it holds): forward and dQ own query
+# tiles and loop over keys (o / dq), dK/dV own key tiles and loop over queries (dk and dv)
+TUNED = {"fwd": ("BLOCK_N", 1), "dkdv": ("BLOCK_M", 2), "dq": ("BLOCK_N", 1)}
+
+
+def _autotuned(kernel, kind: str):
+    key = ["N", "HEAD_DIM", "DOT_PRECISION", "BH_BUCKET"]
+    prune = {"early_config_prune": _pruner(*TUNED[kind])}
+    return triton.autotune(_gpu_configs(), key=key, prune_configs_by=prune)(kernel)
 
 
 if INTERPRET or not HAS_TRITON:
-    _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
     _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 else:
-    _FIXED = {}
-    _tune = dict(key=["N", "HEAD_DIM", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune})
-    _fwd = triton.autotune(_gpu_configs(), **_tune)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_gpu_configs(), **_tune)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_gpu_configs(), **_tune)(_attn_bwd_dq_kernel)
+    _fwd = _autotuned(_attn_fwd_kernel, "fwd")
+    _dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv")
+    _dq = _autotuned(_attn_bwd_dq_kernel, "dq")
+
+_INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # one small tile: quick CPU tests
+_forced = None  # a triton.Config used instead of autotuning, inside forced_config()
+
+
+@contextlib.contextmanager
+def forced_config(config):
+    """Launch every attention kernel with this one ``triton.Config`` instead of autotuning, so a
+    check can verify each config the autotuner may pick (bench/gpu_check.py does, on a GPU)."""
+    global _forced
+    previous, _forced = _forced, config
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _kernel(tuned, raw):
+    """(kernel, its tile kwargs) for one launch: the autotuner, or the plain kernel with a fixed tile."""
+    if _forced is not None:
+        return raw, dict(_forced.kwargs, num_warps=_forced.num_warps, num_stages=_forced.num_stages)
+    if tuned is raw:  # interpreter
+        return raw, dict(_INTERPRETER_TILE)
+    return tuned, {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +388,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         raise ValueError("q, k, v must be on one device")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head size {q.shape[-1]} must lie in [1, {MAX_HEAD_DIM}]")
+    if q.dtype == torch.float32 and q.is_cuda:
+        # exact fp32 (ieee) dots need 2-3x the registers and shared memory of bf16 tiles: the
+        # kernels spill and several tiles exceed sm_90's 227 KB; urfm_fast.ops sends fp32 to SDPA
+        raise ValueError("fp32 attention on a GPU runs on F.scaled_dot_product_attention; use bf16/fp16 here")
     # in-head offsets (row * stride along N) are int32 in the kernels; the (b, h) offsets are int64
     N = q.shape[2]
     return [t if t.stride(-1) == 1 and N * t.stride(2) < 2**31 else t.contiguous() for t in (q, k, v)]
@@ -319,13 +401,21 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
+def block_d(head_dim: int) -> int:
+    """The head size rounded up to a power of two, >= 16 (tl.dot's minimum)."""
+    return max(16, next_power_of_2(head_dim))
+
+
+DELTA_ROWS = 64  # rows per program of the backward's rowsum(o * do) kernel on a GPU
+
+
 def _launch_args(q: torch.Tensor) -> dict:
-    Dh = q.shape[-1]
+    B, H, _, Dh = q.shape
     return dict(
+        BH_BUCKET=bh_bucket(B * H),
         HEAD_DIM=Dh,
-        BLOCK_D=max(16, next_power_of_2(Dh)),  # tl.dot needs >= 16
+        BLOCK_D=block_d(Dh),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay exact
-        **_FIXED,
     )
 
 
@@ -343,8 +433,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     lse = empty((B * H, N), torch.float32, q.device)
     if o.numel():
         sm_scale = 1.0 / math.sqrt(Dh)
-        _fwd[_grid(N, B * H, "BLOCK_M")](
-            q, k, v, o, lse, *_strides(q, k, v), H, N, sm_scale * LOG2E, **_launch_args(q)
+        kernel, tile = _kernel(_fwd, _attn_fwd_kernel)
+        kernel[_grid(N, B * H, "BLOCK_M")](
+            q, k, v, o, lse, *_strides(q, k, v), H, N, sm_scale * LOG2E, **_launch_args(q), **tile
         )  # fmt: skip
     return o, lse
 
@@ -359,15 +450,16 @@ def attention_bwd(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torc
     if not dq.numel():
         return dq, dk, dv
     delta = empty((B * H, N), torch.float32, q.device)
-    block_d = max(16, next_power_of_2(Dh))
-    rows = 16 if INTERPRET else 64
+    rows = 16 if INTERPRET else DELTA_ROWS
     _attn_bwd_delta_kernel[(triton.cdiv(B * H * N, rows),)](
-        o, do, delta, B * H * N, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=rows
+        o, do, delta, B * H * N, HEAD_DIM=Dh, BLOCK_D=block_d(Dh), BLOCK_M=rows
     )  # fmt: skip
     sm_scale = 1.0 / math.sqrt(Dh)
     args = (*_strides(q, k, v), H, N, sm_scale * LOG2E, sm_scale)
-    _dkdv[_grid(N, B * H, "BLOCK_N")](q, k, v, do, lse, delta, dk, dv, *args, **_launch_args(q))
-    _dq[_grid(N, B * H, "BLOCK_M")](q, k, v, do, lse, delta, dq, *args, **_launch_args(q))
+    kernel, tile = _kernel(_dkdv, _attn_bwd_dkdv_kernel)
+    kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, do, lse, delta, dk, dv, *args, **_launch_args(q), **tile)
+    kernel, tile = _kernel(_dq, _attn_bwd_dq_kernel)
+    kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, do, lse, delta, dq, *args, **_launch_args(q), **tile)
     return dq, dk, dv
 
 

@@ -106,6 +106,14 @@ def _cosine_loss_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def launch_shape(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) for rows of D features: <= 4096 elements per program and <= 32 fp32
+    per thread per operand, so nothing spills (tests/test_sm90_compile.py checks it for sm_90)."""
+    block_d = next_power_of_2(D)
+    rows = max(1, min(4096 // block_d, 16))
+    return block_d, rows, min(16, max(4, rows * block_d // 512))
+
+
 @launcher
 def cosine_loss_fwd(
     pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, target_norm: bool, with_grad: bool
@@ -134,13 +142,12 @@ def cosine_loss_fwd(
         wsum = weight.sum(dtype=torch.float32).reshape(1)
     loss_rows = empty((M,), torch.float32, pred.device)
     grad = empty((M, D) if with_grad else (0,), pred.dtype, pred.device)
-    block_d = next_power_of_2(D)
-    rows = max(1, min(4096 // block_d, 16))
+    block_d, rows, num_warps = launch_shape(D)
     _cosine_loss_kernel[(triton.cdiv(M, rows),)](
         pred2, target2, weight if weight is not None else loss_rows, wsum if weight is not None else loss_rows,
         loss_rows, grad if with_grad else loss_rows, M, D, pred2.stride(0), target2.stride(0), 1.0 / M, EPS, LN_EPS,
         HAS_WEIGHT=weight is not None, TARGET_NORM=target_norm, WITH_GRAD=with_grad, ROWS=rows, BLOCK_D=block_d,
-        num_warps=min(16, max(4, rows * block_d // 512)),  # <= 32 fp32 per thread per operand: no spills
+        num_warps=num_warps,
     )  # fmt: skip
     return loss_rows.sum(), grad.view(pred.shape) if with_grad else grad
 

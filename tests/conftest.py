@@ -4,6 +4,11 @@ The Triton kernels run under triton's interpreter on CPU tensors when no GPU is 
 decides that when a kernel is defined (at ``import urfm_fast``), so the variable is set here,
 before any test module imports the package. On a CUDA machine the kernels compile for the GPU
 instead; export TRITON_INTERPRET=1 to force the interpreter there too.
+
+On a CUDA machine every test runs: the kernel tests on the GPU (``kernel_device``), in bf16 where a
+CPU run uses fp32 (``kernel_dtype``: the interpreter's bf16 ``tl.dot`` is wrong, and fp32 attention
+on a GPU is SDPA's, not the kernel's), and a test that only makes sense under the interpreter is
+marked ``interpreter_only`` and skipped there.
 """
 
 import os
@@ -15,11 +20,20 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter_only = pytest.mark.skipif(not INTERPRETER, reason="CPU-only: checks the kernels under the interpreter")
+
 
 @pytest.fixture
 def kernel_device() -> torch.device:
     """Where the Triton kernels under test run: the GPU, or the CPU under the interpreter."""
-    return torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+    return torch.device("cpu" if INTERPRETER else "cuda")
+
+
+@pytest.fixture
+def kernel_dtype() -> torch.dtype:
+    """The dtype a kernel test runs in: fp32 under the interpreter (exact), bf16 on a GPU (training's)."""
+    return torch.float32 if INTERPRETER else torch.bfloat16
 
 
 @pytest.fixture

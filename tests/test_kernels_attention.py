@@ -2,7 +2,8 @@
 
 Tolerance: flash-attention's rule (conftest ``close_to_fp32``): the kernel's error against an fp32
 reference may be at most twice torch's own error in the same dtype, plus a small atol. Runs under
-the interpreter on CPU with tiny B*H; bf16 and the real shapes run only where CUDA is present.
+the interpreter on CPU with tiny B*H; bf16 and the real shapes run only where CUDA is present, and
+there the fp32 cases run in bf16 (fp32 attention on a GPU is SDPA's, see urfm_fast.ops).
 """
 
 import pytest
@@ -27,6 +28,11 @@ def _run(fn, q, k, v, g):
     out = fn(q, k, v)
     out.backward(g)
     return out.detach(), q.grad, k.grad, v.grad
+
+
+def _on_device(dtype, device):
+    # the kernel's dtype for a case: fp32 cases become bf16 on a GPU
+    return torch.bfloat16 if dtype == torch.float32 and device.type == "cuda" else dtype
 
 
 def _check(q, k, v, close_to_fp32):
@@ -59,23 +65,26 @@ CASES = [
 
 @pytest.mark.parametrize("B,H,N,Dh,dtype", CASES)
 def test_attention_matches_reference(B, H, N, Dh, dtype, kernel_device, close_to_fp32):
-    q, k, v = (torch.randn(B, H, N, Dh, device=kernel_device).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, Dh, device=kernel_device).to(_on_device(dtype, kernel_device)) for _ in range(3))
     _check(q, k, v, close_to_fp32)
 
 
 def test_attention_peaked_scores(kernel_device, close_to_fp32):
     # large logits: the online softmax must rescale without overflow
-    q, k, v = (torch.randn(1, 1, 45, 32, device=kernel_device) * s for s in (6.0, 6.0, 1.0))
+    dtype = _on_device(torch.float32, kernel_device)
+    q, k, v = ((torch.randn(1, 1, 45, 32, device=kernel_device) * s).to(dtype) for s in (6.0, 6.0, 1.0))
     _check(q, k, v, close_to_fp32)
 
 
 def test_attention_on_packed_qkv_views(kernel_device):
     # the model's layout: q, k, v are strided views of one (B, N, 3, H, Dh) projection
     B, N, H, Dh = 2, 26, 2, 32
-    qkv = torch.randn(B, N, 3, H, Dh, device=kernel_device).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+    dtype = _on_device(torch.float32, kernel_device)
+    qkv = torch.randn(B, N, 3, H, Dh, device=kernel_device, dtype=dtype).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
     q, k, v = qkv.unbind(0)
     assert not q.is_contiguous()
-    torch.testing.assert_close(ops.attention(q, k, v), A.attention_math_ref(q, k, v), atol=2e-5, rtol=1e-5)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ops.attention(q, k, v), A.attention_math_ref(q, k, v), atol=tol, rtol=tol)
 
 
 def test_attention_launcher_errors(kernel_device):
@@ -111,3 +120,36 @@ def test_attention_many_heads_gpu():
     # B*H beyond 65535: the 1-D grid must still launch and map tiles to the right head
     q, k, v = (torch.randn(5462, 12, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     torch.testing.assert_close(ops.attention(q, k, v), A.attention_math_ref(q, k, v, upcast=True), atol=2e-2, rtol=2e-2)
+
+
+@cuda_only
+def test_attention_launcher_refuses_fp32_on_gpu():
+    q = torch.randn(1, 1, 4, 32, device="cuda")
+    with pytest.raises(ValueError, match="fp32 attention on a GPU"):
+        A.attention_fwd(q, q, q)
+    torch.testing.assert_close(ops.attention(q, q, q), A.attention_ref(q, q, q))  # ops routes it to SDPA
+
+
+def test_autotune_configs_pruned_for_vit_token_counts():
+    configs = A._gpu_configs()
+    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cs}
+    at50 = tiles(A.prune_tiles(configs, 50, "BLOCK_N"))
+    # 50 tokens: no 128-wide tile, no third stage (one or two loop iterations)
+    assert at50 == {(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2)}
+    assert tiles(A.prune_tiles(configs, 197, "BLOCK_N")) == tiles(configs)
+    assert tiles(A.prune_tiles(configs, 1, "BLOCK_M")) == {(32, 32, 4, 2)}
+    # the batch part of the key: the start-up check's batch 4 and training's 256 tune apart
+    assert A.bh_bucket(4 * 12) == 64 and A.bh_bucket(256 * 12) == 4096 and A.bh_bucket(1) == 16
+
+
+
+def test_forced_config_launches_that_tile(kernel_device, kernel_dtype, close_to_fp32):
+    # what the GPU check uses to verify, one by one, every config the autotuner may pick
+    config = A._gpu_configs()[3]  # 64 x 64, 4 warps, 2 stages
+    with A.forced_config(config):
+        kernel, tile = A._kernel(A._fwd, A._attn_fwd_kernel)
+        assert kernel is A._attn_fwd_kernel
+        assert tile == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        q, k, v = (torch.randn(2, 2, 70, 32, device=kernel_device, dtype=kernel_dtype) for _ in range(3))
+        _check(q, k, v, close_to_fp32)  # 70 tokens: two 64-wide tiles, the second ragged
+    assert A._kernel(A._fwd, A._attn_fwd_kernel)[1] != tile  # the context restores the default

@@ -140,14 +140,20 @@ def test_backward_is_deterministic(kernel_device):
 
 
 def test_launcher_errors(kernel_device):
-    x = torch.randn(2, 5, 8, device=kernel_device)
-    with pytest.raises(ValueError, match="idx"):
-        G.gather_tokens_fwd(x, torch.tensor([[0, 5]], device=kernel_device).expand(2, -1))
+    dev = dict(device=kernel_device)
+    x = torch.randn(2, 5, 8, **dev)
+    if kernel_device.type == "cpu":
+        # value checks (index range, permutation) need the values on the host: CPU tensors only,
+        # a GPU launch would have to synchronise for them
+        with pytest.raises(ValueError, match="idx"):
+            G.gather_tokens_fwd(x, torch.tensor([[0, 5]], **dev).expand(2, -1))
+        not_a_permutation = torch.zeros(2, 5, dtype=torch.long)
+        with pytest.raises(ValueError, match="permutation"):
+            G.unshuffle_fwd(torch.randn(2, 3, 8), torch.zeros(8), not_a_permutation, torch.zeros(6, 8))
     with pytest.raises(ValueError, match="int64"):
-        G.gather_tokens_fwd(x, torch.zeros(2, 3, device=kernel_device))
+        G.gather_tokens_fwd(x, torch.zeros(2, 3, **dev))
     with pytest.raises(ValueError, match="3 dims"):
-        G.gather_tokens_fwd(x[0], torch.zeros(2, 3, dtype=torch.long, device=kernel_device))
+        G.gather_tokens_fwd(x[0], torch.zeros(2, 3, dtype=torch.long, **dev))
+    idx = torch.zeros(2, 1, dtype=torch.long, **dev)
     with pytest.raises(ValueError, match="pos"):
-        G.gather_visible_fwd(x, torch.zeros(2, 1, dtype=torch.long), torch.zeros(5, 8), torch.zeros(8))
-    with pytest.raises(ValueError, match="permutation"):
-        G.unshuffle_fwd(torch.randn(2, 3, 8), torch.zeros(8), torch.zeros(2, 5, dtype=torch.long), torch.zeros(6, 8))
+        G.gather_visible_fwd(x, idx, torch.zeros(5, 8, **dev), torch.zeros(8, **dev))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import interpreter_only
 from PIL import Image
 
 from urfm_fast import URFM, URFMConfig, pretrain
@@ -316,6 +317,7 @@ def test_init_loads_weights_only(tmp_path):
         assert torch.equal(got["model"][k], v), k
 
 
+@interpreter_only  # a 1 % error is within bf16's bound on a GPU
 def test_a_kernel_failing_its_start_up_check_runs_on_torch(tmp_path, monkeypatch, capsys):
     # What a GPU run does before compiling: every kernel is checked at the run's shapes; a wrong one
     # (here attention, 1 % off) is switched to torch and the run trains on correct numbers.

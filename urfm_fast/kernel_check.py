@@ -7,17 +7,23 @@ truth (the torch reference on the same values upcast), by flash-attention's rule
 Two users: ``bench/check_kernels.py`` prints the table on a GPU machine, and ``pretrain`` calls
 ``verify_or_fall_back`` once at start-up on CUDA, at the run's own shapes: an op whose kernel fails
 to compile or disagrees with torch on this GPU is switched to torch for the run, with a warning,
-instead of training on wrong numbers.
+instead of training on wrong numbers. On CUDA it then times the Triton attention against
+``F.scaled_dot_product_attention`` (forward + backward) at the run's micro-batch for every attention
+shape of the run (``choose_attention``): where SDPA is faster, that shape runs on SDPA, logged. The
+timing also autotunes the kernels at the training batch before anything is compiled.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 
 from urfm_fast import ops
+from urfm_fast.kernels import attention as _attention
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,7 @@ class Shapes:
     K: int
     D: int
     attention: tuple[tuple[int, int, int], ...]  # (tokens, heads, head dim) per distinct attention call
+    micro_batch: int = 0  # the run's per-rank batch, where attention speed is compared (0: B)
 
     @classmethod
     def preset(cls, scale: str) -> Shapes:
@@ -41,15 +48,16 @@ class Shapes:
         return cls(3, 37, 9, 48, ((10, 2, 16), (38, 2, 16), (38, 3, 16), (5, 5, 16)))
 
     @classmethod
-    def of_run(cls, cfg, teacher_heads: int = 12, teacher_dim: int = 768, batch: int = 4) -> Shapes:
-        """The shapes a URFMConfig trains at (a small batch: the check is about tiles, not throughput)."""
+    def of_run(cls, cfg, teacher_heads: int = 12, teacher_dim: int = 768, batch: int = 4, micro_batch: int = 0):
+        """The shapes a URFMConfig trains at: correctness at a small ``batch`` (it is about tiles), speed
+        at ``micro_batch`` (the grid size decides which tile and which implementation win)."""
         n, k = cfg.num_patches, cfg.num_visible
         attention = (
             (1 + k, cfg.num_heads, cfg.embed_dim // cfg.num_heads),
             (1 + n, cfg.decoder_num_heads, cfg.decoder_embed_dim // cfg.decoder_num_heads),
             (1 + n, teacher_heads, teacher_dim // teacher_heads),
         )
-        return cls(batch, n, k, cfg.decoder_embed_dim, tuple(dict.fromkeys(attention)))
+        return cls(batch, n, k, cfg.decoder_embed_dim, tuple(dict.fromkeys(attention)), micro_batch)
 
 
 def cases(shapes: Shapes, device):
@@ -139,9 +147,75 @@ def markdown(rows: list[dict], dtype: torch.dtype) -> list[str]:
     return lines
 
 
-def verify_or_fall_back(shapes: Shapes, device, dtype: torch.dtype) -> list[str]:
-    """Check every kernel at these shapes; switch the failing ops to torch. Returns their names."""
+def time_fwd_bwd(fn, q, k, v, grad, reps: int = 10) -> float:
+    """Median seconds of ``fn(q, k, v).backward(grad)`` after two untimed calls (the first autotunes)."""
+    cuda = q.is_cuda
+
+    def call():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(grad)
+
+    call(), call()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def choose_attention(shapes: Shapes, device, dtype: torch.dtype, reps: int = 10) -> list[dict]:
+    """Time Triton against SDPA per attention shape at the micro-batch; route SDPA's wins to SDPA.
+
+    One row per shape: tokens, heads, head_dim, batch, triton_ms, sdpa_ms, choice ('triton' | 'sdpa').
+    A kernel that raises counts as a loss (its error text goes into the row and the log).
+    """
+    batch = shapes.micro_batch or shapes.B
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for tokens, heads, head_dim in shapes.attention:
+        q, k, v, grad = (torch.randn(batch, heads, tokens, head_dim, generator=g).to(device, dtype) for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        row = dict(tokens=tokens, heads=heads, head_dim=head_dim, batch=batch, triton_ms=None)
+        row["sdpa_ms"] = 1e3 * time_fwd_bwd(_attention.attention_ref, q, k, v, grad, reps)
+        if ops.attention_on_sdpa(q.device.type, dtype, tuple(q.shape)):
+            rows.append(dict(row, choice="sdpa"))  # fp32 on a GPU: SDPA by rule, nothing to time
+            continue
+        try:
+            row["triton_ms"] = 1e3 * time_fwd_bwd(_attention.attention, q, k, v, grad, reps)
+        except Exception as e:  # no kernel image, out of resources ...: SDPA it is
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        if row["triton_ms"] is None or row["triton_ms"] > row["sdpa_ms"]:
+            row["choice"] = "sdpa"
+            why = row.get("error") or f"{row['sdpa_ms']:.3f} ms against Triton's {row['triton_ms']:.3f} ms"
+            ops.prefer_sdpa(tokens, heads, head_dim, dtype, f"{why} (forward + backward, batch {batch})")
+        else:
+            row["choice"] = "triton"
+            log.info("urfm_fast: attention N=%d H=%d Dh=%d stays on Triton: %.3f ms against SDPA's %.3f ms",
+                     tokens, heads, head_dim, row["triton_ms"], row["sdpa_ms"])  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def verify_or_fall_back(shapes: Shapes, device, dtype: torch.dtype, compare_speed: bool | None = None) -> list[str]:
+    """Check every kernel at these shapes; switch the failing ops to torch. Returns their names.
+
+    Then, by default on CUDA only, ``choose_attention`` at ``shapes.micro_batch`` (if attention passed).
+    """
     failed = sorted({r["op"] for r in check(dtype, shapes, device) if not r["ok"]})
     for op in failed:
         ops.disable_triton(op, f"its Triton kernel failed the start-up check on {device} in {dtype}")
+    if compare_speed is None:
+        compare_speed = torch.device(device).type == "cuda"
+    if compare_speed and "attention" not in failed:
+        choose_attention(shapes, device, dtype)
     return failed

@@ -8,7 +8,9 @@ Every op is differentiable and keeps the signature of its torch reference in ``u
 
 Tests flip the backend with ``set_backend`` or the ``use_backend`` context manager. A single op can
 be sent back to torch with ``disable_triton`` (training does this when a kernel fails its start-up
-check on the GPU at hand, see urfm_fast.kernel_check).
+check on the GPU at hand, see urfm_fast.kernel_check). Attention has two more routes to
+``F.scaled_dot_product_attention``: fp32 on a GPU always, and any shape for which ``prefer_sdpa``
+was called (the start-up check does, where SDPA beats the Triton kernel at the run's batch).
 """
 
 from __future__ import annotations
@@ -134,9 +136,39 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
     return unshuffle_ref(x, mask_token, ids_restore, pos)
 
 
+# Attention shapes (N, H, Dh, dtype) that run on SDPA because the Triton kernel was slower there on
+# this GPU (urfm_fast.kernel_check.choose_attention); set before any compile, like _disabled.
+_sdpa_shapes: set[tuple] = set()
+
+
+def prefer_sdpa(n_tokens: int, heads: int, head_dim: int, dtype: torch.dtype, reason: str) -> None:
+    """Run attention of this shape on F.scaled_dot_product_attention from now on."""
+    key = (n_tokens, heads, head_dim, dtype)
+    if key not in _sdpa_shapes:
+        _sdpa_shapes.add(key)
+        log.warning("urfm_fast: attention N=%d H=%d Dh=%d %s runs on SDPA: %s", *key[:3], dtype, reason)
+
+
+def clear_sdpa_preferences() -> None:
+    _sdpa_shapes.clear()
+
+
+def attention_on_sdpa(device_type: str, dtype: torch.dtype, shape: tuple) -> bool:
+    """Whether attention of this kind goes to SDPA even where the Triton kernels are selected.
+
+    fp32 on a GPU always does: exact (ieee) fp32 tiles spill and overflow shared memory, and SDPA's
+    fp32 path is the faster one anyway. Under the interpreter (CPU) fp32 stays on the kernel: that
+    is how the tests check it exactly.
+    """
+    if device_type == "cuda" and dtype == torch.float32:
+        return True
+    _, heads, n_tokens, head_dim = shape
+    return (n_tokens, heads, head_dim, dtype) in _sdpa_shapes
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[B,H,N,Dh] each -> softmax(q k^T / sqrt(Dh)) v."""
-    if use_triton(q, "attention"):
+    if use_triton(q, "attention") and not attention_on_sdpa(q.device.type, q.dtype, tuple(q.shape)):
         return _attention.attention(q, k, v)
     return attention_ref(q, k, v)
 

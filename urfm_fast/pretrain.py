@@ -512,7 +512,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
 
     # -- kernels: checked once at this run's shapes on this GPU, before anything is compiled --------
     if ops.use_triton(torch.empty(0, device=d.device)):
-        failed = verify_or_fall_back(Shapes.of_run(model_cfg), d.device, torch.bfloat16 if bf16 else torch.float32)
+        shapes = Shapes.of_run(model_cfg, micro_batch=micro)  # attention speed is compared at this batch
+        failed = verify_or_fall_back(shapes, d.device, torch.bfloat16 if bf16 else torch.float32)
         say("Triton kernels: " + (f"{', '.join(failed)} failed the start-up check and run on torch"
                                    if failed else "all passed the start-up check against torch"))
 

@@ -1,0 +1,76 @@
+"""bench/gpu_check.sh, the one command for a GPU machine, proven on CPU: its plan fits the budget,
+without CUDA it says so and stops, and its phase loop records timeouts and keeps going (smoke mode:
+tiny shapes, the Triton interpreter). The end-to-end phases run in-process at tiny shapes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from urfm_fast import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+# by path: `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+
+def _run(env_extra: dict, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, **env_extra)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_plan_lists_every_phase_within_seven_minutes():
+    proc = _run({}, "--plan")
+    assert proc.returncode == 0, proc.stderr
+    *phases, total = [line.split() for line in proc.stdout.strip().splitlines()]
+    assert [name for name, _ in phases] == list(gpu_check.PHASES)
+    assert total[0] == "total" and int(total[1]) == sum(int(s) for _, s in phases) <= 420
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_without_cuda_it_reports_that_and_stops(tmp_path):
+    t0 = time.monotonic()
+    proc = _run({"OUT": str(tmp_path)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert "no CUDA device" in (tmp_path / "gpu_report.md").read_text()
+    assert json.loads((tmp_path / "gpu_results.json").read_text())["phases"]["env"]["status"] == "no CUDA device"
+
+
+def test_a_phase_out_of_time_is_recorded_and_the_next_one_runs(tmp_path):
+    plan = "env:60 correctness:1 kernel_speed:150 gpu_tests:150"
+    proc = _run({"OUT": str(tmp_path), "GPU_CHECK_SMOKE": "1", "GPU_CHECK_PLAN": plan}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    phases = json.loads((tmp_path / "gpu_results.json").read_text())["phases"]
+    assert {k: v["status"] for k, v in phases.items()} == {
+        "env": "ok", "correctness": "timed out", "kernel_speed": "ok", "gpu_tests": "ok"
+    }  # fmt: skip
+    attention_rows = [r for r in phases["kernel_speed"]["rows"] if r["op"].startswith("attention")]
+    assert {r["impl"] for r in attention_rows} >= {"triton", "sdpa_default"}
+    assert "passed" in phases["gpu_tests"]["note"]
+    assert "## kernel_speed: ok" in (tmp_path / "gpu_report.md").read_text()
+    assert {p.name for p in tmp_path.iterdir()} == {"gpu_results.json", "gpu_report.md", "logs"}  # small files only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="smoke shapes are for CPU; on a GPU run the check itself")
+@pytest.mark.parametrize("phase", ["e2e_eager", "e2e_compiled"])
+def test_end_to_end_phases_run_at_tiny_shapes(phase, tmp_path):
+    try:
+        assert gpu_check.main([phase, "--out", str(tmp_path), "--smoke"]) == 0
+    finally:
+        ops.clear_sdpa_preferences()
+    rows = json.loads((tmp_path / "gpu_results.json").read_text())["phases"][phase]["rows"]
+    steps = [r for r in rows if "images_per_s" in r]
+    assert steps and all(r["images_per_s"] > 0 for r in steps)
+    assert any(r["row"].startswith("attention choice") for r in rows)  # the start-up choice is reported
