@@ -247,3 +247,156 @@ def test_sigterm_ends_a_stuck_run_within_the_grace(tmp_path):
                        env=env, timeout=120)
     assert r.returncode == 128 + 15, r.stderr[-2000:]
     assert "SIGTERM received and the run did not stop within 1s" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: files from strangers
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging forever (a FIFO read blocks, a device never ends)."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("prepare hung")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _png(path, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(20, 180, (40, 48), dtype=np.uint8)).save(path)
+
+
+def _skips(out):
+    return {r["path"]: r["reason"] for r in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+
+
+def test_prepare_reads_regular_files_only(tmp_path, alarm):
+    import os
+
+    from urfm_fast import prepare as P
+
+    src = tmp_path / "src"
+    (src / "real").mkdir(parents=True)
+    _png(src / "real" / "a.png")
+    os.mkfifo(src / "x.png")
+    (src / "zero.png").symlink_to("/dev/zero")
+    (src / "random.dcm").symlink_to("/dev/urandom")
+    (tmp_path / "elsewhere").mkdir()
+    _png(tmp_path / "elsewhere" / "b.png")
+    (src / "linked").symlink_to(tmp_path / "elsewhere")  # a symlinked folder: followed
+    (src / "real" / "loop").symlink_to(src)  # a link loop: reported, not followed forever
+    (src / "again").symlink_to(src / "real")  # a second way into one folder: read once
+    c = P.prepare([src], tmp_path / "out", short_side=32, workers=1, progress=False)
+    skips = _skips(tmp_path / "out")
+    for name in ("x.png", "zero.png", "random.dcm"):
+        assert skips[name] == "not a regular file (FIFO, device or socket); not opened"
+    assert skips["real/loop"].startswith("symlinked folder already read")
+    assert skips["again"].startswith("symlinked folder already read")
+    paths = {r["path"] for r in P.read_index(tmp_path / "out")}
+    assert paths == {"real/a.png", "linked/b.png"}
+    assert c["images_added"] == 2
+
+
+def _dicom_header_only(path, rows, cols):
+    """A DICOM that declares a huge frame but holds a few bytes: the budget check must come first."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UltrasoundImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(64)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, monkeypatch):
+    import zipfile
+
+    from urfm_fast import prepare as P
+
+    pytest.importorskip("pydicom")
+    src = tmp_path / "src"
+    src.mkdir()
+    _dicom_header_only(src / "huge.dcm", 20000, 20000)
+    with zipfile.ZipFile(src / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.dcm", bytes(32 << 20))  # 32 MiB of zeros: ~1000:1
+        zf.writestr("big.png", bytes(3 << 20))
+        with open(tmp_path / "ok.png", "wb"):
+            pass
+        _png(tmp_path / "ok.png")
+        zf.write(tmp_path / "ok.png", "ok.png")
+    monkeypatch.setattr(P, "MAX_MEMBER_BYTES", 2 << 20)  # so "declared size" is tested without GBs
+    monkeypatch.setattr(P, "MAX_MEMBER_RATIO", 10**6)  # ... for big.png only; zeros.dcm is over it too
+    spooled = []
+    real_copy = P._copy_bounded
+    monkeypatch.setattr(P, "_copy_bounded", lambda s, d, n: spooled.append(n) or real_copy(s, d, n))
+    P.prepare([src], tmp_path / "out", short_side=32, workers=1, progress=False)
+    skips = _skips(tmp_path / "out")
+    assert "exceeds the pixel budget" in skips["huge.dcm"]
+    assert skips["bomb.zip/zeros.dcm"].startswith("zip member too large")
+    assert skips["bomb.zip/big.png"].startswith("zip member too large")
+    assert {r["path"] for r in P.read_index(tmp_path / "out")} == {"bomb.zip/ok.png"}
+    assert len(spooled) == 1  # only ok.png was decompressed
+    monkeypatch.setattr(P, "MAX_MEMBER_BYTES", 4 << 30)
+    monkeypatch.setattr(P, "MAX_MEMBER_RATIO", 100)
+    P.prepare([src], tmp_path / "out2", short_side=32, workers=1, progress=False)
+    assert "zip bomb" in _skips(tmp_path / "out2")["bomb.zip/zeros.dcm"]
+
+
+def test_prepare_one_writer_per_output_folder(tmp_path):
+    from urfm_fast import prepare as P
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    held = P._lock(str(out))  # another prepare is running on out
+    try:
+        with pytest.raises(P.PrepareError, match="another prepare is writing"):
+            P.prepare([src], out, short_side=32, workers=1, progress=False)
+    finally:
+        held.close()
+    assert P.prepare([src], out, short_side=32, workers=1, progress=False)["images_added"] == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--short-side", "-5"], "--short-side -5: must be an integer in [16, 8192]"),
+    (["--short-side", "x"], "invalid int value"),
+    (["--frame-stride", "0"], "--frame-stride 0"),
+    (["--workers", "0"], "--workers 0"),
+])
+def test_prepare_bad_values_are_one_line_and_touch_nothing(tmp_path, capsys, argv, needle):
+    from urfm_fast import prepare as P
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "a.png")
+    with pytest.raises(SystemExit) if "invalid" in needle else _nothing() as e:
+        rc = P.main([str(src), "--out", str(tmp_path / "out"), *argv])
+    rc = e.value.code if "invalid" in needle else rc
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # no skipped.jsonl marking good images unreadable for good
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
