@@ -47,9 +47,21 @@ def float_in(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_o
         raise FlagError(f"{flag(name)} {value}: must be a finite number in {interval}{what}")
 
 
+def _path(name: str, value) -> Path:
+    """A path that the OS can look up (no NUL byte, not too long, not empty)."""
+    try:
+        p = Path(str(value)).expanduser()
+        p.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # embedded NUL, name too long, unknown ~user
+        raise FlagError(f"{flag(name)} {value!r}: not a usable path ({e})") from None
+    if not str(value).strip():
+        raise FlagError(f"{flag(name)}: empty path")
+    return p
+
+
 def existing(name: str, value: str, kind: str = "any") -> Path:
     """A path that exists and is a file (``kind='file'``), a folder (``'dir'``) or either."""
-    p = Path(value).expanduser()
+    p = _path(name, value)
     if not p.exists():
         raise FlagError(f"{flag(name)} {value}: no such file or folder")
     if kind == "file" and not p.is_file():
@@ -62,7 +74,7 @@ def existing(name: str, value: str, kind: str = "any") -> Path:
 def writable_dir(name: str, value: str) -> Path:
     """An output folder that exists as a folder, or can be created: its nearest existing ancestor is a
     writable folder. Checked before any long work, so a read-only disk is found at once."""
-    p = Path(value).expanduser()
+    p = _path(name, value)
     if p.exists() and not p.is_dir():
         raise FlagError(f"{flag(name)} {value}: exists and is not a folder")
     probe = p

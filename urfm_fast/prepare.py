@@ -7,6 +7,10 @@ Zip archives (``.zip``) are read as if they were folders: every member is stream
 (no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
 deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
 corrupt archive or member, an encrypted member or a zip inside a zip is listed in skipped.jsonl.
+Files from strangers: only regular files are opened (FIFOs, devices and links to them are listed as
+skipped), symlinked folders are followed once each, a DICOM frame over MAX_FRAME_PIXELS and a zip member
+over its declared size or ratio budget are refused before decoding, and a lock keeps a second run off
+the output folder.
 Every image/frame becomes 8-bit grey, is cropped to the scan region, resized to a fixed short side
 and appended to memory-mappable shards:
 

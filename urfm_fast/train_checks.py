@@ -13,6 +13,9 @@ import re
 
 from urfm_fast.cli_checks import FlagError, existing, float_in, int_in, writable_dir
 
+# Fields argparse already restricts (choices, booleans) or whose loader says what is wrong (--teacher).
+CHECKED_ELSEWHERE = {"model", "mask_type", "target", "dist", "shard", "precision", "teacher", "deterministic",
+                     "async_save", "compile", "ac"}
 BIG = 10**9  # upper bound of counts (steps, intervals): far beyond any run, small enough for any int type
 PATCH = 16  # every preset is patch 16
 
@@ -87,6 +90,8 @@ def _paths(cfg) -> None:
         existing("resume", cfg.resume)
     if cfg.out is not None:
         writable_dir("out", cfg.out)
+    elif cfg.resume == "latest":
+        raise FlagError("--resume without a path continues the run in --out: pass --out RUN_FOLDER")
 
 
 def check_train_config(cfg) -> None:
