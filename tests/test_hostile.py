@@ -262,7 +262,7 @@ def alarm():
         raise TimeoutError("prepare hung")
 
     old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(60)
+    signal.alarm(30)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
@@ -295,7 +295,8 @@ def test_prepare_reads_regular_files_only(tmp_path, alarm):
     (src / "linked").symlink_to(tmp_path / "elsewhere")  # a symlinked folder: followed
     (src / "real" / "loop").symlink_to(src)  # a link loop: reported, not followed forever
     (src / "again").symlink_to(src / "real")  # a second way into one folder: read once
-    c = P.prepare([src], tmp_path / "out", short_side=32, workers=1, progress=False)
+    # two workers: on a hang the alarm interrupts the parent's wait and the pool is terminated
+    c = P.prepare([src], tmp_path / "out", short_side=32, workers=2, progress=False)
     skips = _skips(tmp_path / "out")
     for name in ("x.png", "zero.png", "random.dcm"):
         assert skips[name] == "not a regular file (FIFO, device or socket); not opened"

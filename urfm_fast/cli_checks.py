@@ -63,7 +63,7 @@ def existing(name: str, value: str, kind: str = "any") -> Path:
     """A path that exists and is a file (``kind='file'``), a folder (``'dir'``) or either."""
     p = _path(name, value)
     if not p.exists():
-        raise FlagError(f"{flag(name)} {value}: no such file or folder")
+        raise FlagError(f"{flag(name)} {value}: does not exist")
     if kind == "file" and not p.is_file():
         raise FlagError(f"{flag(name)} {value}: must be a regular file")
     if kind == "dir" and not p.is_dir():
@@ -88,8 +88,13 @@ def writable_dir(name: str, value: str) -> Path:
 
 
 def check_writable_now(path: Path) -> None:
-    """Create the output folder and write a probe file in it: a full disk or read-only mount is one
-    clear line before the work, not a traceback after it."""
+    """Write a probe file in the output folder (created for the probe and removed again if new): a
+    full disk or a read-only mount is one clear line before the work, not a traceback after it."""
+    created = []  # folders this probe makes are removed again: an error later leaves nothing behind
+    probe_dir = path
+    while not probe_dir.exists():
+        created.append(probe_dir)
+        probe_dir = probe_dir.parent
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{os.getpid()}"
@@ -97,3 +102,9 @@ def check_writable_now(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise FlagError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break

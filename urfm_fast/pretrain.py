@@ -55,7 +55,7 @@ from urfm_fast.kernel_check import Shapes, verify_or_fall_back
 from urfm_fast.model import URFM
 from urfm_fast.safe_load import UntrustedCheckpoint, checkpoint_errors, dcp_cause, one_line
 from urfm_fast.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable
-from urfm_fast.train_checks import check_train_config
+from urfm_fast.train_checks import check_train_config, train_warnings
 
 log = logging.getLogger("urfm_fast.pretrain")
 
@@ -196,6 +196,9 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
     check_train_config(cfg)  # every value in range before anything is built (train_checks.py)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for line in train_warnings(cfg):
+            print(line, file=sys.stderr, flush=True)
     return cfg, given, demo
 
 
@@ -952,14 +955,17 @@ def _resume(cfg, out, d, app_state, sd_model, optimizer, ema, stream, mask_gen, 
         break
     else:
         raise ckpt.CheckpointError(f"--resume: none of the checkpoints in {out} is usable")
-    state.step, state.skipped = int(trainer["step"]), int(trainer["skipped"])
-    state.bad_in_a_row, state.elapsed = int(trainer["bad_in_a_row"]), float(trainer["elapsed"])
+    try:
+        state.step, state.skipped = int(trainer["step"]), int(trainer["skipped"])
+        state.bad_in_a_row, state.elapsed = int(trainer["bad_in_a_row"]), float(trainer["elapsed"])
+        stream.load_state_dict(trainer["data"])
+        if not trainer.get("resharded"):
+            set_rng_state(trainer["rng"], d.device)
+            mask_gen.set_state(trainer["mask_gen"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"--resume {path}: its trainer state is damaged ({one_line(e, 120)})") from None
     state.last_good = _STOP_WATCHDOG.last_good = path
-    stream.load_state_dict(trainer["data"])
-    if not trainer.get("resharded"):
-        set_rng_state(trainer["rng"], d.device)
-        mask_gen.set_state(trainer["mask_gen"])
-    else:
+    if trainer.get("resharded"):
         say("resuming on a different number of ranks: per-rank random streams are re-seeded "
             "(use --deterministic for a curve that does not depend on it)")
         mask_gen.manual_seed(cfg.seed * 1000 + d.rank + 7919 * state.step)

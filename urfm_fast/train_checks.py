@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from urfm_fast.cli_checks import FlagError, existing, float_in, int_in, writable_dir
 
@@ -54,18 +55,15 @@ def _schedule(cfg) -> None:
     int_in("steps", cfg.steps, 0, BIG, " (0 = use --epochs)")
     int_in("epochs", cfg.epochs, 0 if cfg.steps else 1, 10**6, "" if cfg.steps else " when --steps is 0")
     if cfg.lr is not None:
-        float_in("lr", cfg.lr, 0.0, 10.0, lo_open=True)
-    float_in("blr", cfg.blr, 0.0, 10.0, lo_open=True)
+        float_in("lr", cfg.lr, 0.0, 10.0)
+    float_in("blr", cfg.blr, 0.0, 10.0)
     base = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
     float_in("min_lr", cfg.min_lr, 0.0, base, what=" (at most the peak learning rate)")
     float_in("warmup_epochs", cfg.warmup_epochs, 0.0, 10**6)
     if cfg.warmup_steps is not None:
-        limit = cfg.steps if cfg.steps else BIG
-        int_in("warmup_steps", cfg.warmup_steps, 0, limit, " (at most --steps)" if cfg.steps else "")
-    elif not cfg.steps and cfg.warmup_epochs > cfg.epochs:
-        raise FlagError(f"--warmup-epochs {cfg.warmup_epochs}: must be in [0, {cfg.epochs}] (at most --epochs)")
+        int_in("warmup_steps", cfg.warmup_steps, 0, BIG)
     float_in("weight_decay", cfg.weight_decay, 0.0, 10.0)
-    float_in("clip_grad", cfg.clip_grad, 0.0, 1e6, what=" (0 = no clipping)")
+    float_in("clip_grad", cfg.clip_grad, 0.0, float("inf"), what=" (0 = no clipping)")
     float_in("ema_decay", cfg.ema_decay, 0.0, 1.0)
 
 
@@ -86,8 +84,8 @@ def _paths(cfg) -> None:
         existing("data", cfg.data)
     if cfg.init is not None:
         existing("init", cfg.init)
-    if cfg.resume not in (None, "latest"):
-        existing("resume", cfg.resume)
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().exists():
+        raise FlagError(f"--resume {cfg.resume}: no such checkpoint folder, run folder or .pth file")
     if cfg.out is not None:
         writable_dir("out", cfg.out)
     elif cfg.resume == "latest":
@@ -100,3 +98,15 @@ def check_train_config(cfg) -> None:
     _schedule(cfg)
     _run(cfg)
     _paths(cfg)
+
+
+def train_warnings(cfg) -> list[str]:
+    """Values that are allowed but rarely meant: said once at start-up, never silently."""
+    out = []
+    if cfg.steps and cfg.warmup_steps is not None and cfg.warmup_steps > cfg.steps:
+        out.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run ({cfg.steps} steps): the "
+                   "learning rate never reaches its peak")
+    if not cfg.steps and cfg.warmup_steps is None and cfg.warmup_epochs > cfg.epochs:
+        out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} is longer than the run ({cfg.epochs} epochs): "
+                   "the learning rate never reaches its peak")
+    return out
