@@ -360,22 +360,30 @@ def _hard_stop(signum: int, why: str) -> typing.NoReturn:
 
 
 class _StopWatchdog:
-    """Bounds the time from a preemption signal to the end of the run: the loop acts on the signal at
-    its next step boundary (``noticed``); if it has not within ``URFM_STOP_GRACE_S`` seconds (default
-    120: a stuck data loader, a hung collective, a step that never ends), the process exits from
-    this thread. A second signal exits at once."""
+    """Bounds the time from a preemption signal to the end of the run. The loop acts on the signal at
+    a step boundary (every step on one rank, at log steps on several: ``noticed``); while it gets
+    there, every finished step restarts the clock (``step_done``). When no step finishes within
+    ``URFM_STOP_GRACE_S`` seconds (default 120: a stuck data loader, a hung collective), the process
+    exits from this thread. A second signal exits at once."""
 
     def __init__(self):
         self.timer = None
+        self.signum = 0
         self.last_good = None
 
     def arm(self, signum: int) -> None:
         import threading
 
         grace = float(os.environ.get("URFM_STOP_GRACE_S", 120))
-        self.timer = threading.Timer(grace, _hard_stop, (signum, f"and the run did not stop within {grace:g}s"))
+        self.signum = signum
+        self.timer = threading.Timer(grace, _hard_stop, (signum, f"and no step finished within {grace:g}s"))
         self.timer.daemon = True
         self.timer.start()
+
+    def step_done(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.arm(self.signum)
 
     def noticed(self) -> None:
         if self.timer is not None:
@@ -815,6 +823,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                     "are timed from the next step")
                 window_t0 = time.time()
             state.step += 1
+            _STOP_WATCHDOG.step_done()
             state.elapsed += time.time() - t_step
             log_now = state.step % cfg.log_every == 0 or state.step == total
             save_now = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total
