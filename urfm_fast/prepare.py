@@ -569,7 +569,7 @@ def walk_sources(sources, out):
 def _walk_folder(root, out_abs, add):
     """Every file under root in sorted order, following symlinked folders once each: a folder reached
     again (a link loop, or two links to one folder) is passed to ``add`` itself and listed as skipped."""
-    seen = set()
+    seen, out_real = set(), os.path.realpath(out_abs)  # the output folder, also when reached through a link
     for d, dirs, files in os.walk(root, followlinks=True):
         try:
             st = os.stat(d)
@@ -582,7 +582,7 @@ def _walk_folder(root, out_abs, add):
             continue
         seen.add((st.st_dev, st.st_ino))
         # real folders before links at each level, so a link to a folder of the source is the duplicate
-        dirs[:] = sorted((x for x in dirs if os.path.abspath(os.path.join(d, x)) != out_abs),
+        dirs[:] = sorted((x for x in dirs if os.path.realpath(os.path.join(d, x)) != out_real),
                          key=lambda x, d=d: (os.path.islink(os.path.join(d, x)), x))
         for f in sorted(files):
             p = os.path.join(d, f)
