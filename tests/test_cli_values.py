@@ -34,6 +34,15 @@ VALUES = st.one_of(
 FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _in_a_scratch_folder(tmp_path_factory):
+    """Relative paths the strategies invent (--out 0, --data x) resolve in a scratch folder."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 def _flags(parser):
     """(option string, takes a value?) of every optional flag of an argparse parser, --help excluded."""
     out = []
