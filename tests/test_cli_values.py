@@ -237,3 +237,23 @@ def test_every_pretrain_field_is_checked():
     unchecked = [f.name for f in dataclasses.fields(pretrain.TrainConfig)
                  if f'"{f.name}"' not in source and f"cfg.{f.name}" not in source and f.name not in CHECKED_ELSEWHERE]
     assert not unchecked, f"TrainConfig fields without a check in train_checks.py: {unchecked}"
+
+
+def test_single_class_evaluation_split_is_reported_as_null_in_strict_json(tmp_path, monkeypatch):
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    train = evaluate.Split(images, torch.tensor([0, 0, 0, 1, 1, 1]))
+    val = evaluate.Split(images[:3], torch.tensor([0, 0, 0]))  # one class: no AUC exists
+    monkeypatch.setattr(evaluate, "load_data", lambda *a, **k: ({"train": train, "val": val}, ["a", "b"]))
+    out = tmp_path / "o"
+    assert evaluate.main(["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", "synthetic",
+                          "--protocol", "knn", "--seeds", "0", "--label-fractions", "1", "--out", str(out)]) == 0
+
+    def no_nan(token):
+        raise AssertionError(f"bare {token} in results.json")
+
+    res = json.loads((out / "results.json").read_text(), parse_constant=no_nan)
+    run = res["runs"][0]
+    assert run["macro_auc"] is None and "single-class" in run["macro_auc_null_reason"]
