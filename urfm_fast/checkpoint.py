@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from urfm_fast.safe_load import checkpoint_errors, one_line
+
 # A single-process run saves and loads DCP checkpoints without a process group on purpose; DCP
 # warns about that on every call (from the background writer too), which would only be noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -212,18 +214,22 @@ def start_save(
     rank = _rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
-    kw = dict(checkpoint_id=str(tmp), planner=planner, no_dist=not dist.is_initialized())
-    if asynchronous:
-        future = dcp.async_save(state, process_group=process_group, **kw)
-    else:
-        future = Future()
         try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create {tmp} ({e.strerror or e}); check the disk (space, "
+                                  "permissions) of --out") from None
+    _barrier()
+    kw = dict(checkpoint_id=str(tmp), planner=planner, no_dist=not dist.is_initialized())
+    future = Future()
+    try:
+        torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
+        if asynchronous:
+            future = dcp.async_save(state, process_group=process_group, **kw)
+        else:
             future.set_result(dcp.save(state, **kw))
-        except Exception as e:  # reported by finish_save, on every rank alike
-            future.set_exception(e)
+    except checkpoint_errors() as e:  # a full disk, DCP's CheckpointException: reported by finish_save
+        future.set_exception(e if isinstance(e, Exception) else RuntimeError(one_line(e)))
     return PendingSave(out, step, tmp, final, future, config, keep)
 
 
@@ -233,8 +239,8 @@ def finish_save(p: PendingSave) -> Path:
     try:
         p.future.result()
         error = None
-    except Exception as e:
-        error = f"rank {_rank()}: {type(e).__name__}: {str(e)[:300]}"
+    except checkpoint_errors() as e:  # CheckpointException is a BaseException
+        error = f"rank {_rank()}: {one_line(e, 300)}"
     errors = [error]
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
@@ -247,18 +253,28 @@ def finish_save(p: PendingSave) -> Path:
         raise CheckpointError(f"writing checkpoint {p.final} failed ({'; '.join(errors)}); check the disk "
                               "(space, permissions) of --out")
     if rank == 0:
-        tmp, final = p.tmp, p.final
-        (tmp / CONFIG_FILE).write_text(json.dumps(p.config, indent=2, sort_keys=True, default=str) + "\n")
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
-        manifest = {"step": p.step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "time": time.time(), "files": files}
-        write_json_atomic(tmp / MANIFEST, manifest)
-        if final.exists():  # re-saving the same step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune(p.out, p.keep)
+        try:
+            _finalise(p)
+        except OSError as e:  # a full or read-only disk: no temporary folder is left behind
+            shutil.rmtree(p.tmp, ignore_errors=True)
+            raise CheckpointError(f"writing checkpoint {p.final} failed ({e.strerror or e}); check the disk "
+                                  "(space, permissions) of --out") from None
     _barrier()
     return p.final
+
+
+def _finalise(p: PendingSave) -> None:
+    """Rank 0: config, manifest, rename into place, prune."""
+    tmp, final = p.tmp, p.final
+    (tmp / CONFIG_FILE).write_text(json.dumps(p.config, indent=2, sort_keys=True, default=str) + "\n")
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+    manifest = {"step": p.step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "time": time.time(), "files": files}
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if final.exists():  # re-saving the same step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    prune(p.out, p.keep)
 
 
 def save_dcp(out: Path, step: int, state: dict, trainer_state: dict, config: dict, keep: int) -> Path:
@@ -281,7 +297,11 @@ def load_dcp(path: Path, state: dict) -> dict:
     """
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    from urfm_fast.safe_load import safe_load_planner, safe_reader
+
+    # .metadata and the byte entries are read with allow-lists: a checkpoint folder runs no code
+    dcp.load(state, storage_reader=safe_reader(path), planner=safe_load_planner(),
+             no_dist=not dist.is_initialized())
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved_world = json.loads((path / MANIFEST).read_text()).get("world_size", 1)
@@ -321,6 +341,11 @@ def save_pth(path: Path, model: dict, ema: dict, optimizer: dict, epoch: int, st
            "args": args}
     obj.update(extra or {})
     tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"writing {path} failed ({one_line(e)}); check the disk (space, permissions) "
+                              "of --out") from None
     return path

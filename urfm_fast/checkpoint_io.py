@@ -12,8 +12,9 @@ Formats understood by ``load_checkpoint(path)``:
 - a bare state dict (MAE/timm ViT keys) saved with ``torch.save``.
 
 Pickles are read with ``weights_only=True`` and ``argparse.Namespace`` as the one extra allowed
-class, so a checkpoint cannot run code. Caution: a DCP folder's ``.metadata`` file is a plain pickle
-by torch's design; only read DCP folders you (or your own training job) wrote.
+class, so a checkpoint cannot run code. A DCP folder's ``.metadata`` file is a plain pickle by torch's
+design: it is read with an allow-list of DCP's own metadata classes (urfm_fast.safe_load), and a file
+that names anything else is refused as not a trusted checkpoint.
 
 Every failure is a ``CheckpointError`` (a ``ValueError``) with a one-line message naming the file and
 the problem, never a traceback from deep inside torch.
@@ -118,12 +119,13 @@ def _safe_dcp_planner():
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
+    from urfm_fast.safe_load import safe_bytes
+
     class SafeBytesPlanner(_EmptyStateDictLoadPlanner):
         # torch reads non-tensor entries (args, epoch, ...) with weights_only=False, a full unpickle.
         # Same placement logic here, only the unpickling is restricted.
         def load_bytes(self, read_item, value):
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(value, weights_only=True)
+            obj = safe_bytes(value)
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
@@ -133,12 +135,14 @@ def _safe_dcp_planner():
 
 
 def _load_dcp(path: Path) -> dict:
-    """A whole DCP folder as a nested dict (as ``dcp_to_torch_save`` would write it), in this process."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """A whole DCP folder as a nested dict (as ``dcp_to_torch_save`` would write it), in this process.
+    The ``.metadata`` pickle and the byte entries are read by urfm_fast.safe_load: no code runs."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from urfm_fast.safe_load import UntrustedCheckpoint, checkpoint_errors, dcp_cause, one_line, safe_reader
+
     try:
-        reader = FileSystemReader(str(path))
+        reader = safe_reader(path)
         sd: dict = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -146,9 +150,14 @@ def _load_dcp(path: Path) -> dict:
         return sd
     except CheckpointError:
         raise
-    except Exception as e:  # DCP raises CheckpointException/RuntimeError/pickle errors alike
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path}: unreadable DCP checkpoint folder ({type(e).__name__}: {first})") from None
+    except checkpoint_errors() as e:  # CheckpointException (a BaseException), RuntimeError, OSError alike
+        cause = dcp_cause(e)
+        if isinstance(cause, UntrustedCheckpoint):
+            msg = str(cause)
+            raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        if isinstance(cause, ValueError) and str(cause).startswith(str(path)):
+            raise CheckpointError(str(cause)) from None
+        raise CheckpointError(f"{path}: unreadable DCP checkpoint folder ({one_line(e)})") from None
 
 
 def _read(path: Path) -> tuple[object, str]:

@@ -269,6 +269,8 @@ class _RankBatches(Sampler):
     def __iter__(self):
         epoch, step = self.epoch, self.step
         gb = self.b * self.w
+        if gb <= 0 or self.n // gb == 0:  # an epoch without one batch would loop here forever, yielding nothing
+            raise DataError(f"{self.n} images are fewer than one global batch of {gb}")
         while True:
             perm = epoch_permutation(self.n, self.seed, epoch).tolist()
             for s in range(step, self.n // gb):

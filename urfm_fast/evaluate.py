@@ -53,6 +53,7 @@ import csv
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -289,7 +290,22 @@ def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000):
             raise ValueError(f"{root}: expected train/ and val/ class folders, or a shard folder with --labels")
     if "train" not in splits or not ({"val", "test"} & set(splits)):
         raise ValueError(f"{spec}: need a train split and a val (or test) split, found {sorted(splits)}")
+    _check_classes(spec, splits, classes)
     return splits, classes
+
+
+def _check_classes(spec: str, splits: dict, classes: list[str]) -> None:
+    """A classifier needs two classes to learn from; an evaluation split of one class has no AUC (said
+    so in results.json, where macro_auc is null with a reason)."""
+    n_train = len(torch.unique(splits["train"].labels)) if len(splits["train"].labels) else 0
+    if n_train < 2:
+        raise ValueError(f"{spec}: the train split holds {n_train} class(es) ({', '.join(classes) or 'none'}); "
+                         "a classifier needs at least two")
+    ev = splits.get("test", splits.get("val"))
+    if len(ev.labels) == 0:
+        raise ValueError(f"{spec}: the evaluation split is empty")
+    if len(torch.unique(ev.labels)) < 2:
+        log.warning("warning: the evaluation split holds one class: macro-AUC is undefined (null in results.json)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +622,9 @@ def _ints(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m urfm_fast.evaluate", description=__doc__.split("\n\n")[0],
+    from urfm_fast.cli_checks import OneLineParser
+
+    p = OneLineParser(prog="python -m urfm_fast.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backbone", nargs="+", required=True, help="[label=]checkpoint|export|random|timm:NAME")
@@ -637,17 +655,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NULL_REASONS = {"macro_auc": "undefined: no class of the evaluation split has both positives and negatives "
+                             "(a single-class split)"}
+
+
+def json_safe(obj, key: str = ""):
+    """results.json is strict JSON: a NaN or infinite number becomes null, and ``<key>_null_reason``
+    beside it says why (json.dumps would write bare NaN, which strict parsers reject)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k] = json_safe(v, str(k))
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}_null_reason"] = NULL_REASONS.get(str(k).removesuffix("_std"), f"not a finite number ({v})")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, key) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def check_args(a) -> None:
+    """Every flag in range before any work (cli_checks.FlagError: one line, exit 2)."""
+    from urfm_fast.cli_checks import FlagError, check_writable_now, existing, float_in, int_in, writable_dir
+
+    if not a.label_fractions or not a.seeds:
+        raise FlagError("--label-fractions and --seeds need at least one value each")
+    for f in a.label_fractions:
+        float_in("label_fractions", f, 0.0, 1.0, lo_open=True)
+    for seed in a.seeds:
+        int_in("seeds", seed, 0, 2**32 - 1)
+    if a.img_size is not None:
+        int_in("img_size", a.img_size, 16, 2048)
+    for name, lo, hi in (("batch_size", 1, 65536), ("lp_epochs", 1, 10**5), ("knn_k", 1, 10**6),
+                         ("ft_epochs", 1, 10**4), ("ft_min_steps", 0, 10**7), ("ft_batch_size", 1, 65536),
+                         ("synthetic_train", 8, 10**6), ("synthetic_val", 4, 10**6)):
+        int_in(name, getattr(a, name), lo, hi)
+    if a.threads is not None:
+        int_in("threads", a.threads, 1, 1024)
+    for name, hi in (("lp_lr", 100.0), ("knn_t", 100.0), ("ft_blr", 10.0)):
+        float_in(name, getattr(a, name), 0.0, hi, lo_open=True)
+    if a.data != "synthetic":
+        existing("data", a.data, "dir")
+    if a.labels is not None:
+        existing("labels", a.labels, "file")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", a.device):
+        raise FlagError(f"--device {a.device}: must be auto, cpu, cuda, cuda:N or mps")
+    check_writable_now(writable_dir("out", a.out))  # a read-only disk now, not after all the work
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
     protocols = [p.strip() for p in a.protocol.split(",") if p.strip()]
-    bad = [p for p in protocols if p not in PROTOCOLS]
+    bad = [p for p in protocols if p not in PROTOCOLS] or ([] if protocols else ["(none)"])
     if bad:
         print(f"error: unknown protocol {bad[0]!r}; choose from {', '.join(PROTOCOLS)}", file=sys.stderr)
         return 2
     out = Path(a.out)
     if (out / "results.json").exists() and not a.force:
         print(f"error: {out / 'results.json'} exists; pass --force or another --out", file=sys.stderr)
+        return 2
+    try:
+        check_args(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -664,7 +737,7 @@ def main(argv=None) -> int:
             print(f"backbones differ in input size; all run at {size}px (the first backbone's; set --img-size)")
             backbones = [resolve_backbone(s, a.arch, a.global_pool, size) for s in a.backbone]
         splits, classes = load_data(a.data, size, a.labels, a.synthetic_train, a.synthetic_val)
-    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(f"data {a.data}: {len(classes)} classes, " + ", ".join(f"{k} {len(v.labels)}" for k, v in splits.items())
@@ -676,7 +749,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = dict(args=vars(a), classes=classes, backbones={b.label: b.meta for b in backbones},
                   summary=summary, runs=records)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / "results.json").write_text(json.dumps(json_safe(result), indent=1, default=str, allow_nan=False) + "\n")
     print(format_table(summary))
     png = plot(summary, out / "label_efficiency.png")
     print(f"wrote {out / 'results.json'} and {png}")

@@ -28,6 +28,7 @@ import torch
 
 from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
 from urfm_fast.checkpoint_io import CheckpointError, LoadedCheckpoint, load_checkpoint
+from urfm_fast.cli_checks import FlagError, OneLineParser, writable_dir
 
 # Our width -> timm's registered patch-16 ViT of that family, so a custom depth keeps its family's
 # name; any other width (and ViT-H, which timm registers only at patch 14) is vit_base_patch16_224.
@@ -91,7 +92,7 @@ def export(checkpoint, out_dir, prefer_ema: bool = True, force: bool = False) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m urfm_fast.export", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m urfm_fast.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="official URFM .pth, our .pth, a DCP folder, or an export")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
@@ -99,10 +100,14 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     a = p.parse_args(argv)
     try:
+        writable_dir("out", a.out)  # before reading a large checkpoint
         ckpt = load_checkpoint(a.checkpoint, prefer_ema=not a.live)
         out = export(ckpt, a.out, force=a.force)
-    except (CheckpointError, FileExistsError) as e:
+    except (CheckpointError, FileExistsError, FlagError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk while writing
+        print(f"error: --out {a.out}: cannot write there ({e.strerror or e})", file=sys.stderr)
         return 2
     c = ckpt.config
     n = sum(v.numel() for v in ckpt.encoder_state_dict().values())

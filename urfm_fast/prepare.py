@@ -7,6 +7,10 @@ Zip archives (``.zip``) are read as if they were folders: every member is stream
 (no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
 deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
 corrupt archive or member, an encrypted member or a zip inside a zip is listed in skipped.jsonl.
+Files from strangers: only regular files are opened (FIFOs, devices and links to them are listed as
+skipped), symlinked folders are followed once each, a DICOM frame over MAX_FRAME_PIXELS and a zip member
+over its declared size or ratio budget are refused before decoding, and a lock keeps a second run off
+the output folder.
 Every image/frame becomes 8-bit grey, is cropped to the scan region, de-identified (burned-in text and
 overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to memory-mappable shards:
 
@@ -43,7 +47,6 @@ before names were hashed has its index and skip list rewritten with ids on the n
     python -m urfm_fast.pretrain --data /data/us_shards
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -52,7 +55,7 @@ import math
 import multiprocessing as mp
 import os
 import random
-import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -76,6 +79,21 @@ DICOM_EXTS = (".dcm", ".dicom", ".dic")
 ARCHIVE_EXTS = (".zip",)
 SPOOL_BYTES = 64 << 20  # zip members up to this size are read into memory, larger ones into a temp file
 SHARD_BYTES = 1 << 30  # start a new shard file after ~1 GiB
+# Budgets that bound a worker's memory whatever a stranger's file declares (stated in --help):
+MAX_FRAME_PIXELS = 1 << 25  # one DICOM frame (rows x columns x samples), ~33.5 M: 5792 x 5792 grey
+MAX_OUTPUT_BYTES = 256 << 20  # resized frames of one file held before they are written
+MAX_MEMBER_BYTES = 4 << 30  # a zip member's declared uncompressed size
+MAX_MEMBER_RATIO = 100  # ... and its compression ratio (members over 1 MiB): zip bombs reach ~1000:1
+LOCK = ".prepare.lock"
+MEMORY_NOTE = (
+    "Memory per worker is bounded: one decoded frame of at most 2^25 pixels (DICOM) or Pillow's "
+    "decompression-bomb limit (images), its float copy, up to 256 MiB of resized frames of one file and a "
+    "zip member of up to 64 MiB in memory: about 1.5 GiB at worst, ~100 MB for typical ultrasound."
+)
+
+
+class _OverBudget(ValueError):
+    """A file that would take more memory than a worker is allowed (the message says which budget)."""
 
 
 class PrepareError(Exception):
@@ -293,6 +311,9 @@ def _clean_frames(frames, short_side, box=None, kept=1):
             raise ValueError("frames of different sizes in one file")
         cleaner.add(g)
         numbers.append(idx)
+        if len(numbers) * cleaner.frames[-1].nbytes > MAX_OUTPUT_BYTES:
+            raise _OverBudget(f"{len(numbers)} frames exceed the {MAX_OUTPUT_BYTES >> 20} MiB budget per file "
+                              "after resizing; use a larger --frame-stride")
     if cleaner is None:
         return []
     imgs, blank, _ = cleaner.finish()
@@ -339,10 +360,11 @@ def read_dicom_file(src, short_side, stride=1, burned_in="clean"):
     if flagged and burned_in == "skip":
         raise ValueError("BurnedInAnnotation YES (left out by --burned-in skip)")
     n = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_pixel_budget(ds)
     box = region_box(ds, (int(ds.Rows), int(ds.Columns)))
     try:
         out = _clean_frames(_dicom_frames(src, ds, n, stride), short_side, box, kept=len(range(0, n, stride)))
-    except (deid.DetectorUnavailable, deid.NotCleanable):
+    except (deid.DetectorUnavailable, deid.NotCleanable, _OverBudget):
         raise
     except Exception as e:
         raise _decode_error(ds, e) from None
@@ -360,6 +382,21 @@ def _decode_error(ds, e):
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     name = getattr(ts, "name", "unknown transfer syntax")
     return ValueError(f"cannot decode DICOM pixel data ({name}; {type(e).__name__})")
+
+
+def _check_pixel_budget(ds):
+    """A DICOM frame may declare any size: refuse one over MAX_FRAME_PIXELS before decoding (Pillow's
+    decompression-bomb check does the same for images)."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        raise ValueError("DICOM with unreadable image dimensions") from None
+    if rows <= 0 or cols <= 0 or samples <= 0:
+        raise ValueError("DICOM with empty image dimensions")
+    if rows * cols * samples > MAX_FRAME_PIXELS:
+        raise ValueError(f"DICOM frame of {rows} x {cols} x {samples} samples exceeds the pixel budget of "
+                         f"{MAX_FRAME_PIXELS} (a decompression bomb?); not decoded")
 
 
 _BURNED_IN = ["clean"]  # this process's --burned-in policy (set by _quiet_worker)
@@ -426,6 +463,52 @@ def list_zip(path):
         return sorted({i.filename for i in zf.infolist() if not i.is_dir()})
 
 
+def _not_regular(path):
+    """None for a regular file (or a link to one), else the reason it is skipped unopened: reading a
+    FIFO blocks forever, a device never ends (/dev/zero, /dev/urandom)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"cannot stat ({e.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "symlinked folder already read (a link loop or a second link to it); not read again"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (FIFO, device or socket); not opened"
+    return None
+
+
+def _open_regular(path):
+    """Open a regular file for reading; O_NONBLOCK and a check on the open file, so a file swapped
+    for a FIFO after the stat cannot block the worker."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file (FIFO, device or socket); not read")
+    return os.fdopen(fd, "rb")
+
+
+def _member_too_big(info):
+    """Refuse a zip member by its declared sizes, before a byte is decompressed."""
+    if info.file_size > MAX_MEMBER_BYTES:
+        return f"zip member too large (declares {info.file_size} bytes; limit {MAX_MEMBER_BYTES})"
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > (1 << 20) and ratio > MAX_MEMBER_RATIO:
+        return (f"zip member compressed {ratio:.0f}:1 (declares {info.file_size} bytes; limit "
+                f"{MAX_MEMBER_RATIO}:1, a zip bomb?); not read")
+    return None
+
+
+def _copy_bounded(src, dst, limit):
+    """Copy at most ``limit`` bytes (the member's declared size): a member that inflates past what it
+    declared is corrupt, and is never spooled past it."""
+    total = 0
+    while chunk := src.read(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise ValueError(f"inflates past its declared size of {limit} bytes")
+        dst.write(chunk)
+
+
 def _process_member(path, member, short_side, stride):
     """One member of a zip archive, streamed: small members into memory, large ones into an anonymous
     temporary file (pydicom seeks backwards, which a deflate stream can only do by starting over)."""
@@ -440,6 +523,9 @@ def _process_member(path, member, short_side, stride):
         return "skip", "encrypted zip member (not read)"
     if member.lower().endswith(ARCHIVE_EXTS):
         return "skip", "zip archive inside a zip archive (not read; extract the outer archive first)"
+    too_big = _member_too_big(info)
+    if too_big:
+        return "skip", too_big
     f = None
     try:
         with zf.open(info) as m:
@@ -448,7 +534,7 @@ def _process_member(path, member, short_side, stride):
                 return "skip", "not an image or DICOM file"
             f = io.BytesIO() if info.file_size <= SPOOL_BYTES else tempfile.TemporaryFile(prefix="urfm-prepare-")
             f.write(head)
-            shutil.copyfileobj(m, f, 1 << 20)  # the CRC is checked when the member ends
+            _copy_bounded(m, f, info.file_size - len(head))  # the CRC is checked when the member ends
     except NotImplementedError:
         if f is not None:
             f.close()
@@ -466,6 +552,9 @@ def process_file(job):
     -> ("ok", frames) | ("skip", reason)."""
     path, member, rel, short_side, stride = job
     try:
+        not_regular = None if member is not None else _not_regular(path)
+        if not_regular:
+            return "skip", not_regular
         if member is not None:
             status, payload = _process_member(path, member, short_side, stride)
         elif path.lower().endswith(ARCHIVE_EXTS):
@@ -476,9 +565,9 @@ def process_file(job):
                 return "skip", f"corrupt zip archive ({_zip_error(e)})"
             return "skip", "zip archive without files" if empty else "zip archive changed while reading"
         else:
-            with open(path, "rb") as f:
+            with _open_regular(path) as f:
                 head = f.read(132)
-            status, payload = _read_any(path, path, head, short_side, stride)
+                status, payload = _read_any(f, path, head, short_side, stride)
         if status == "skip":
             return status, scrub_names(payload, path, member, rel)
         return "ok", [(fr, img.shape[0], img.shape[1], kind, extra, img.tobytes()) for fr, img, kind, extra in payload]
@@ -514,7 +603,7 @@ def walk_sources(sources, out):
     jobs, names = [], {}
 
     def add(name, rel, p):
-        if p.lower().endswith(ARCHIVE_EXTS):
+        if p.lower().endswith(ARCHIVE_EXTS) and _not_regular(p) is None:
             try:
                 members = list_zip(p)
             except Exception:
@@ -528,27 +617,48 @@ def walk_sources(sources, out):
         a = os.path.abspath(s)
         if not os.path.exists(a):
             raise PrepareError(f"source {s} does not exist")
-        if os.path.isfile(a):
+        if not os.path.isdir(a):  # a file (a FIFO or device source is listed as skipped, never opened)
             add("", os.path.basename(a), a)
             continue
         name = os.path.basename(os.path.normpath(a))
         if name in names and names[name] != a:
             raise PrepareError(f"two sources share the folder name {name!r}; give them distinct names")
         names[name] = a
-        for d, dirs, files in os.walk(a):
-            dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != out_abs)
-            for f in sorted(files):
-                p = os.path.join(d, f)
-                add(name, os.path.relpath(p, a).replace(os.sep, "/"), p)
+        _walk_folder(a, out_abs, lambda rel, p, name=name: add(name, rel, p))
     return jobs
+
+
+def _walk_folder(root, out_abs, add):
+    """Every file under root in sorted order, following symlinked folders once each: a folder reached
+    again (a link loop, or two links to one folder) is passed to ``add`` itself and listed as skipped."""
+    seen, out_real = set(), os.path.realpath(out_abs)  # the output folder, also when reached through a link
+    for d, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(d)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            add(os.path.relpath(d, root).replace(os.sep, "/"), d)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        # real folders before links at each level, so a link to a folder of the source is the duplicate
+        dirs[:] = sorted((x for x in dirs if os.path.realpath(os.path.join(d, x)) != out_real),
+                         key=lambda x, d=d: (os.path.islink(os.path.join(d, x)), x))
+        for f in sorted(files):
+            p = os.path.join(d, f)
+            add(os.path.relpath(p, root).replace(os.sep, "/"), p)
 
 
 def _open_out(out, short_side):
     """Create or reopen the shard folder; refuse a non-empty folder that is not ours."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not is_shard_dir(out):
+    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK} and not is_shard_dir(out):
         raise PrepareError(f"--out {out} is not empty and not a shard folder; choose an empty or new folder")
+    os.makedirs(out, exist_ok=True)
+    lock = _lock(out)  # before anything else is written
     os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
     mpath = os.path.join(out, MARKER)
     if os.path.exists(mpath):
@@ -571,6 +681,22 @@ def _open_out(out, short_side):
                 data = f.read()
                 if data and not data.endswith(b"\n"):
                     f.truncate(data.rfind(b"\n") + 1)
+    return lock
+
+
+def _lock(out):
+    """An exclusive lock on the shard folder for this run: two runs appending to one index would
+    interleave and duplicate images. Released when the process ends, however it ends."""
+    import fcntl
+
+    f = open(os.path.join(out, LOCK), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise PrepareError(f"another prepare is writing to {out} (its lock {LOCK} is held); wait for it to "
+                           "finish or choose another --out") from None
+    return f
 
 
 class _ShardWriter:
@@ -708,8 +834,7 @@ def prepare(
 
     Sources are named in the outputs by `source_id` only; path_map (a file outside out) receives
     the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES."""
-    if frame_stride < 1:
-        raise PrepareError("--frame-stride must be >= 1")
+    check_options(short_side, frame_stride, workers)
     if burned_in not in ("clean", "skip"):
         raise PrepareError("--burned-in must be clean or skip")
     try:
@@ -721,7 +846,25 @@ def prepare(
     files = walk_sources(sources, out)
     if not files:
         raise PrepareError(f"no files found under {' '.join(map(str, sources))}")
-    _open_out(out, short_side)
+    lock = _open_out(out, short_side)
+    try:
+        return _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress,
+                               path_map, known, burned_in)
+    finally:
+        lock.close()
+
+
+def check_options(short_side, frame_stride, workers):
+    """The numeric options, with their allowed ranges (PrepareError: one line, exit 2)."""
+    for flag, value, lo, hi in (("--short-side", short_side, 16, 8192), ("--frame-stride", frame_stride, 1, 10**6),
+                                ("--workers", 1 if workers is None else workers, 1, 1024)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise PrepareError(f"{flag} {value}: must be an integer in [{lo}, {hi}]")
+
+
+def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
+                    burned_in):
+    """prepare() with the inputs checked and the output folder locked."""
     salt = source_salt(out)
     renamed = _hash_old_names(out, salt)
     ids = [source_id(salt, s, rel) for s, rel, _, _ in files]
@@ -882,8 +1025,14 @@ def format_summary(c, out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
+    from urfm_fast.cli_checks import OneLineParser
+
+    ap = OneLineParser(
         prog="python -m urfm_fast.prepare",
+        epilog=MEMORY_NOTE + " Only regular files are read: FIFOs, devices and links to them are listed as "
+        "skipped, unopened; symlinked folders are followed once each. Zip members are refused by their declared "
+        f"size (over {MAX_MEMBER_BYTES >> 30} GiB) or compression ratio (over {MAX_MEMBER_RATIO}:1) before a "
+        "byte is decompressed. One prepare at a time per --out (a lock file).",
         description="Convert folders and zip archives of ultrasound images and DICOM (cine) files into "
         "de-identified uint8 shards for python -m urfm_fast.pretrain --data DIR: burned-in text and "
         "overlays are blanked, sources are named by salted hashes. Unreadable files and archive members "
@@ -893,9 +1042,11 @@ def main(argv=None):
                     help="folders (searched recursively), files or .zip archives (read like folders, "
                     "members named archive.zip/member/path in the --path-map)")
     ap.add_argument("--out", required=True, help="shard folder to create or extend (resumable)")
-    ap.add_argument("--short-side", type=int, default=256, help="resize every image to this short side")
-    ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine")
-    ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    ap.add_argument("--short-side", type=int, default=256, help="resize every image to this short side "
+                    "(16 to 8192)")
+    ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine (1 to 10^6)")
+    ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores; 1 to "
+                    "1024; see the memory note below)")
     ap.add_argument("--retry-skipped", action="store_true", help="read files listed in skipped.jsonl again")
     ap.add_argument("--path-map", metavar="FILE", default=None,
                     help="also write the table source id -> folder/relative path to FILE (JSON lines; it "
@@ -925,7 +1076,19 @@ def main(argv=None):
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk under --out
+        print(f"error: {_out_path(e, args.out)}: {e.strerror or type(e).__name__}; check the disk and "
+              "permissions of --out", file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_path(e, out):
+    """The file an OSError names, only when it is under --out: a source path may name a patient."""
+    name = os.fspath(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else ""
+    root = os.path.realpath(out)
+    inside = name and os.path.commonpath([os.path.realpath(name), root]) == root
+    return name if inside else out
 
 
 if __name__ == "__main__":

@@ -45,14 +45,17 @@ import torch
 import torch.distributed as dist
 
 from urfm_fast import checkpoint as ckpt
-from urfm_fast import ops
+from urfm_fast import checkpoint_io, ops
 from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.cli_checks import OneLineParser
 from urfm_fast.config import VIT_PRESETS, URFMConfig
 from urfm_fast.data import DataError, ImageFolderDataset, build_train_stream
 from urfm_fast.ema import EMA
 from urfm_fast.kernel_check import Shapes, verify_or_fall_back
 from urfm_fast.model import URFM
+from urfm_fast.safe_load import UntrustedCheckpoint, checkpoint_errors, dcp_cause, one_line
 from urfm_fast.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable
+from urfm_fast.train_checks import check_train_config, train_warnings
 
 log = logging.getLogger("urfm_fast.pretrain")
 
@@ -159,7 +162,7 @@ def _hint_type(hint):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m urfm_fast.pretrain",
         description="URFM pretraining (masked ViT predicting BiomedCLIP features). Without --data: a short demo "
         "on synthetic ultrasound. Under torchrun: FSDP2/DDP across ranks.",
@@ -192,6 +195,10 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
         base = dict(DEMO_GPU if _cuda_wanted(given) else DEMO_CPU) if demo else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
+    check_train_config(cfg)  # every value in range before anything is built (train_checks.py)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for line in train_warnings(cfg):
+            print(line, file=sys.stderr, flush=True)
     return cfg, given, demo
 
 
@@ -300,7 +307,9 @@ def parse_faults(spec: str) -> dict[str, set[int]]:
     """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5,die@7,slowsave@4"``: inject a NaN loss at steps 3..9,
     a SIGTERM to rank 0 after step 5, the last rank exiting abruptly (``os._exit(1)``, as a segfault
     or the OOM killer would) at the start of step 7, and a checkpoint of step 4 whose background
-    write takes 2 s longer (a slow file system), so the fault paths run exactly as in production."""
+    write takes 2 s longer (a slow file system), so the fault paths run exactly as in production.
+    ``hang@N``: at step N the process SIGTERMs itself and then never finishes the step (a stuck loader
+    or collective): the stop watchdog must end it within ``URFM_STOP_GRACE_S``."""
     faults: dict[str, set[int]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, rng = item.partition("@")
@@ -334,7 +343,55 @@ _DEVICE_SIDE_SKIP: bool | None = None
 
 def _on_signal(signum, frame):  # preemption notice: finish the step, save, exit 0
     global _signal_received
+    if _signal_received:  # a second notice: the user or the scheduler insists
+        _hard_stop(signum, "a second time")
     _signal_received = signum
+    _STOP_WATCHDOG.arm(signum)
+
+
+def _hard_stop(signum: int, why: str) -> typing.NoReturn:
+    """Leave now, without a final checkpoint: the loop could not reach a step boundary in time."""
+    where = f"; the last complete checkpoint is {_STOP_WATCHDOG.last_good}" if _STOP_WATCHDOG.last_good else ""
+    _report(f"error: {signal.Signals(signum).name} received {why}; exiting at once without a final "
+            f"checkpoint{where}", int(os.environ.get("RANK", 0)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+class _StopWatchdog:
+    """Bounds the time from a preemption signal to the end of the run. The loop acts on the signal at
+    a step boundary (every step on one rank, at log steps on several: ``noticed``); while it gets
+    there, every finished step restarts the clock (``step_done``). When no step finishes within
+    ``URFM_STOP_GRACE_S`` seconds (default 120: a stuck data loader, a hung collective), the process
+    exits from this thread. A second signal exits at once."""
+
+    def __init__(self):
+        self.timer = None
+        self.signum = 0
+        self.last_good = None
+
+    def arm(self, signum: int) -> None:
+        import threading
+
+        grace = float(os.environ.get("URFM_STOP_GRACE_S", 120))
+        self.signum = signum
+        self.timer = threading.Timer(grace, _hard_stop, (signum, f"and no step finished within {grace:g}s"))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def step_done(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.arm(self.signum)
+
+    def noticed(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+_STOP_WATCHDOG = _StopWatchdog()
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -605,7 +662,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         if p is None:
             return None
         waited = not p.done()
-        state.last_good = ckpt.finish_save(p)
+        state.last_good = _STOP_WATCHDOG.last_good = ckpt.finish_save(p)
         ran = state.step - state.pending_since
         if ran or waited:
             say(f"checkpoint {p.final.name} complete (written in the background while {ran} step(s) trained"
@@ -703,6 +760,10 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             loss_sum = torch.zeros((), device=d.device)
             if step in faults.get("die", ()) and d.rank == d.world - 1:
                 os._exit(1)  # test hook: a rank dies without a word (segfault, OOM killer, lost node)
+            if step in faults.get("hang", ()):  # test hook: preempted while stuck (a hung loader or peer)
+                os.kill(os.getpid(), signal.SIGTERM)
+                while True:
+                    time.sleep(0.1)
             try:
                 for k in range(accum):
                     images01, index = next(batches)  # (B, 3, S, S) in [0, 1], (B,)
@@ -763,6 +824,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
                     "are timed from the next step")
                 window_t0 = time.time()
             state.step += 1
+            _STOP_WATCHDOG.step_done()
             state.elapsed += time.time() - t_step
             log_now = state.step % cfg.log_every == 0 or state.step == total
             save_now = cfg.save_every and state.step % cfg.save_every == 0 and state.step < total
@@ -817,6 +879,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
             if state.pending is not None and not writing:
                 finish_pending()
             if sig:
+                _STOP_WATCHDOG.noticed()
                 read_norms()  # the final checkpoint carries the counts of every step trained
                 stop_reason = signal.Signals(sig).name
                 break
@@ -841,6 +904,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        _STOP_WATCHDOG.noticed()
         bar.close()
         if metrics_file:
             metrics_file.close()
@@ -890,8 +954,10 @@ def _resume(cfg, out, d, app_state, sd_model, optimizer, ema, stream, mask_gen, 
         s = app_state()
         try:
             trainer = ckpt.load_dcp(path, s)
-        except Exception as e:  # a damaged file DCP cannot read: every rank sees the failure
-            say(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e)[:200]}); trying the previous one")
+        except checkpoint_errors() as e:  # a damaged file DCP cannot read: every rank sees the failure
+            if isinstance(dcp_cause(e), UntrustedCheckpoint):  # tampered: stop, never fall back silently
+                raise ckpt.CheckpointError(str(dcp_cause(e))) from None
+            say(f"checkpoint {path} could not be read ({one_line(e)}); trying the previous one")
             continue
         set_state_dict(sd_model, optimizer, model_state_dict=s["model"], optim_state_dict=s["optimizer"],
                        options=StateDictOptions(strict=True))
@@ -899,14 +965,17 @@ def _resume(cfg, out, d, app_state, sd_model, optimizer, ema, stream, mask_gen, 
         break
     else:
         raise ckpt.CheckpointError(f"--resume: none of the checkpoints in {out} is usable")
-    state.step, state.skipped = int(trainer["step"]), int(trainer["skipped"])
-    state.bad_in_a_row, state.elapsed = int(trainer["bad_in_a_row"]), float(trainer["elapsed"])
-    state.last_good = path
-    stream.load_state_dict(trainer["data"])
-    if not trainer.get("resharded"):
-        set_rng_state(trainer["rng"], d.device)
-        mask_gen.set_state(trainer["mask_gen"])
-    else:
+    try:
+        state.step, state.skipped = int(trainer["step"]), int(trainer["skipped"])
+        state.bad_in_a_row, state.elapsed = int(trainer["bad_in_a_row"]), float(trainer["elapsed"])
+        stream.load_state_dict(trainer["data"])
+        if not trainer.get("resharded"):
+            set_rng_state(trainer["rng"], d.device)
+            mask_gen.set_state(trainer["mask_gen"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"--resume {path}: its trainer state is damaged ({one_line(e, 120)})") from None
+    state.last_good = _STOP_WATCHDOG.last_good = path
+    if trainer.get("resharded"):
         say("resuming on a different number of ranks: per-rank random streams are re-seeded "
             "(use --deterministic for a curve that does not depend on it)")
         mask_gen.manual_seed(cfg.seed * 1000 + d.rank + 7919 * state.step)
@@ -917,14 +986,21 @@ def _resume_pth(path: Path, sd_model, optimizer, ema) -> dict:
     """Resume from our URFM-format .pth (model, EMA, optimizer, step; trainer state when present)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    names = [n for n, _ in ema_names(optimizer, sd_model)]
-    osd = ckpt.optim_from_ids(obj["optimizer"], names)
-    set_state_dict(sd_model, optimizer, model_state_dict=obj["model"], optim_state_dict=osd,
-                   options=StateDictOptions(full_state_dict=True, strict=True))
-    ema.load_state_dict(obj["ema_state_dict"])
-    trainer = obj.get("trainer") or {"step": obj["step"], "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0,
-                                     "data": {"epoch": obj.get("epoch", 0), "offset": 0}, "rng": None}
+    from urfm_fast.checkpoint_io import _torch_load
+
+    obj = _torch_load(path)  # weights_only; a refused or corrupt file is one line
+    try:
+        names = [n for n, _ in ema_names(optimizer, sd_model)]
+        osd = ckpt.optim_from_ids(obj["optimizer"], names)
+        set_state_dict(sd_model, optimizer, model_state_dict=obj["model"], optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True, strict=True))
+        ema.load_state_dict(obj["ema_state_dict"])
+        trainer = obj.get("trainer") or {"step": obj["step"], "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0,
+                                         "data": {"epoch": obj.get("epoch", 0), "offset": 0}, "rng": None}
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ckpt.CheckpointError(
+            f"--resume {path}: not a resumable checkpoint of this model ({one_line(e, 120)}); a .pth from "
+            "another architecture or a weights-only file cannot resume a run (use --init for weights)") from None
     trainer["resharded"] = trainer.get("rng") is None or dist.is_initialized()
     return trainer
 
@@ -1024,8 +1100,15 @@ def main(argv: list[str] | None = None) -> int:
     except Stop as e:
         _report(str(e), rank)
         return e.code
-    except (DataError, ckpt.CheckpointError, TeacherUnavailable, UsageError) as e:
+    except (DataError, ckpt.CheckpointError, checkpoint_io.CheckpointError, TeacherUnavailable, UsageError) as e:
         _report(f"error: {e}", rank)
+        return 2
+    except ValueError as e:  # a flag value (FlagError) or a file a loader refused (e.g. a wrong --teacher file)
+        _report(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", rank)
+        return 2
+    except OSError as e:  # a full or read-only disk, a vanished file: one line, not a traceback
+        _report(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; check the disk and "
+                "permissions of --out and the input paths", rank)
         return 2
     except KeyboardInterrupt:
         _report("interrupted", rank)

@@ -1,0 +1,112 @@
+"""The allowed values of ``python -m urfm_fast.pretrain``'s flags, checked on the resolved config.
+
+``check_train_config`` runs right after parsing (demo presets and a resumed run's own settings
+filled in), before a process group, a model or a data loader exists. Each message names the flag and
+its allowed range; cross-flag rules (divisibility, warm-up within the run, visible and masked patches
+at this image size) are checked here too, so the loop never sees a value it cannot train with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from urfm_fast.cli_checks import FlagError, existing, float_in, int_in, writable_dir
+
+# Fields argparse already restricts (choices, booleans) or whose loader says what is wrong (--teacher).
+CHECKED_ELSEWHERE = {"model", "mask_type", "target", "dist", "shard", "precision", "teacher", "deterministic",
+                     "async_save", "compile", "ac"}
+BIG = 10**9  # upper bound of counts (steps, intervals): far beyond any run, small enough for any int type
+PATCH = 16  # every preset is patch 16
+
+
+def _sizes(cfg) -> None:
+    int_in("img_size", cfg.img_size, 32, 2048)
+    if cfg.img_size % PATCH:
+        raise FlagError(f"--img-size {cfg.img_size}: must be a multiple of the patch size {PATCH} (e.g. 224)")
+    if cfg.depth is not None:
+        int_in("depth", cfg.depth, 1, 64)
+    int_in("decoder_dim", cfg.decoder_dim, 1, 8192)
+    int_in("decoder_depth", cfg.decoder_depth, 1, 64)
+    int_in("decoder_heads", cfg.decoder_heads, 1, cfg.decoder_dim)
+    if cfg.decoder_dim % cfg.decoder_heads:
+        raise FlagError(f"--decoder-heads {cfg.decoder_heads}: must divide --decoder-dim {cfg.decoder_dim}")
+    float_in("mask_ratio", cfg.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+    n = (cfg.img_size // PATCH) ** 2
+    visible = max(1, int(n * (1.0 - cfg.mask_ratio)))
+    if visible >= n:
+        raise FlagError(f"--mask-ratio {cfg.mask_ratio}: masks no patch of the {n} at --img-size {cfg.img_size}; "
+                        f"use at least {1 / n:.3g}")
+    if cfg.num_workers is not None:
+        int_in("num_workers", cfg.num_workers, 0, 256)
+    int_in("synthetic_images", cfg.synthetic_images, 1, 10**7)
+
+
+def _schedule(cfg) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1) or 1)
+    int_in("batch_size", cfg.batch_size, 1, 2**20)
+    if cfg.batch_size % world:
+        raise FlagError(f"--batch-size {cfg.batch_size}: must be divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
+    int_in("micro_batch", cfg.micro_batch, 0, per_rank, " (0 = the whole per-rank batch)")
+    if cfg.micro_batch and per_rank % cfg.micro_batch:
+        raise FlagError(f"--micro-batch {cfg.micro_batch}: must divide the per-rank batch {per_rank}")
+    int_in("steps", cfg.steps, 0, BIG, " (0 = use --epochs)")
+    int_in("epochs", cfg.epochs, 0 if cfg.steps else 1, 10**6, "" if cfg.steps else " when --steps is 0")
+    if cfg.lr is not None:
+        float_in("lr", cfg.lr, 0.0, 10.0)
+    float_in("blr", cfg.blr, 0.0, 10.0)
+    base = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+    float_in("min_lr", cfg.min_lr, 0.0, base, what=" (at most the peak learning rate)")
+    float_in("warmup_epochs", cfg.warmup_epochs, 0.0, 10**6)
+    if cfg.warmup_steps is not None:
+        int_in("warmup_steps", cfg.warmup_steps, 0, BIG)
+    float_in("weight_decay", cfg.weight_decay, 0.0, 10.0)
+    float_in("clip_grad", cfg.clip_grad, 0.0, float("inf"), what=" (0 = no clipping)")
+    float_in("ema_decay", cfg.ema_decay, 0.0, 1.0)
+
+
+def _run(cfg) -> None:
+    int_in("seed", cfg.seed, 0, 2**32 - 1)
+    int_in("log_every", cfg.log_every, 1, BIG)
+    int_in("save_every", cfg.save_every, 0, BIG, " (0 = only at the end)")
+    int_in("keep", cfg.keep, 0, 10**6, " (0 = keep every checkpoint)")
+    int_in("pth_every", cfg.pth_every, 0, BIG, " (0 = only at the end)")
+    int_in("max_bad_steps", cfg.max_bad_steps, 1, BIG)
+    float_in("timeout", cfg.timeout, 0.0, 10**6, lo_open=True, what=" minutes")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise FlagError(f"--device {cfg.device}: must be auto, cpu, cuda or cuda:N")
+
+
+def _paths(cfg) -> None:
+    if cfg.data not in (None, "synthetic"):
+        existing("data", cfg.data)
+    if cfg.init is not None:
+        existing("init", cfg.init)
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().exists():
+        raise FlagError(f"--resume {cfg.resume}: no such checkpoint folder, run folder or .pth file")
+    if cfg.out is not None:
+        writable_dir("out", cfg.out)
+    elif cfg.resume == "latest":
+        raise FlagError("--resume without a path continues the run in --out: pass --out RUN_FOLDER")
+
+
+def check_train_config(cfg) -> None:
+    """Raise FlagError (one line: the flag, its value, the allowed range) for the first bad value."""
+    _sizes(cfg)
+    _schedule(cfg)
+    _run(cfg)
+    _paths(cfg)
+
+
+def train_warnings(cfg) -> list[str]:
+    """Values that are allowed but rarely meant: said once at start-up, never silently."""
+    out = []
+    if cfg.steps and cfg.warmup_steps is not None and cfg.warmup_steps > cfg.steps:
+        out.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run ({cfg.steps} steps): the "
+                   "learning rate never reaches its peak")
+    if not cfg.steps and cfg.warmup_steps is None and cfg.warmup_epochs > cfg.epochs:
+        out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} is longer than the run ({cfg.epochs} epochs): "
+                   "the learning rate never reaches its peak")
+    return out
