@@ -248,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="test", choices=["test", "val"],
                    help="score on the test split (reported) or a separate validation split (to choose settings)")
     p.add_argument("--seeds", default="0,1,2", help="probe seeds; fine-tuning uses the first")
+    p.add_argument("--pool", default="token", choices=["token", "avg"],
+                   help="the ViT arms' feature for the probes and fine-tuning: CLS token or mean of patch tokens")
     p.add_argument("--ft-epochs", type=int, default=1)
     p.add_argument("--ft-min-steps", type=int, default=30)
     p.add_argument("--ft-batch", type=int, default=32)
     p.add_argument("--no-finetune", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="take the arms' checkpoints from --ckpt-dir (an earlier "
+                   "run with the same pretraining settings) instead of pretraining again")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -267,11 +271,19 @@ def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ck
         width = teachers[arm].out_dim if arm in URFM_ARMS else cfg.patch_size**2 * 3  # pixel: p*p*3 values
         arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width})
         model = build_student(arm_cfg, init)
-        curve = [] if arm == "random" else pretrain(arm, model, images01, teachers.get(f"{arm}_targets"), a)
         path = ckpt_dir / f"{arm}.pth"
-        args = dict(model="vit_tiny", objective=arm, steps=a.steps, batch=a.batch, img_size=a.img_size)
+        args = dict(model="vit_tiny", objective=arm, steps=a.steps, batch=a.batch, img_size=a.img_size,
+                    pretrain_images=a.pretrain_images, lr=a.lr, seed=a.seed)
+        if a.reuse:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["args"].get("steps") != a.steps or saved["config"] != arm_cfg.to_dict():
+                raise SystemExit(f"error: --reuse: {path} was pretrained with other settings")
+            model.load_state_dict(saved["model"])
+            out[arm] = dict(path=path, curve=saved.get("pretrain_loss", []), seconds=0.0, model=model)
+            continue
+        curve = [] if arm == "random" else pretrain(arm, model, images01, teachers.get(f"{arm}_targets"), a)
         torch.save({"model": model.state_dict(), "epoch": 0, "step": len(curve), "args": args,
-                    "config": arm_cfg.to_dict()}, path)
+                    "config": arm_cfg.to_dict(), "pretrain_loss": curve}, path)
         out[arm] = dict(path=path, curve=curve, seconds=time.perf_counter() - t0, model=model)
         print(f"{arm}: {out[arm]['seconds']:.0f}s", flush=True)
     return out
@@ -303,7 +315,7 @@ def evaluate_arms(a, arms: dict, teacher, seeds: list[int]) -> list[dict]:
     splits = {"train": Split(x.expand(-1, 3, -1, -1).contiguous(), y),
               a.eval_split: Split(xe.expand(-1, 3, -1, -1).contiguous(), ye)}
     classes = list(synthetic.CLASSES)
-    backbones = [resolve_backbone(f"{arm}={arms[arm]['path']}", "vit_tiny", "token", None) for arm in arms]
+    backbones = [resolve_backbone(f"{arm}={arms[arm]['path']}", "vit_tiny", a.pool, None) for arm in arms]
     ceiling = Backbone("teacher", teacher.source, lambda num_classes=0, drop_path_rate=0.0: PooledTeacher(teacher),
                        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size, {"format": "teacher", "source": teacher.source})
     dev = torch.device("cpu")
@@ -325,7 +337,7 @@ def target_check(summary: list[dict]) -> list[dict]:
                 o = cell.get((other, protocol, frac))
                 if u and o:
                     std = max(u["accuracy_std"], o["accuracy_std"])
-                    margin = u["accuracy_mean"] - o["accuracy_mean"]
+                    margin = u["accuracy"] - o["accuracy"]
                     rows.append(dict(protocol=protocol, fraction=frac, versus=other, margin=margin, std=std,
                                      met=margin > 2 * std))
     return rows
@@ -391,10 +403,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
-    for arm in URFM_ARMS:
-        teachers[f"{arm}_targets"] = teacher_targets(teachers[arm], images01, cfg.grid_size)
-    print(f"{len(images01)} pretraining images, targets {tuple(teachers['urfm_targets'].shape)} from "
-          f"{teacher.source} and its random twin in {time.perf_counter() - t0:.0f}s", flush=True)
+    if not a.reuse:
+        for arm in URFM_ARMS:
+            teachers[f"{arm}_targets"] = teacher_targets(teachers[arm], images01, cfg.grid_size)
+        print(f"{len(images01)} pretraining images, targets {tuple(teachers['urfm_targets'].shape)} from "
+              f"{teacher.source} and its random twin in {time.perf_counter() - t0:.0f}s", flush=True)
 
     arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir)
     held, _ = synthetic01(256, a.img_size, seed=EVAL_SEEDS["val"] + 1)  # unseen, unlabelled

@@ -231,3 +231,34 @@ def test_timm_teacher_from_a_local_file(tmp_path, name, dim):
         load_teacher(f"timm:{name}={tmp_path / 'short.safetensors'}")
     with pytest.raises(TeacherUnavailable, match="MODEL=FILE"):
         load_teacher(f"timm:{name}={tmp_path / 'nothing.pth'}")
+
+
+def test_open_clip_tower_from_a_local_file(tmp_path):
+    """An open_clip model (a tiny registered config) from its weights file: the tower's own final patch
+    tokens as a map, its image size and normalisation; a file of another model does not load."""
+    import json
+
+    import open_clip
+
+    from urfm_fast.teacher import load_teacher
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "urfm-test-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "urfm-test-tiny-clip.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model("urfm-test-tiny-clip").eval()
+    torch.save(ref.state_dict(), tmp_path / "w.bin")
+    t = load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'w.bin'}", grid=1)
+    assert t.out_dim == 64 and t.input_size == 32
+    torch.testing.assert_close(t.mean.flatten(), torch.tensor(OPENAI_DATASET_MEAN))
+    x = torch.rand(2, 3, 32, 32)
+    ref.visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = ref.visual(clip_normalise(x))  # (2, 4, 64)
+    torch.testing.assert_close(t.feature_map(x).flatten(2).transpose(1, 2), tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t(x), tokens.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)  # 2x2 -> 1x1
+    bad = {k: v for k, v in ref.state_dict().items() if not k.startswith("visual.transformer.resblocks.1.")}
+    torch.save(bad, tmp_path / "bad.bin")
+    with pytest.raises(TeacherUnavailable):
+        load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'bad.bin'}")
