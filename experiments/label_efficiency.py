@@ -1,23 +1,27 @@
-"""Does URFM pretraining buy label efficiency? Three arms, one architecture, one budget, on CPU.
+"""Does URFM pretraining buy label efficiency? Five arms, one ViT, one budget, on CPU.
 
-    nice -n 10 python experiments/label_efficiency.py --out docs                # ~10-15 min, 1 thread
-    python experiments/label_efficiency.py --teacher /path/to/BiomedCLIP --out runs/le   # the real teacher
+    pip install -e ".[experiments]"
+    nice -n 5 python experiments/label_efficiency.py --out docs            # ~25 min on 2 CPU cores
+    python experiments/label_efficiency.py --teacher /path/to/BiomedCLIP --out runs/le   # BiomedCLIP teacher
 
-Arms (same ViT, same initial weights, same images, batches, masks, optimizer and number of steps):
-1. ``urfm``   : URFM objective, the student predicts the teacher's patch features of masked patches
-                (cosine loss), teacher = frozen BiomedCLIP vision trunk (``--teacher``; ``random`` when
-                its weights are not available: same architecture, random weights).
-2. ``pixel``  : MAE's objective with the very same model: the decoder predicts the per-patch normalised
-                pixels of masked patches (norm_pix_loss, MSE); target width 16*16*3 = 768 as the teacher's.
-3. ``random`` : no pretraining (the common initial weights).
+Arms (same ViT, initial weights, images, batches, masks, optimizer and number of steps):
+1. ``urfm``                : the student predicts the frozen pretrained teacher's patch features of the
+                             masked patches (cosine loss). Teacher: ``--teacher`` (default ImageNet
+                             EfficientNet-Lite0, stride-16 map resampled to the student's patch grid).
+2. ``urfm_random_teacher`` : the same, with the teacher's architecture at random initialisation.
+3. ``pixel``               : MAE's objective through the same model (per-patch normalised pixels, MSE).
+4. ``random``              : no pretraining (the common initial weights).
+5. ``teacher``             : the pretrained teacher's own features, average-pooled (a reference ceiling;
+                             linear probe and k-NN only).
 
-Each arm's encoder is saved in the checkpoint format ``load_checkpoint`` reads and evaluated with
-``urfm_fast.evaluate`` (linear probe and k-NN at 1 %, 10 %, 100 % of the labels over 3 seeds, fine-tuning
-at one seed) on the labelled synthetic lesion task (4 classes), whose images never appear in pretraining.
-Writes ``label_efficiency.md`` (table), ``label_efficiency.png`` and ``label_efficiency.json`` to --out.
-
-Scale: 64 px images (4x4 patches of 16), vit_tiny width with --depth blocks, a 128-wide 2-block decoder,
-teacher targets computed once per pretraining image (no augmentation, so the teacher runs once).
+Pretraining images are synthetic (seed 0) without augmentation, so each teacher runs once per image
+and its targets are cached. Evaluation (``urfm_fast.evaluate``): linear probe and k-NN at 1 %, 10 % and
+100 % of the labels over ``--seeds``, fine-tuning at the first seed, on the labelled synthetic lesion
+task (4 classes; train seed 1000, test seed 2000). ``--eval-split val`` scores on a separate
+validation set (seed 3000) instead: use it, never the test split, to choose any setting.
+Real scans: each URFM arm's pretraining loss on held-out real ultrasound frames (the DICOM test files of
+pydicom-data and deid-data, run through ``urfm_fast.prepare``), against its initial weights.
+Writes ``label_efficiency.{md,png,json}`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -25,18 +29,74 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from urfm_fast import URFM, URFMConfig, synthetic
 from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from urfm_fast.evaluate import format_table, load_data, plot, resolve_backbone, run, summarize
+from urfm_fast.evaluate import Backbone, Split, format_table, plot, resolve_backbone, run, summarize
 from urfm_fast.masking import split_ids
-from urfm_fast.teacher import BiomedCLIPTeacher, TeacherUnavailable
+from urfm_fast.teacher import (
+    EFFICIENTNET_LITE0,
+    TeacherUnavailable,
+    load_teacher,
+    timm_teacher,
+)
+
+URFM_ARMS = ("urfm", "urfm_random_teacher")
+EVAL_SEEDS = {"train": 1000, "test": 2000, "val": 3000}
+# DICOM test files with ultrasound frames (pydicom-data, deid-data): never used for training.
+PYDICOM_US = ("US1_UNCR.dcm", "color3d_jpeg_baseline.dcm", "gdcm-US-ALOKA-16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
+DEID_US = ("GREYSCALE_IMAGE.dcm", "RGB_IMAGE.dcm", "ultrasound-multiframe.dcm", "GREYSCALE_CINE.zip",
+           "RGB_CINE.zip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers and targets
+
+
+def random_teacher_like(spec: str, grid: int, input_size: int | None):
+    """The pretrained teacher's architecture at random initialisation (timm's init, seed 0)."""
+    import timm
+
+    torch.manual_seed(0)
+    if spec in (EFFICIENTNET_LITE0, "efficientnet-lite0"):
+        name = "tf_efficientnet_lite0"
+    elif spec.startswith("timm:"):
+        name = spec.removeprefix("timm:").partition("=")[0]
+    else:  # BiomedCLIP or an open_clip tower: BiomedCLIP's ViT-B/16 at random init
+        return load_teacher("random", grid=grid)
+    t = timm_teacher(name, None, grid, input_size, model=timm.create_model(name, pretrained=False))
+    t.source = f"random {name}"
+    return t
+
+
+@torch.no_grad()
+def teacher_targets(teacher, images01: torch.Tensor, grid: int, batch: int = 64) -> torch.Tensor:
+    """[N, 3, S, S] in [0, 1] -> [N, grid*grid, D]: computed once per image (no augmentation)."""
+    return torch.cat([teacher(images01[i : i + batch], grid) for i in range(0, len(images01), batch)])
+
+
+class PooledTeacher(nn.Module):
+    """The teacher as a backbone for the probes: its feature map averaged over space."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.teacher.feature_map(x01).mean((2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining
 
 
 def pixel_targets(imgs_norm: torch.Tensor, p: int) -> torch.Tensor:
@@ -58,126 +118,309 @@ def pixel_mae_loss(model: URFM, imgs: torch.Tensor, target: torch.Tensor, ids_sh
     return F.mse_loss(model.decoder_pred(x), t)
 
 
-def pretrain(arm: str, init: dict, cfg: URFMConfig, images01: torch.Tensor, targets: torch.Tensor | None,
-             steps: int, batch: int, lr: float, seed: int) -> tuple[dict, list[float]]:
+def build_student(cfg: URFMConfig, init: dict) -> URFM:
+    """URFM(cfg) with the common initial weights; only ``decoder_pred`` (its width is the target's) differs."""
+    torch.manual_seed(0)
     model = URFM(cfg)
-    model.load_state_dict(init)
-    opt = torch.optim.AdamW(model.param_groups(0.05), lr=lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(seed)  # same batches and masks in every arm
-    n, losses, warmup = len(images01), [], max(1, steps // 10)
+    own = model.state_dict()
+    model.load_state_dict({k: v if v.shape == own[k].shape else own[k] for k, v in init.items()})
+    return model
+
+
+def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets: torch.Tensor | None, a) -> list[float]:
+    cfg = model.cfg
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=a.lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(a.seed)  # the same batches and masks in every arm
+    n, losses, warmup = len(images01), [], max(1, a.steps // 10)
     model.train()
-    for step in range(steps):
-        idx = torch.randint(0, n, (batch,), generator=g)
-        ids_shuffle = torch.rand(batch, cfg.num_patches, generator=g).argsort(1)
-        f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+    for step in range(a.steps):
+        idx = torch.randint(0, n, (a.batch,), generator=g)
+        ids_shuffle = torch.rand(a.batch, cfg.num_patches, generator=g).argsort(1)
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, a.steps - warmup)))
+        f = (step + 1) / warmup if step < warmup else cosine
         for group in opt.param_groups:
-            group["lr"] = lr * f
+            group["lr"] = a.lr * f
         imgs = normalize(images01[idx], IMAGENET_MEAN, IMAGENET_STD)
-        if arm == "urfm":
-            loss = model(imgs, targets[idx], ids_shuffle)[0]
-        else:
+        if arm == "pixel":
             loss = pixel_mae_loss(model, imgs, pixel_targets(imgs, cfg.patch_size), ids_shuffle)
+        else:
+            loss = model(imgs, targets[idx], ids_shuffle)[0]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{arm}: loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            print(f"  [{arm}] step {step:5d}/{steps} loss {loss.item():.4f} lr {lr * f:.2e}", flush=True)
-    return model.state_dict(), losses
+        if step % max(1, a.steps // 5) == 0 or step == a.steps - 1:
+            print(f"  [{arm}] step {step:5d}/{a.steps} loss {loss.item():.4f} lr {a.lr * f:.2e}", flush=True)
+    return losses
+
+
+@torch.no_grad()
+def held_out_loss(model: URFM, images01: torch.Tensor, targets: torch.Tensor, seed: int = 123) -> float:
+    """Mean URFM loss on images never trained on, with fixed masks (the same for every model)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for i in range(0, len(images01), 64):
+        x = normalize(images01[i : i + 64], IMAGENET_MEAN, IMAGENET_STD)
+        ids = torch.rand(len(x), model.cfg.num_patches, generator=g).argsort(1)
+        total += model(x, targets[i : i + 64], ids)[0].item() * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def synthetic01(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = synthetic.generate(n, size=size, seed=seed)
+    return x.float().div(255).expand(-1, 3, -1, -1).contiguous(), y
+
+
+def real_frames(size: int, workdir: Path) -> tuple[torch.Tensor, int]:
+    """Held-out real ultrasound frames: pydicom-data/deid-data DICOM test files -> urfm_fast.prepare ->
+    centre square crops at ``size`` px, [N, 3, S, S] in [0, 1]. Empty when neither package is installed."""
+    from urfm_fast import prepare
+    from urfm_fast.data import ShardDataset
+
+    files = []
+    try:
+        from pydicom.data import get_testdata_file
+
+        files += [p for p in (get_testdata_file(n) for n in PYDICOM_US) if p]
+    except Exception:  # pydicom-data missing: get_testdata_file would try to download
+        pass
+    try:
+        import deid_data
+
+        us = Path(deid_data.__file__).parent / "data" / "ultrasounds"
+        files += [str(us / n) for n in DEID_US if (us / n).exists()]
+    except ImportError:
+        pass
+    if not files:
+        return torch.empty(0, 3, size, size), 0
+    src = workdir / "real_src"
+    src.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):  # neutral names: no file name of the source reaches any output
+        link = src / f"scan{i:02d}{Path(f).suffix}"
+        if not link.exists():
+            os.symlink(f, link)
+    prepare.prepare([src], workdir / "real_shards", short_side=size, frame_stride=10, workers=1, progress=False)
+    ds = ShardDataset(workdir / "real_shards")
+    crops = []
+    for i in range(len(ds)):
+        img = ds[i]
+        h, w = img.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        crops.append(img[:, top : top + size, left : left + size])
+    x = torch.stack(crops).float().div(255).expand(-1, 3, -1, -1).contiguous()
+    return x, len(files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="docs", help="folder for label_efficiency.{md,png,json}")
+    p.add_argument("--ckpt-dir", default="runs/label_efficiency", help="the arms' checkpoints")
+    p.add_argument("--teacher", default=EFFICIENTNET_LITE0, help="the pretrained teacher (any --teacher of "
+                   "urfm_fast.pretrain: efficientnet_lite0, timm:MODEL=FILE, open_clip:MODEL=FILE, BiomedCLIP path)")
+    p.add_argument("--teacher-size", type=int, default=128,
+                   help="teacher input size (0: the teacher's own; 128 keeps EfficientNet-Lite0 cheap on CPU)")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=16, help="student patch size")
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--decoder-dim", type=int, default=128)
+    p.add_argument("--decoder-depth", type=int, default=2)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--target-norm", action="store_true", help="LayerNorm the teacher targets (MaskDistill)")
+    p.add_argument("--loss-on", default="masked", choices=["masked", "all"])
+    p.add_argument("--pretrain-images", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-train", type=int, default=2000)
+    p.add_argument("--eval-n", type=int, default=1000, help="images of the evaluation split")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="score on the test split (reported) or a separate validation split (to choose settings)")
+    p.add_argument("--seeds", default="0,1,2", help="probe seeds; fine-tuning uses the first")
+    p.add_argument("--pool", default="token", choices=["token", "avg"],
+                   help="the ViT arms' feature for the probes and fine-tuning: CLS token or mean of patch tokens")
+    p.add_argument("--ft-epochs", type=int, default=1)
+    p.add_argument("--ft-min-steps", type=int, default=30)
+    p.add_argument("--ft-batch", type=int, default=32)
+    p.add_argument("--no-finetune", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="take the arms' checkpoints from --ckpt-dir (an earlier "
+                   "run with the same pretraining settings) instead of pretraining again")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ckpt_dir: Path) -> dict:
+    """Pretrain every arm from the common init; returns per-arm checkpoint path, loss curve and seconds."""
+    torch.manual_seed(a.seed)
+    init = URFM(cfg).state_dict()  # the common starting point
+    out = {}
+    for arm in ("urfm", "urfm_random_teacher", "pixel", "random"):
+        t0 = time.perf_counter()
+        width = teachers[arm].out_dim if arm in URFM_ARMS else cfg.patch_size**2 * 3  # pixel: p*p*3 values
+        arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width})
+        model = build_student(arm_cfg, init)
+        path = ckpt_dir / f"{arm}.pth"
+        args = dict(model="vit_tiny", objective=arm, steps=a.steps, batch=a.batch, img_size=a.img_size,
+                    pretrain_images=a.pretrain_images, lr=a.lr, seed=a.seed)
+        if a.reuse:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["args"].get("steps") != a.steps or saved["config"] != arm_cfg.to_dict():
+                raise SystemExit(f"error: --reuse: {path} was pretrained with other settings")
+            model.load_state_dict(saved["model"])
+            out[arm] = dict(path=path, curve=saved.get("pretrain_loss", []), seconds=0.0, model=model)
+            continue
+        curve = [] if arm == "random" else pretrain(arm, model, images01, teachers.get(f"{arm}_targets"), a)
+        torch.save({"model": model.state_dict(), "epoch": 0, "step": len(curve), "args": args,
+                    "config": arm_cfg.to_dict(), "pretrain_loss": curve}, path)
+        out[arm] = dict(path=path, curve=curve, seconds=time.perf_counter() - t0, model=model)
+        print(f"{arm}: {out[arm]['seconds']:.0f}s", flush=True)
+    return out
+
+
+def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth: torch.Tensor) -> dict:
+    """Each URFM arm's loss (trained vs. its initial weights) on held-out synthetic and real frames."""
+    with tempfile.TemporaryDirectory() as tmp:
+        real, n_files = real_frames(a.img_size, Path(tmp))
+    res = {"real_files": n_files, "real_frames": len(real), "synthetic_frames": len(held_synth)}
+    torch.manual_seed(a.seed)
+    init = URFM(cfg).state_dict()
+    for arm in URFM_ARMS:
+        t = teachers[arm]
+        arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": t.out_dim})
+        start = build_student(arm_cfg, init)
+        for name, imgs in (("synthetic", held_synth), ("real", real)):
+            if not len(imgs):
+                continue
+            tg = teacher_targets(t, imgs, cfg.grid_size)
+            res[f"{arm}/{name}"] = dict(trained=held_out_loss(arms[arm]["model"], imgs, tg),
+                                        init=held_out_loss(start, imgs, tg))
+    return res
+
+
+def evaluate_arms(a, arms: dict, teacher, seeds: list[int]) -> list[dict]:
+    x, y = synthetic.generate(a.eval_train, size=a.img_size, seed=EVAL_SEEDS["train"])
+    xe, ye = synthetic.generate(a.eval_n, size=a.img_size, seed=EVAL_SEEDS[a.eval_split])
+    splits = {"train": Split(x.expand(-1, 3, -1, -1).contiguous(), y),
+              a.eval_split: Split(xe.expand(-1, 3, -1, -1).contiguous(), ye)}
+    classes = list(synthetic.CLASSES)
+    backbones = [resolve_backbone(f"{arm}={arms[arm]['path']}", "vit_tiny", a.pool, None) for arm in arms]
+    ceiling = Backbone("teacher", teacher.source, lambda num_classes=0, drop_path_rate=0.0: PooledTeacher(teacher),
+                       (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size, {"format": "teacher", "source": teacher.source})
+    dev = torch.device("cpu")
+    records = run(backbones + [ceiling], splits, classes, ["linear", "knn"], [0.01, 0.1, 1.0], seeds, dev)
+    if not a.no_finetune:
+        records += run(backbones, splits, classes, ["finetune"], [0.01, 0.1, 1.0], seeds[:1], dev,
+                       dict(ft_epochs=a.ft_epochs, ft_min_steps=a.ft_min_steps, ft_batch_size=a.ft_batch))
+    return records
+
+
+def target_check(summary: list[dict]) -> list[dict]:
+    """urfm against pixel and random at 1 % and 10 %: the margin and the larger of the two std."""
+    cell = {(r["backbone"], r["protocol"], r["fraction"]): r for r in summary}
+    rows = []
+    for protocol in ("linear", "knn"):
+        for frac in (0.01, 0.1):
+            u = cell.get(("urfm", protocol, frac))
+            for other in ("pixel", "random"):
+                o = cell.get((other, protocol, frac))
+                if u and o:
+                    std = max(u["accuracy_std"], o["accuracy_std"])
+                    margin = u["accuracy"] - o["accuracy"]
+                    rows.append(dict(protocol=protocol, fraction=frac, versus=other, margin=margin, std=std,
+                                     met=margin > 2 * std))
+    return rows
+
+
+def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summary, minutes) -> None:
+    cmd = "python experiments/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    checks = target_check(summary)
+    curve = ", ".join(f"{k} {v['curve'][0]:.3f} -> {sum(v['curve'][-50:]) / len(v['curve'][-50:]):.3f}"
+                      for k, v in arms.items() if v["curve"])
+    loss_rows = "\n".join(f"| {k} | {v['init']:.3f} | {v['trained']:.3f} |" for k, v in losses.items()
+                           if isinstance(v, dict))
+    check_rows = "\n".join(f"| {c['protocol']} | {c['fraction']:g} | {c['versus']} | {100 * c['margin']:+.1f} | "
+                           f"{100 * c['std']:.1f} | {'yes' if c['met'] else 'no'} |" for c in checks)
+    title = f"Synthetic lesions, {a.img_size}px ViT-Ti/{a.patch} x{a.depth}, teacher {teacher.source}"
+    plot(summary, out / "label_efficiency.png", title=title)
+    (out / "label_efficiency.md").write_text(
+        f"# Label efficiency on synthetic lesions (teacher: {teacher.source})\n\n"
+        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads.\n\n"
+        f"Pretraining: {a.pretrain_images} synthetic images (no augmentation; teacher targets cached), "
+        f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, mask {a.mask_ratio}, ViT-Ti width 192 x {a.depth} blocks, "
+        f"{a.img_size}px, patch {a.patch} ({cfg.num_patches} tokens), decoder {a.decoder_dim}d{a.decoder_depth}b, "
+        f"target norm {a.target_norm}, loss on {a.loss_on}. Teacher input {teacher.input_size}px, "
+        f"{teacher.out_dim}-d map resampled to {cfg.grid_size}x{cfg.grid_size}. "
+        f"Loss (first step -> mean of the last 50): {curve}.\n\n"
+        f"Evaluation on the `{a.eval_split}` split: {a.eval_train} labelled train / {a.eval_n} images, "
+        f"linear probe and k-NN over seeds {a.seeds}, fine-tuning seed {a.seeds.split(',')[0]} only (std 0); "
+        "`teacher` = the pretrained teacher's pooled map (probes only). Accuracy etc. in %, mean ± std.\n\n"
+        + format_table(summary, markdown=True) + "\n\n![label efficiency](label_efficiency.png)\n\n"
+        "## Target: urfm beats pixel and random by more than 2 std (accuracy, points)\n\n"
+        "| protocol | fraction | versus | margin | larger std | met |\n|---|---|---|---|---|---|\n"
+        + check_rows + "\n\n## URFM loss on held-out frames (fixed masks)\n\n"
+        f"{losses.get('real_frames', 0)} real ultrasound frames from {losses.get('real_files', 0)} DICOM test "
+        f"files (pydicom-data, deid-data) through `urfm_fast.prepare`, centre {a.img_size}px crops; "
+        f"{losses['synthetic_frames']} unseen synthetic images. Each arm's student against its own initial "
+        "weights, each with its own teacher's targets.\n\n| arm/frames | init | trained |\n|---|---|---|\n"
+        + loss_rows + "\n")
+    (out / "label_efficiency.json").write_text(json.dumps(dict(
+        command=cmd.strip(), args=vars(a), teacher=teacher.source, minutes=round(minutes, 2),
+        threads=a.threads, summary=summary, target_check=checks, held_out_loss=losses, runs=records,
+        pretrain_seconds={k: round(v["seconds"], 1) for k, v in arms.items()},
+        pretrain_loss={k: v["curve"][::10] for k, v in arms.items()}), indent=1) + "\n")
+    print(f"wrote {out}/label_efficiency.{{md,png,json}} in {minutes:.1f} min")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="docs")
-    p.add_argument("--ckpt-dir", default="runs/label_efficiency", help="the three arms' checkpoints")
-    p.add_argument("--teacher", default="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-                   help="BiomedCLIP weights (file, folder, hf-hub id) or 'random'; falls back to random")
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--pretrain-images", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-train", type=int, default=2000)
-    p.add_argument("--eval-val", type=int, default=1000)
-    p.add_argument("--ft-epochs", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, ckpt_dir = Path(a.out), Path(a.ckpt_dir)
     t_start = time.perf_counter()
-
+    cfg = URFMConfig.preset("vit_tiny", img_size=a.img_size, patch_size=a.patch, depth=a.depth,
+                            decoder_embed_dim=a.decoder_dim, decoder_depth=a.decoder_depth, decoder_num_heads=4,
+                            mask_ratio=a.mask_ratio, target_norm=a.target_norm, loss_on=a.loss_on)
     try:
-        teacher = BiomedCLIPTeacher.load(a.teacher)
-    except TeacherUnavailable as e:
-        if not a.teacher.startswith("hf-hub:"):  # a path the user typed: a typo must not go unnoticed
-            raise SystemExit(f"error: {e}") from None
-        print(f"teacher unavailable ({str(e)[:120]}...): using a RANDOM teacher", flush=True)
-        teacher = BiomedCLIPTeacher.load("random")
-    teacher_kind = "random" if teacher.source == "random" else "BiomedCLIP"
-
-    cfg = URFMConfig.preset("vit_tiny", img_size=a.img_size, depth=a.depth, decoder_embed_dim=128, decoder_depth=2,
-                            decoder_num_heads=4, target_dim=768)
-    torch.manual_seed(a.seed)
-    init = URFM(cfg).state_dict()  # common starting point of all three arms
-
-    t0 = time.perf_counter()
-    x, _ = synthetic.generate(a.pretrain_images, size=a.img_size, seed=a.seed)  # labels never used
-    images01 = x.float().div(255).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S) grey -> 3 channels
-    with torch.no_grad():
-        targets = torch.cat([teacher(images01[i : i + 128]) for i in range(0, len(images01), 128)])  # (N, n, 768)
-    print(f"{len(images01)} pretraining images + {teacher_kind} teacher targets {tuple(targets.shape)} "
-          f"in {time.perf_counter() - t0:.0f}s", flush=True)
-
-    ckpt_dir = Path(a.ckpt_dir)
+        teacher = load_teacher(a.teacher, grid=cfg.grid_size, input_size=a.teacher_size or None)
+    except (TeacherUnavailable, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    args = dict(model="vit_tiny", decoder_num_heads=4, img_size=a.img_size, steps=a.steps, batch=a.batch)
-    curves, paths = {}, {}
-    for arm in ("urfm", "pixel", "random"):
-        t0 = time.perf_counter()
-        if arm == "random":
-            sd, curves[arm] = init, []
-        else:
-            sd, curves[arm] = pretrain(arm, init, cfg, images01, targets, a.steps, a.batch, a.lr, a.seed)
-        paths[arm] = ckpt_dir / f"{arm}.pth"
-        torch.save({"model": sd, "epoch": 0, "step": 0 if arm == "random" else a.steps,
-                    "args": dict(args, objective=arm)}, paths[arm])
-        print(f"{arm}: {time.perf_counter() - t0:.0f}s", flush=True)
+    teachers = {"urfm": teacher, "urfm_random_teacher": random_teacher_like(a.teacher, cfg.grid_size,
+                                                                        a.teacher_size or None)}
 
     t0 = time.perf_counter()
-    backbones = [resolve_backbone(f"{arm}={paths[arm]}", "vit_tiny", "token", None) for arm in paths]
-    splits, classes = load_data("synthetic", a.img_size, n_train=a.eval_train, n_val=a.eval_val)
-    dev = torch.device("cpu")
-    records = run(backbones, splits, classes, ["linear", "knn"], [0.01, 0.1, 1.0], [0, 1, 2], dev)
-    records += run(backbones, splits, classes, ["finetune"], [0.01, 0.1, 1.0], [0], dev,
-                   dict(ft_epochs=a.ft_epochs, ft_min_steps=100))
+    images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
+    if not a.reuse:
+        for arm in URFM_ARMS:
+            teachers[f"{arm}_targets"] = teacher_targets(teachers[arm], images01, cfg.grid_size)
+        print(f"{len(images01)} pretraining images, targets {tuple(teachers['urfm_targets'].shape)} from "
+              f"{teacher.source} and its random twin in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir)
+    held, _ = synthetic01(256, a.img_size, seed=EVAL_SEEDS["val"] + 1)  # unseen, unlabelled
+    losses = real_scan_losses(a, arms, teachers, cfg, held)
+    print(f"held-out URFM losses: {json.dumps(losses)}", flush=True)
+
+    t0 = time.perf_counter()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    records = evaluate_arms(a, arms, teacher, seeds)
     summary = summarize(records)
     print(f"evaluation: {time.perf_counter() - t0:.0f}s", flush=True)
-    total = time.perf_counter() - t_start
-
-    table = format_table(summary, markdown=True)
-    print(format_table(summary))
-    plot(summary, out / "label_efficiency.png",
-         title=f"Synthetic lesions, {a.img_size}px ViT-Ti/16 x{a.depth}, {teacher_kind} teacher")
-    cmd = "python experiments/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    loss_line = ", ".join(f"{k} {v[0]:.3f} -> {sum(v[-50:]) / len(v[-50:]):.3f}" for k, v in curves.items() if v)
-    (out / "label_efficiency.md").write_text(
-        f"# Label efficiency on synthetic lesions ({teacher_kind} teacher)\n\n"
-        f"`{cmd.strip()}` ({total / 60:.1f} min, {a.threads} CPU thread(s)).\n\n"
-        f"Pretraining: {a.pretrain_images} synthetic images, {a.steps} steps x {a.batch}, AdamW lr {a.lr}, "
-        f"mask 0.75, vit_tiny width (192) x {a.depth} blocks at {a.img_size}px (patch 16), decoder 128d2b. "
-        f"Pretraining loss (first -> mean of last 50 steps): {loss_line}.\n"
-        f"Evaluation: {a.eval_train} train / {a.eval_val} val labelled images (unseen seeds), "
-        "linear and k-NN over seeds 0,1,2; fine-tuning seed 0 only (std 0). Values are % (mean ± std).\n\n"
-        + table + "\n")
-    (out / "label_efficiency.json").write_text(json.dumps(
-        dict(args=vars(a), teacher=teacher_kind, minutes=total / 60, summary=summary, runs=records,
-             pretrain_loss={k: v[::10] for k, v in curves.items()}), indent=1) + "\n")
-    print(f"wrote {out}/label_efficiency.{{md,png,json}} in {total / 60:.1f} min")
+    minutes = (time.perf_counter() - t_start) / 60
+    write_outputs(a, argv, out, cfg, teacher, arms, losses, records, summary, minutes)
     return 0
 
 

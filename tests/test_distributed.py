@@ -89,7 +89,7 @@ fully_shard(model[0])
 fully_shard(model[2])
 fully_shard(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
-ema = EMA(model, 0.5)
+ema = EMA(model, 0.5, warmup=False)  # a fixed decay, to compare with a plain lerp
 ref = [s.to_local().clone() for s in ema.shadow]
 seen = None
 for i in range(4):

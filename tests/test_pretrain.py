@@ -334,3 +334,43 @@ def test_a_kernel_failing_its_start_up_check_runs_on_torch(tmp_path, monkeypatch
         assert ops._disabled == {"attention"}
     finally:
         ops.enable_triton()
+
+
+def test_short_demo_exports_trained_weights_and_resume_restores_the_count(tmp_path, capsys):
+    """60 steps: load_backbone and export return the trained weights (the live ones; the warmed EMA is
+    close to them too), never the initial ones; the EMA count survives a resume (.pth and DCP)."""
+    from safetensors.torch import load_file
+
+    from urfm_fast import load_backbone
+    from urfm_fast.checkpoint_io import load_checkpoint
+    from urfm_fast.export import main as export_main
+
+    out = tmp_path / "run"
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "60", "--out", str(out)]) == 0
+    pth = out / "checkpoint-00000060.pth"
+    obj = torch.load(pth, map_location="cpu", weights_only=True)
+    assert obj["ema_updates"] == 60 and obj["trainer"]["ema_updates"] == 60
+    cfg = URFMConfig.from_dict(json.loads((out / "config.json").read_text())["model"])
+    torch.manual_seed(0)
+    init = URFM(cfg).state_dict()
+    key = "blocks.0.attn.qkv.weight"
+    trained, start, ema = obj["model"][key], init[key], obj["ema_state_dict"][key]
+    assert not torch.equal(trained, start)
+    # warm-up: the EMA is near the trained weights, not 99.4 % the initial ones
+    assert (ema - trained).norm() < 0.25 * (start - trained).norm()
+
+    capsys.readouterr()
+    model = load_backbone(pth)
+    assert "model weights" in capsys.readouterr().out  # it says which weights it took
+    assert torch.equal(model.state_dict()[key], trained)
+    assert export_main([str(pth), "--out", str(tmp_path / "export")]) == 0
+    assert "auto: live weights" in capsys.readouterr().out
+    assert torch.equal(load_file(str(tmp_path / "export" / "model.safetensors"))[key], trained)
+    dcp = load_checkpoint(out / "checkpoints" / "step_00000060", weights="auto")
+    assert dcp.meta["weights"] == "model" and "60 updates" in dcp.meta["weights_reason"]
+
+    for resume, run_dir in ((str(pth), tmp_path / "from_pth"), ("latest", out)):  # .pth, then the DCP folder
+        args = [*TINY, *SYNTH, "--batch-size", "4", "--steps", "62", "--out", str(run_dir), "--resume", resume]
+        assert pretrain.main(args) == 0
+        final = torch.load(run_dir / "checkpoint-00000062.pth", map_location="cpu", weights_only=True)
+        assert final["ema_updates"] == 62

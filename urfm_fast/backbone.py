@@ -1,7 +1,7 @@
 """URFM encoders as timm ``VisionTransformer`` backbones, and their timm registration.
 
     from urfm_fast import load_backbone
-    model = load_backbone("mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth")   # EMA weights
+    model = load_backbone("mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth")   # EMA (weights="auto")
     model.forward_features(x)            # [B, 1+N, D] after the final LayerNorm
     model(x)                             # pooled features [B, D] (num_classes=0) or logits
     model.forward_intermediates(x, indices=4, output_fmt="NCHW")  # multi-level maps for dense heads
@@ -142,7 +142,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
             f"{variant} has no hosted weights: pass pretrained_cfg_overlay=dict(file=PATH) with a URFM "
             "checkpoint or export, or use urfm_fast.load_backbone(PATH)"
         )
-    ckpt = load_checkpoint(file, prefer_ema=overlay.get("prefer_ema", True)) if pretrained else None
+    choice = overlay.get("weights") or ("ema" if overlay.get("prefer_ema", True) else "live")
+    if "weights" not in overlay and "prefer_ema" not in overlay:
+        choice = "auto"
+    ckpt = load_checkpoint(file, weights=choice) if pretrained else None
     in_chans = kwargs.pop("in_chans", 3)
     base = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, patch_size=16,
                 img_size=kwargs.pop("img_size", 224))
@@ -156,7 +159,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
         if k in kwargs and ckpt is None:
             args[k] = kwargs.pop(k)
     args.update({k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")})
-    overlay = {k: v for k, v in overlay.items() if k not in ("file", "prefer_ema")}
+    overlay = {k: v for k, v in overlay.items() if k not in ("file", "prefer_ema", "weights")}
     model = build_model_with_cfg(VisionTransformer, variant, pretrained=False,
                                  pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay,
                                  **{k: v for k, v in args.items() if k not in ("pretrained_cfg",)})
@@ -199,7 +202,8 @@ def load_backbone(
     global_pool: str = "token",
     in_chans: int = 3,
     img_size: int | None = None,
-    prefer_ema: bool = True,
+    weights: str = "auto",
+    prefer_ema: bool | None = None,
     **timm_kwargs,
 ) -> VisionTransformer:
     """The URFM encoder as a timm VisionTransformer.
@@ -210,9 +214,16 @@ def load_backbone(
     checkpoint's (224 without one); another size resamples the position embedding (bicubic).
     ``num_classes > 0`` adds a freshly initialised linear head. Other keyword arguments go to timm's
     VisionTransformer (``drop_path_rate``, ``dynamic_img_size``, ``fc_norm``, ...).
+    ``weights``: ``auto`` (the EMA once it has averaged at least 1 / (1 - decay) updates, else the live
+    weights), ``ema`` or ``live``; prints which it took. ``prefer_ema`` (older switch) True/False = ema/live.
     """
+    if prefer_ema is not None:
+        weights = "ema" if prefer_ema else "live"
     ckpt = path if isinstance(path, LoadedCheckpoint) else (
-        load_checkpoint(path, prefer_ema=prefer_ema) if path is not None else None)
+        load_checkpoint(path, weights=weights) if path is not None else None)
+    if ckpt is not None and not isinstance(path, LoadedCheckpoint):
+        print(f"load_backbone: {ckpt.meta['weights']} weights of {ckpt.meta['path']} "
+              f"({ckpt.meta.get('weights_reason', '')})")
     if ckpt is not None:
         c = ckpt.config
         dims = (c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.patch_size)

@@ -211,6 +211,35 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+WEIGHTS = ("auto", "ema", "live")
+
+
+def _ema_count(raw: dict) -> tuple[int | None, float | None]:
+    """(EMA updates, EMA decay) recorded in one of our checkpoints; None where the file does not say."""
+    trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
+    args = raw.get("args") if isinstance(raw.get("args"), dict) else {}
+    updates = raw.get("ema_updates", trainer.get("ema_updates"))
+    decay = raw.get("ema_decay", args.get("ema_decay"))
+    return (None if updates is None else int(updates)), (None if decay is None else float(decay))
+
+
+def resolve_weights(raw, weights: str) -> tuple[bool, str]:
+    """``weights`` (auto | ema | live) -> (take the EMA?, why). auto: the EMA once it has had at least
+    1 / (1 - decay) updates (or when the file does not record a count), else the live weights."""
+    from urfm_fast.ema import time_constant, trustworthy
+
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights != "auto":
+        return weights == "ema", f"weights={weights}"
+    updates, decay = _ema_count(raw) if isinstance(raw, dict) else (None, None)
+    if updates is None:
+        return True, "auto: EMA (no update count recorded)"
+    if trustworthy(updates, decay):
+        return True, f"auto: EMA ({updates} updates >= {time_constant(decay)})"
+    return False, f"auto: live weights (the EMA had {updates} updates < {time_constant(decay)})"
+
+
 def _pick_weights(raw, prefer_ema: bool, path: Path) -> tuple[dict, str, dict]:
     """(state dict, 'ema'|'model'|'state_dict', rest of the container)."""
     if not isinstance(raw, dict):
@@ -257,11 +286,14 @@ def _dcp_sidecars(path: Path, rest: dict) -> None:
             raise CheckpointError(f"{cfg_file}: unreadable ({e})") from None
         if isinstance(run_cfg.get("model"), dict):
             rest.setdefault("config", run_cfg["model"])
+        if isinstance(run_cfg.get("train"), dict) and "ema_decay" in run_cfg["train"]:
+            rest.setdefault("ema_decay", run_cfg["train"]["ema_decay"])
     if trainer.is_file():
         t = _torch_load(trainer)
         if isinstance(t, dict):
-            for k in ("step", "epoch"):
-                rest.setdefault(k, t.get(k))
+            for k in ("step", "epoch", "ema_updates"):
+                if t.get(k) is not None:
+                    rest.setdefault(k, t.get(k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,15 +390,26 @@ def _check_against_model(sd: dict, cfg: URFMConfig, origin: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True, weights: str | None = None) -> LoadedCheckpoint:
     """Read any supported checkpoint (see module docstring) into MAE-layout keys + inferred config.
 
-    ``prefer_ema=True`` takes ``ema_state_dict`` when the file has one (the released URFM files do), else
-    ``model``; ``prefer_ema=False`` takes the live ``model`` weights.
+    ``weights``: ``ema`` takes ``ema_state_dict`` when the file has one (the released URFM files do), else
+    ``model``; ``live`` takes the live ``model`` weights; ``auto`` takes the EMA only once it has had at
+    least 1 / (1 - decay) updates (the count our checkpoints record; files without one: the EMA).
+    ``meta['weights']`` says which were taken and ``meta['weights_reason']`` why. ``weights=None`` keeps
+    the older switch: ``prefer_ema`` True = ``ema``, False = ``live``.
     """
     path = Path(path).expanduser()
     raw, container = _read(path)
+    if container == "dcp" and isinstance(raw, dict):
+        _dcp_sidecars(path, raw)  # the EMA count and decay live in the sidecar files
+    weights = weights or ("ema" if prefer_ema else "live")
+    prefer_ema, reason = resolve_weights(raw, weights)
     sd, which, rest = _pick_weights(raw, prefer_ema, path)
+    if which == "state_dict":
+        reason = "the file holds one set of weights"
+    elif prefer_ema != (which == "ema"):
+        reason += f"; the file has only {'EMA' if which == 'ema' else 'live'} weights"
     sd = strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})  # AveragedModel's counter
     if container == "dcp":
         _dcp_sidecars(path, rest)
@@ -393,7 +436,7 @@ def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> LoadedC
     else:
         fmt = "urfm_official"  # MAE/URFM layout: model/ema_state_dict/optimizer/epoch/args
     meta = dict(
-        path=str(path), format=fmt, weights=which,
+        path=str(path), format=fmt, weights=which, weights_reason=reason,
         epoch=rest.get("epoch") if isinstance(rest, dict) else None,
         step=rest.get("step") if isinstance(rest, dict) else None,
         has_ema=any(isinstance(rest.get(k), dict) and rest.get(k) for k in EMA_KEYS) if rest else False,

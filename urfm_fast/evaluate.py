@@ -323,7 +323,8 @@ class Backbone:
     meta: dict
 
 
-def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None) -> Backbone:
+def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None, weights: str = "auto") -> Backbone:
+    """``weights`` (auto | ema | live): which weights of a URFM checkpoint (see ``load_checkpoint``)."""
     import timm
 
     from urfm_fast.backbone import load_backbone
@@ -338,13 +339,14 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
                                  img_size=img_size or 224, drop_path_rate=drop_path_rate)
         meta = {"format": "random", "arch": arch}
     elif Path(target).expanduser().exists():
-        ckpt = load_checkpoint(Path(target).expanduser())
+        ckpt = load_checkpoint(Path(target).expanduser(), weights=weights)
+        print(f"[{label}] {ckpt.meta['weights']} weights ({ckpt.meta['weights_reason']})")
 
         def make(num_classes=0, drop_path_rate=0.0):
             torch.manual_seed(0)
             return load_backbone(ckpt, num_classes=num_classes, global_pool=global_pool, img_size=img_size,
                                  drop_path_rate=drop_path_rate)
-        meta = {k: ckpt.meta[k] for k in ("format", "weights", "epoch", "step", "path")}
+        meta = {k: ckpt.meta[k] for k in ("format", "weights", "weights_reason", "epoch", "step", "path")}
         meta["model"] = ckpt.config.model
     else:
         name = target.removeprefix("timm:")
@@ -636,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     p.add_argument("--out", default="runs/evaluate", help="folder for results.json and label_efficiency.png")
     p.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "live"],
+                   help="checkpoint weights: auto = the EMA once it has had >= 1/(1-decay) updates, else live")
     p.add_argument("--arch", default="vit_base", help="architecture of --backbone random")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--global-pool", default="token", choices=["token", "avg"])
@@ -729,13 +733,13 @@ def main(argv=None) -> int:
     from urfm_fast.checkpoint_io import CheckpointError
 
     try:
-        backbones = [resolve_backbone(s, a.arch, a.global_pool, a.img_size) for s in a.backbone]
+        backbones = [resolve_backbone(s, a.arch, a.global_pool, a.img_size, a.weights) for s in a.backbone]
         size = a.img_size or backbones[0].img_size
         if any(b.img_size != size for b in backbones):
             # Native sizes differ (e.g. a 64-px checkpoint beside a 224-px one): every backbone gets the
             # first one's input size (position embeddings resampled), as the data is read once at that size.
             print(f"backbones differ in input size; all run at {size}px (the first backbone's; set --img-size)")
-            backbones = [resolve_backbone(s, a.arch, a.global_pool, size) for s in a.backbone]
+            backbones = [resolve_backbone(s, a.arch, a.global_pool, size, a.weights) for s in a.backbone]
         splits, classes = load_data(a.data, size, a.labels, a.synthetic_train, a.synthetic_val)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

@@ -1,7 +1,10 @@
 """Export a URFM checkpoint's encoder as a timm model folder: ``model.safetensors`` + ``config.json``.
 
     python -m urfm_fast.export mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth --out urfm_vitb
-    python -m urfm_fast.export runs/urfm/checkpoint-last.pth --out urfm_vitt --live   # live weights, not EMA
+    python -m urfm_fast.export runs/urfm/checkpoint-last.pth --out urfm_vitt --weights live   # not the EMA
+
+``--weights auto`` (the default) exports the EMA once it has averaged at least 1 / (1 - decay) updates
+(the count our checkpoints record), else the live weights; ``ema`` or ``live`` force one.
 
 Then, with timm alone (no urfm_fast needed):
 
@@ -74,7 +77,7 @@ def export_config(ckpt: LoadedCheckpoint) -> dict:
     }
 
 
-def export(checkpoint, out_dir, prefer_ema: bool = True, force: bool = False) -> Path:
+def export(checkpoint, out_dir, prefer_ema: bool | None = None, force: bool = False, weights: str = "auto") -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -82,7 +85,9 @@ def export(checkpoint, out_dir, prefer_ema: bool = True, force: bool = False) ->
     existing = [f for f in FILES if (out / f).exists()]
     if existing and not force:
         raise FileExistsError(f"{out}: {', '.join(existing)} already exist; pass --force to overwrite")
-    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, prefer_ema)
+    if prefer_ema is not None:
+        weights = "ema" if prefer_ema else "live"
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, weights=weights)
     # safetensors wants contiguous tensors that share no storage; fp32 as timm's own exports.
     sd = {k: v.detach().float().contiguous().clone() for k, v in ckpt.encoder_state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -96,12 +101,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="official URFM .pth, our .pth, a DCP folder, or an export")
     p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
-    p.add_argument("--live", action="store_true", help="export the live 'model' weights instead of the EMA")
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "live"],
+                   help="auto: the EMA once it has had >= 1/(1-decay) updates, else the live weights")
+    p.add_argument("--live", action="store_true", help="same as --weights live")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     a = p.parse_args(argv)
     try:
         writable_dir("out", a.out)  # before reading a large checkpoint
-        ckpt = load_checkpoint(a.checkpoint, prefer_ema=not a.live)
+        ckpt = load_checkpoint(a.checkpoint, weights="live" if a.live else a.weights)
         out = export(ckpt, a.out, force=a.force)
     except (CheckpointError, FileExistsError, FlagError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -113,6 +120,7 @@ def main(argv=None) -> int:
     n = sum(v.numel() for v in ckpt.encoder_state_dict().values())
     print(f"exported {ckpt.meta['weights']} weights of {c.model} ({c.embed_dim}d x {c.depth}, patch {c.patch_size}, "
           f"{c.img_size}px, {n / 1e6:.1f}M params) from {ckpt.meta['format']} checkpoint to {out}")
+    print(f"  weights: {ckpt.meta.get('weights_reason', ckpt.meta['weights'])}")
     print(f"  timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
 

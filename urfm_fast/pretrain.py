@@ -54,7 +54,7 @@ from urfm_fast.ema import EMA
 from urfm_fast.kernel_check import Shapes, verify_or_fall_back
 from urfm_fast.model import URFM
 from urfm_fast.safe_load import UntrustedCheckpoint, checkpoint_errors, dcp_cause, one_line
-from urfm_fast.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable
+from urfm_fast.teacher import HF_HUB_ID, TEACHER_HELP, BiomedCLIPTeacher, TeacherUnavailable, load_teacher
 from urfm_fast.train_checks import check_train_config, train_warnings
 
 log = logging.getLogger("urfm_fast.pretrain")
@@ -80,7 +80,7 @@ class TrainConfig:
     mask_ratio: float = _f(0.75, "fraction of patches masked")
     mask_type: str = _f("random", "masking generator", choices=["random", "block"])
     # teacher
-    teacher: str = _f(HF_HUB_ID, "BiomedCLIP weights: open_clip file, folder, hf-hub id, or 'random' (smoke tests)")
+    teacher: str = _f(HF_HUB_ID, TEACHER_HELP)
     target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",
                      choices=["tokens", "proj"])
     # data
@@ -101,6 +101,8 @@ class TrainConfig:
     weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position embeddings)")
     clip_grad: float = _f(3.0, "clip the global gradient norm to this (0 = no clipping, norm still logged)")
     ema_decay: float = _f(0.9999, "decay of the EMA of the student saved as ema_state_dict")
+    ema_warmup: bool = _f(True, "warm the EMA decay up as min(decay, (1+n)/(10+n)) after n updates (timm's "
+                                "ModelEmaV3); the count is saved in checkpoints")
     # run
     out: str | None = _f(None, "output folder (default ./runs/<timestamp>); never overwritten without --resume")
     seed: int = _f(0, "random seed (model init, data order, masking)")
@@ -534,7 +536,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         # retries on a machine without network) does not belong in a demo; --teacher downloads.
         offline = demo and cfg.teacher == HF_HUB_ID
         with _env(HF_HUB_OFFLINE="1") if offline else contextlib.nullcontext():
-            teacher = BiomedCLIPTeacher.load(cfg.teacher, target=cfg.target)
+            teacher = load_teacher(cfg.teacher, target=cfg.target, grid=cfg.img_size // 16)
     except TeacherUnavailable as e:
         if not demo:
             raise Stop(f"{e}\nThe BiomedCLIP teacher is required for a real run: pass --teacher PATH "
@@ -585,8 +587,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         # counts; each count gets its own static graph instead of one symbolic-shape graph.
         for blk in blocks:
             blk.compile(dynamic=False)  # in place: parameter names stay those of the URFM layout
-        for blk in teacher.trunk.blocks:  # the teacher calls forward_features, so compile its blocks
-            blk.compile(dynamic=False)
+        teacher.compile_blocks()
     model = student
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -616,7 +617,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     fused = cuda or device_skip  # found_inf is an input of the fused kernel only
     optimizer = torch.optim.AdamW(student.param_groups(cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
                                   fused=fused or None, foreach=None if fused else True)
-    ema = EMA(student, cfg.ema_decay)
+    ema = EMA(student, cfg.ema_decay, warmup=cfg.ema_warmup)
     mask_gen = torch.Generator(d.device).manual_seed(cfg.seed * 1000 + d.rank)
 
     # -- checkpointing: state, save, resume --------------------------------------------------------
@@ -643,7 +644,7 @@ def train(cfg: TrainConfig, demo: bool) -> int:
     def trainer_state() -> dict:
         return {"step": state.step, "epoch": stream.epoch, "skipped": state.skipped,
                 "bad_in_a_row": state.bad_in_a_row, "elapsed": state.elapsed, "data": stream.state_dict(),
-                "rng": rng_state(d.device), "mask_gen": mask_gen.get_state()}
+                "rng": rng_state(d.device), "mask_gen": mask_gen.get_state(), "ema_updates": ema.num_updates}
 
     def save(step: int, background: bool = False) -> Path | None:
         """A resumable checkpoint of now. In the background, it is renamed into place by
@@ -677,7 +678,8 @@ def train(cfg: TrainConfig, demo: bool) -> int:
         if not d.main:
             return None
         args = dict(dataclasses.asdict(cfg), **{f"model_{k}": v for k, v in model_cfg.to_dict().items()})
-        extra = {"config": model_cfg.to_dict(), "trainer": trainer_state()}
+        extra = {"config": model_cfg.to_dict(), "trainer": trainer_state(), "ema_updates": ema.num_updates,
+                 "ema_decay": cfg.ema_decay}
         return ckpt.save_pth(out / f"checkpoint-{step:08d}.pth", msd, esd, ckpt.optim_to_ids(osd),
                              stream.epoch, step, args, extra)
 
@@ -967,6 +969,7 @@ def _resume(cfg, out, d, app_state, sd_model, optimizer, ema, stream, mask_gen, 
         raise ckpt.CheckpointError(f"--resume: none of the checkpoints in {out} is usable")
     try:
         state.step, state.skipped = int(trainer["step"]), int(trainer["skipped"])
+        ema.num_updates = int(trainer.get("ema_updates", state.step))  # older checkpoints: one update per step
         state.bad_in_a_row, state.elapsed = int(trainer["bad_in_a_row"]), float(trainer["elapsed"])
         stream.load_state_dict(trainer["data"])
         if not trainer.get("resharded"):

