@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-depth", type=int, default=2)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--target-norm", action="store_true", help="LayerNorm the teacher targets (MaskDistill)")
+    p.add_argument("--target-std", action="store_true",
+                   help="standardise each target channel over the pretraining set (removes the component all "
+                        "images share, which dominates a cosine loss on non-negative CNN features)")
     p.add_argument("--loss-on", default="masked", choices=["masked", "all"])
     p.add_argument("--pretrain-images", type=int, default=1024)
     p.add_argument("--steps", type=int, default=200)
@@ -254,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-min-steps", type=int, default=30)
     p.add_argument("--ft-batch", type=int, default=32)
     p.add_argument("--no-finetune", action="store_true")
+    p.add_argument("--arms", default="urfm,urfm_random_teacher,pixel,random",
+                   help="ViT arms to pretrain and evaluate (ablations: a subset, on --eval-split val)")
     p.add_argument("--reuse", action="store_true", help="take the arms' checkpoints from --ckpt-dir (an earlier "
                    "run with the same pretraining settings) instead of pretraining again")
     p.add_argument("--threads", type=int, default=2)
@@ -266,7 +271,7 @@ def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ck
     torch.manual_seed(a.seed)
     init = URFM(cfg).state_dict()  # the common starting point
     out = {}
-    for arm in ("urfm", "urfm_random_teacher", "pixel", "random"):
+    for arm in a.arms.split(","):
         t0 = time.perf_counter()
         width = teachers[arm].out_dim if arm in URFM_ARMS else cfg.patch_size**2 * 3  # pixel: p*p*3 values
         arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width})
@@ -296,7 +301,7 @@ def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth:
     res = {"real_files": n_files, "real_frames": len(real), "synthetic_frames": len(held_synth)}
     torch.manual_seed(a.seed)
     init = URFM(cfg).state_dict()
-    for arm in URFM_ARMS:
+    for arm in (x for x in URFM_ARMS if x in arms):
         t = teachers[arm]
         arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": t.out_dim})
         start = build_student(arm_cfg, init)
@@ -404,10 +409,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
     if not a.reuse:
-        for arm in URFM_ARMS:
-            teachers[f"{arm}_targets"] = teacher_targets(teachers[arm], images01, cfg.grid_size)
-        print(f"{len(images01)} pretraining images, targets {tuple(teachers['urfm_targets'].shape)} from "
-              f"{teacher.source} and its random twin in {time.perf_counter() - t0:.0f}s", flush=True)
+        for arm in (x for x in URFM_ARMS if x in a.arms.split(",")):
+            tg = teacher_targets(teachers[arm], images01, cfg.grid_size)  # (N, n, D)
+            if a.target_std:
+                tg = (tg - tg.mean((0, 1))) / (tg.std((0, 1)) + 1e-6)
+            teachers[f"{arm}_targets"] = tg
+        print(f"{len(images01)} pretraining images, teacher targets in {time.perf_counter() - t0:.0f}s", flush=True)
 
     arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir)
     held, _ = synthetic01(256, a.img_size, seed=EVAL_SEEDS["val"] + 1)  # unseen, unlabelled
