@@ -369,7 +369,9 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         f"{teacher.out_dim}-d map resampled to {cfg.grid_size}x{cfg.grid_size}. "
         f"Loss (first step -> mean of the last 50): {curve}.\n\n"
         f"Evaluation on the `{a.eval_split}` split: {a.eval_train} labelled train / {a.eval_n} images, "
-        f"linear probe and k-NN over seeds {a.seeds}, fine-tuning seed {a.seeds.split(',')[0]} only (std 0); "
+        f"linear probe and k-NN over seeds {a.seeds}, "
+        + ("no fine-tuning (--no-finetune); " if a.no_finetune else
+           f"fine-tuning seed {a.seeds.split(',')[0]} only (std 0); ") +
         "`teacher` = the pretrained teacher's pooled map (probes only). Accuracy etc. in %, mean ± std.\n\n"
         + format_table(summary, markdown=True) + "\n\n![label efficiency](label_efficiency.png)\n\n"
         "## Target: urfm beats pixel and random by more than 2 std (accuracy, points)\n\n"
