@@ -361,7 +361,7 @@ def test_short_demo_exports_trained_weights_and_resume_restores_the_count(tmp_pa
 
     capsys.readouterr()
     model = load_backbone(pth)
-    assert "model weights" in capsys.readouterr().out  # it says which weights it took
+    assert "live weights" in capsys.readouterr().out  # it says which weights it took
     assert torch.equal(model.state_dict()[key], trained)
     assert export_main([str(pth), "--out", str(tmp_path / "export")]) == 0
     assert "auto: live weights" in capsys.readouterr().out

@@ -222,7 +222,8 @@ def load_backbone(
     ckpt = path if isinstance(path, LoadedCheckpoint) else (
         load_checkpoint(path, weights=weights) if path is not None else None)
     if ckpt is not None and not isinstance(path, LoadedCheckpoint):
-        print(f"load_backbone: {ckpt.meta['weights']} weights of {ckpt.meta['path']} "
+        which = {"model": "live", "ema": "EMA"}.get(ckpt.meta["weights"], ckpt.meta["weights"])
+        print(f"load_backbone: {which} weights of {ckpt.meta['path']} "
               f"({ckpt.meta.get('weights_reason', '')})")
     if ckpt is not None:
         c = ckpt.config

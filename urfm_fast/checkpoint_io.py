@@ -408,8 +408,10 @@ def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True, weights: s
     sd, which, rest = _pick_weights(raw, prefer_ema, path)
     if which == "state_dict":
         reason = "the file holds one set of weights"
-    elif prefer_ema != (which == "ema"):
-        reason += f"; the file has only {'EMA' if which == 'ema' else 'live'} weights"
+    elif prefer_ema and which == "model":
+        reason = "the file has no EMA: live weights"
+    elif not prefer_ema and which == "ema":
+        reason = "the file has only EMA weights"
     sd = strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})  # AveragedModel's counter
     if container == "dcp":
         _dcp_sidecars(path, rest)
