@@ -344,7 +344,9 @@ def test_real_zipped_cine(tmp_path):
                   path_map=tmp_path / "map.jsonl")
     assert c["files_skipped"] == 0, (out / "skipped.jsonl").read_text()
     index, _ = named(out, tmp_path / "map.jsonl")
-    assert [(r["path"], r["frame"]) for r in index] == [(f"GREYSCALE_CINE.zip/{member}", k) for k in (0, 10, 20)]
+    # a still probe: frames 10 and 20 match frame 0 to within a grey level at 64 px, near-duplicates left out
+    assert [(r["path"], r["frame"]) for r in index] == [(f"GREYSCALE_CINE.zip/{member}", 0)]
+    assert c["frames_duplicate"] == 2
     assert all(r["crop"] == "regions" for r in index)
     x = ShardDataset(out)
     assert all(x[k].float().std() > 5 for k in range(len(x)))
