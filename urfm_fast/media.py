@@ -83,6 +83,7 @@ def video_frames(src, stride, max_pixels):
         container.close()
         raise ValueError("video file without a video stream")
     stream = container.streams.video[0]
+    stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # prepare runs one worker per core
     w, h = stream.codec_context.width, stream.codec_context.height
     if w * h > max_pixels:
         container.close()

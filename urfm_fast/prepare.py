@@ -1,8 +1,13 @@
-"""`python -m urfm_fast.prepare SRC [SRC ...] --out DIR`: ultrasound archives -> uint8 shards.
+"""`python -m urfm_fast.prepare SRC [SRC ...] [--list FILE] --out DIR`: ultrasound archives -> uint8 shards.
 
 Reads PNG (8/16-bit), JPEG, BMP, TIFF and DICOM (pydicom 3: single- and multi-frame, decoded frame
 by frame; MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR; JPEG baseline/lossless through Pillow
-or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix).
+or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix), and
+with the media extra video clips (AVI/MP4/MOV/M4V) and NIfTI / MetaImage volumes (urfm_fast.media
+says how slices and intensities are taken). Near-duplicate consecutive frames of a cine, clip or
+volume (under DUPLICATE_MAD grey levels apart after resizing) are left out after de-identification.
+--list FILE adds sources, one path per line or a CSV with a `path` column; summary.json and the
+console give counts per source, named by position, never by path.
 Zip archives (``.zip``) are read as if they were folders: every member is streamed out of the archive
 (no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
 deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
@@ -89,7 +94,8 @@ LOCK = ".prepare.lock"
 MEMORY_NOTE = (
     "Memory per worker is bounded: one decoded frame of at most 2^25 pixels (DICOM) or Pillow's "
     "decompression-bomb limit (images), its float copy, up to 256 MiB of resized frames of one file and a "
-    "zip member of up to 64 MiB in memory: about 1.5 GiB at worst, ~100 MB for typical ultrasound."
+    "zip member of up to 64 MiB in memory: about 1.5 GiB at worst, ~100 MB for typical ultrasound; a volume "
+    "adds its data, up to 512 MiB (refused from its header beyond that)."
 )
 
 
@@ -659,7 +665,7 @@ def walk_sources(sources, out, labels=None, origins=None):
             raise PrepareError(f"source {label} does not exist")
         if not os.path.isdir(a):  # a file (a FIFO or device source is listed as skipped, never opened)
             folder, base = os.path.split(a)
-            if not (base.lower().endswith(media.DATA_FILE_EXTS) and base in _data_files(folder, os.listdir(folder))):
+            if not (base.lower().endswith(media.DATA_FILE_EXTS) and base in _data_files(folder)):
                 add("", base, a)
         else:
             name = os.path.basename(os.path.normpath(a))
@@ -673,7 +679,12 @@ def walk_sources(sources, out, labels=None, origins=None):
     return jobs
 
 
-def _data_files(folder, names):
+def _data_files(folder, names=None):
+    """Files of folder that an .mhd there reads as its data file (names: its listing, when known)."""
+    try:
+        names = os.listdir(folder) if names is None else names
+    except OSError:
+        return set()
     if not any(n.lower().endswith(".mhd") for n in names):
         return set()
     return media.metaimage_data_files(folder, names, _open_regular)
@@ -1165,7 +1176,7 @@ def format_summary(c, out):
         lines.append("  scan-region crop: " + ", ".join(f"{k} {v}" for k, v in sorted(c["crop"].items())))
     if c.get("frames_duplicate"):
         lines.append(f"  {c['frames_duplicate']} near-duplicate frames of cines and clips left out")
-    for row in c.get("sources", []) if len(c.get("sources", [])) > 1 else []:
+    for row in c.get("sources", []):
         skips = ", ".join(f"{n} {r}" for r, n in sorted(row["skipped"].items(), key=lambda kv: -kv[1]))
         lines.append(f"  source {row['source']} ({row['given_as']}, id {row['id']}): {row['files']} files, "
                      f"{row['files_added']} added ({row['images_added']} images), "
