@@ -11,12 +11,13 @@ is refused as corrupt or truncated (the whole clip: its frame numbers would not 
 
 Volumes: NIfTI-1/2 (``.nii``, ``.nii.gz``; header parsed by nibabel) and MetaImage (``.mha`` with its
 data inside, ``.mhd`` with a data file in the same folder; raw or zlib-compressed). The declared size
-is checked against MAX_VOLUME_BYTES before any voxel is read. Slices are 2-D planes of the first two
-voxel axes (x across, y down), taken along the third axis: for NIfTI the slice axis the header names
-(dim_info) when it names one. 4-D volumes (3-D + time, or 2-D + time with one slice) give every slice
-of every time point, numbered t * slices + z. Intensities are mapped to 0..255 with one range per
-volume: its 0.5th to 99.5th percentile (robust to a few hot voxels and to padding), clipped. A slice
-with under 1 % of its pixels above grey level 8 after the mapping has no signal and is left out.
+is checked against MAX_VOLUME_BYTES before any voxel is read. Slices are taken along the third voxel
+axis (for NIfTI, along the slice axis its header names in dim_info, the acquisition plane, when it
+names one); the other two voxel axes, in order, run across and down the slice (x across, y down).
+4-D volumes (3-D + time, or 2-D + time with one slice) give every slice of every time point, numbered
+t * slices + z. Intensities are mapped to 0..255 with one range per volume: its 0.5th to 99.5th
+percentile (robust to a few hot voxels and to padding), clipped. A slice with under 1 % of its pixels
+above grey level 8 after the mapping has no signal and is left out.
 
 Files from strangers: an ``.mhd``'s data file must be a regular file inside the ``.mhd``'s folder (no
 absolute path, no ``..``, no link leading out); lists and patterns of data files are refused.
