@@ -223,6 +223,10 @@ def test_list_file_and_per_source_summary(corpus, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "--list line 5 does not exist" in err and "Gone" not in err
     assert [p for p, _ in P.read_source_list(plain)[:2]] == [str(corpus), str(other)]
+    # a source given twice would be written twice: refused, named by position
+    plain.write_text(f"{other}\n{other}/\n")
+    assert P.main(["--list", str(plain), "--out", str(tmp_path / "o3"), "--quiet"]) == 2
+    assert "source --list line 2 is also given as --list line 1" in capfd.readouterr().err
 
 
 def test_zip_members_and_raw_not_listed(corpus, tmp_path):

@@ -41,6 +41,7 @@ MAX_VOLUME_BYTES = 512 << 20  # a volume's declared voxel data, read whole (one 
 PERCENTILES = (0.5, 99.5)  # the intensity range of a volume
 SIGNAL_LEVEL, SIGNAL_MIN = 8, 0.01  # a slice needs this fraction of pixels above this grey level
 _MAX_HEADER = 64 << 10  # MetaImage header text
+_MAX_EXTENSIONS = 64 << 20  # NIfTI header extensions before the data (some hold a DICOM header)
 _SAMPLE = 1 << 21  # voxels sampled for the percentiles
 _MET_TYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2", "MET_UINT": "u4",
               "MET_INT": "i4", "MET_ULONG": "u8", "MET_LONG": "i8", "MET_ULONG_LONG": "u8",
@@ -84,6 +85,9 @@ def video_frames(src, stride, max_pixels):
         container.close()
         raise ValueError("video file without a video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:
+        container.close()
+        raise ValueError("video stream of an unknown or corrupt codec")
     stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # prepare runs one worker per core
     w, h = stream.codec_context.width, stream.codec_context.height
     if w * h > max_pixels:
@@ -202,28 +206,34 @@ def _read_nifti(src):
             348: Nifti1Header, 540: Nifti2Header}.get(int.from_bytes(head[:4], "big"))
         if cls is None or len(head) < cls.template_dtype.itemsize:
             raise ValueError("not a NIfTI file (no NIfTI header)")
-        hdr = cls.from_fileobj(io.BytesIO(head[:cls.template_dtype.itemsize]), check=True)
-        shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
+        try:  # check=False: nibabel would log its fixes of a stranger's header to the console
+            hdr = cls.from_fileobj(io.BytesIO(head[:cls.template_dtype.itemsize]), check=False)
+            shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
+            offset, slice_dim = int(hdr.get_data_offset()), hdr.get_dim_info()[2]
+            slope = hdr.get_slope_inter()[0]
+        except Exception as e:
+            raise ValueError(f"corrupt NIfTI header ({type(e).__name__})") from None
         if dtype.fields or dtype.kind not in "uif":
             raise ValueError(f"NIfTI of data type {dtype} (grey integer or float volumes only)")
         nbytes = _check_volume(shape, dtype.itemsize)
-        offset = int(hdr.get_data_offset())
         if offset < cls.template_dtype.itemsize:
             raise ValueError("NIfTI header of a .hdr/.img pair or with a bad vox_offset (single-file .nii only)")
+        if offset > _MAX_EXTENSIONS:
+            raise ValueError(f"NIfTI data offset {offset} beyond {_MAX_EXTENSIONS} bytes of header extensions")
         if offset < len(head):  # the data started inside what was read as the header
-            body = head[offset:]
+            body = head[offset:offset + nbytes]
         else:
-            _read_exact(f, offset - len(head), "NIfTI header extension")
+            for start in range(len(head), offset, 1 << 20):  # extensions skipped, a MiB at a time
+                _read_exact(f, min(1 << 20, offset - start), "NIfTI header extension")
             body = b""
-        body += _read_exact(f, nbytes - len(body), "NIfTI volume data")
+        if len(body) < nbytes:
+            body += _read_exact(f, nbytes - len(body), "NIfTI volume data")
     except (HeaderDataError, OSError, EOFError, zlib.error) as e:
         raise ValueError(f"corrupt NIfTI file ({type(e).__name__})") from None
     shape4 = tuple(shape[:4]) + (1,) * (4 - min(4, len(shape)))  # dimensions past the 4th are 1 (checked)
     a = np.frombuffer(body, dtype, count=math.prod(shape)).reshape(shape4, order="F")
-    slice_dim = hdr.get_dim_info()[2]
     if slice_dim is not None and slice_dim != 2 and len(shape) >= 3:
         a = np.moveaxis(a, slice_dim, 2)
-    slope = hdr.get_slope_inter()[0]
     return a.transpose(3, 2, 1, 0), bool(slope is not None and slope < 0)
 
 
@@ -279,7 +289,7 @@ def _read_metaimage(src, name, open_regular):
 
 def _open_data_file(header_path, target, open_regular):
     """The data file an .mhd names, refused unless it is one regular file inside the header's folder."""
-    if target.upper() == "LIST" or "%" in target or " " in target.strip():
+    if target.upper() == "LIST" or "%" in target:
         raise ValueError("MetaImage with a list or pattern of data files (one data file only)")
     folder = os.path.realpath(os.path.dirname(header_path))
     if os.path.isabs(target) or ".." in target.replace("\\", "/").split("/"):

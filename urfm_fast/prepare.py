@@ -456,7 +456,7 @@ def _read_any(src, name, head, short_side, stride, in_zip=False):
         try:
             out = read_media_file(src, name, short_side, stride, in_zip)
         except (ValueError, MemoryError) as e:  # ValueError covers NotCleanable and the budgets
-            return "skip", str(e)
+            return "skip", str(e) or f"unreadable {media.kind_of(name)} file ({type(e).__name__})"
         return ("ok", out) if out else ("skip", f"{media.kind_of(name)} file without frames")
     if name.lower().endswith(IMAGE_EXTS) and not dicom:
         try:
@@ -658,11 +658,14 @@ def walk_sources(sources, out, labels=None, origins=None):
                 return
         jobs.append((name, rel, p, None))
 
+    given = {}
     for k, (s, label) in enumerate(zip(sources, labels)):
         before = len(jobs)
         a = os.path.abspath(s)
         if not os.path.exists(a):
             raise PrepareError(f"source {label} does not exist")
+        if given.setdefault(os.path.realpath(a), label) != label:  # its files would be written twice
+            raise PrepareError(f"source {label} is also given as {given[os.path.realpath(a)]}; name it once")
         if not os.path.isdir(a):  # a file (a FIFO or device source is listed as skipped, never opened)
             folder, base = os.path.split(a)
             if not (base.lower().endswith(media.DATA_FILE_EXTS) and base in _data_files(folder)):
