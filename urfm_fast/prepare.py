@@ -24,7 +24,7 @@ overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to
     DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
                            the source frame), blank (boxes blanked inside it, output pixels), burned_in
     DIR/skipped.jsonl      one line per file or archive member left out: id, reason
-    DIR/summary.json       counts of the last run
+    DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
     DIR/review.png         with --review N: N random images, blanked areas outlined
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
