@@ -178,6 +178,11 @@ def test_over_budget_and_no_signal_refused_before_reading(tmp_path, monkeypatch)
     write_mhd(tmp_path, "flat", np.zeros((2, 40, 40), np.int16))
     with open(tmp_path / "flat.mhd", "rb") as f, pytest.raises(ValueError, match="without signal"):
         media.volume_frames(f, str(tmp_path / "flat.mhd"), 1, P.MAX_FRAME_PIXELS, P._open_regular)
+    write_mhd(tmp_path, "fifo", np.ones((2, 40, 40), np.int16), data_file="fifo.data")
+    os.unlink(tmp_path / "fifo.data")
+    os.mkfifo(tmp_path / "fifo.data")  # reading it would block forever
+    with open(tmp_path / "fifo.mhd", "rb") as f, pytest.raises(ValueError, match="not a regular file"):
+        media.volume_frames(f, str(tmp_path / "fifo.mhd"), 1, P.MAX_FRAME_PIXELS, P._open_regular)
     write_clip(tmp_path / "big.mp4", CLIP[:2])
     with open(tmp_path / "big.mp4", "rb") as f, pytest.raises(ValueError, match="pixel budget"):
         media.video_frames(f, 1, 64 * 80 - 1)

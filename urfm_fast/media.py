@@ -109,7 +109,7 @@ def _decode(container, stream, stride, declared, max_pixels):
             if n % stride == 0:
                 yield n, frame.to_ndarray(format="gray")
             n += 1
-    except av.FFmpegError as e:
+    except av.error.FFmpegError as e:
         raise ValueError(f"corrupt video clip (decoding stopped after {n} frames; {type(e).__name__})") from None
     finally:
         container.close()
