@@ -256,11 +256,12 @@ class FileCleaner:
         self.text = np.zeros(live.shape, bool)
         self.static = StaticPixels() if kept >= STATIC_MIN_FRAMES else None
         self.frames = []
+        self.seen = 0  # frames added (the caller may drop near-duplicates from self.frames)
 
     def add(self, g):
         y0, y1, x0, x1 = self.roi
         crop = np.where(self.live, g[y0:y1, x0:x1], 0).astype(np.uint8)
-        k = len(self.frames)
+        k, self.seen = self.seen, self.seen + 1
         if self.static is None or k % DET_EVERY == 0 or k == self.kept - 1:
             self.text |= find_text(g, self.roi, self.live)
             if self.outside is not None:

@@ -1,8 +1,13 @@
-"""`python -m urfm_fast.prepare SRC [SRC ...] --out DIR`: ultrasound archives -> uint8 shards.
+"""`python -m urfm_fast.prepare SRC [SRC ...] [--list FILE] --out DIR`: ultrasound archives -> uint8 shards.
 
 Reads PNG (8/16-bit), JPEG, BMP, TIFF and DICOM (pydicom 3: single- and multi-frame, decoded frame
 by frame; MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR; JPEG baseline/lossless through Pillow
-or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix).
+or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix), and
+with the media extra video clips (AVI/MP4/MOV/M4V) and NIfTI / MetaImage volumes (urfm_fast.media
+says how slices and intensities are taken). Near-duplicate consecutive frames of a cine, clip or
+volume (under DUPLICATE_MAD grey levels apart after resizing) are left out after de-identification.
+--list FILE adds sources, one path per line or a CSV with a `path` column; summary.json and the
+console give counts per source, named by position, never by path.
 Zip archives (``.zip``) are read as if they were folders: every member is streamed out of the archive
 (no extraction to disk; a member larger than 64 MiB is spooled to an anonymous temporary file,
 deleted at once, since decoders seek backwards) and recorded as ``archive.zip/member/path``. A
@@ -19,7 +24,7 @@ overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to
     DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
                            the source frame), blank (boxes blanked inside it, output pixels), burned_in
     DIR/skipped.jsonl      one line per file or archive member left out: id, reason
-    DIR/summary.json       counts of the last run
+    DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
     DIR/review.png         with --review N: N random images, blanked areas outlined
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
@@ -47,6 +52,7 @@ before names were hashed has its index and skip list rewritten with ids on the n
     python -m urfm_fast.pretrain --data /data/us_shards
 """
 
+import csv
 import hashlib
 import io
 import json
@@ -66,7 +72,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from urfm_fast import deid
+from urfm_fast import deid, media
 
 MARKER = "urfm_shards.json"
 INDEX = "index.jsonl"
@@ -88,7 +94,8 @@ LOCK = ".prepare.lock"
 MEMORY_NOTE = (
     "Memory per worker is bounded: one decoded frame of at most 2^25 pixels (DICOM) or Pillow's "
     "decompression-bomb limit (images), its float copy, up to 256 MiB of resized frames of one file and a "
-    "zip member of up to 64 MiB in memory: about 1.5 GiB at worst, ~100 MB for typical ultrasound."
+    "zip member of up to 64 MiB in memory: about 1.5 GiB at worst, ~100 MB for typical ultrasound; a volume "
+    "adds its data, up to 512 MiB (refused from its header beyond that)."
 )
 
 
@@ -296,20 +303,37 @@ def _geometry(g, box):
     return (y0, y1, x0, x1), mask[y0:y1, x0:x1], "detected", None
 
 
-def _clean_frames(frames, short_side, box=None, kept=1):
-    """Crop, de-identify (urfm_fast.deid) and resize the grey frames of one file.
+DUPLICATE_MAD = 1.0  # mean absolute difference (grey levels, resized frame) under which a frame repeats the last
+
+
+def near_duplicate(a, b):
+    """True when uint8 frames a and b (same shape) differ by under DUPLICATE_MAD grey levels on average:
+    a frozen or repeated frame of a cine or clip (codecs re-encode a repeat with ~0.1 levels of noise;
+    consecutive live ultrasound frames differ by several levels of speckle)."""
+    return a.shape == b.shape and float(np.abs(a.astype(np.int16) - b).mean()) < DUPLICATE_MAD
+
+
+def _clean_frames(frames, short_side, box=None, kept=1, geometry_frame=None):
+    """Crop, de-identify (urfm_fast.deid), resize and de-duplicate the grey frames of one file.
 
     frames: iterable of (frame number, uint8 [H,W]) -> [(frame, uint8 [h,w], crop kind, extra)],
-    extra = {"roi": crop box in the source frame, "blank": boxes blanked inside it (output pixels)}."""
-    cleaner, kind, numbers, shape = None, None, [], None
+    extra = {"roi": crop box in the source frame, "blank": boxes blanked inside it (output pixels),
+    "duplicates": frames left out as near-duplicates of the frame before}. The scan region is found
+    in geometry_frame when given (a volume's projection), else in the first frame. Every frame is
+    seen by the de-identification (text, static overlays); a near-duplicate is then dropped."""
+    cleaner, kind, numbers, shape, duplicates = None, None, [], None, 0
     for idx, g in frames:
         if cleaner is None:
-            roi, live, kind, outside = _geometry(g, box)
+            roi, live, kind, outside = _geometry(g if geometry_frame is None else geometry_frame, box)
             cleaner = deid.FileCleaner(roi, live, lambda c: np.array(resize_short(c, short_side)), kept, outside)
             shape = g.shape
         elif g.shape != shape:
             raise ValueError("frames of different sizes in one file")
         cleaner.add(g)
+        if len(cleaner.frames) > 1 and near_duplicate(cleaner.frames[-1], cleaner.frames[-2]):
+            cleaner.frames.pop()
+            duplicates += 1
+            continue
         numbers.append(idx)
         if len(numbers) * cleaner.frames[-1].nbytes > MAX_OUTPUT_BYTES:
             raise _OverBudget(f"{len(numbers)} frames exceed the {MAX_OUTPUT_BYTES >> 20} MiB budget per file "
@@ -317,7 +341,7 @@ def _clean_frames(frames, short_side, box=None, kept=1):
     if cleaner is None:
         return []
     imgs, blank, _ = cleaner.finish()
-    extra = {"roi": list(cleaner.roi), "blank": blank}
+    extra = {"roi": list(cleaner.roi), "blank": blank, "duplicates": duplicates}
     return [(idx, np.ascontiguousarray(img), kind, extra) for idx, img in zip(numbers, imgs)]
 
 
@@ -415,9 +439,25 @@ def _quiet_worker(burned_in="clean"):
         pass
 
 
-def _read_any(src, name, head, short_side, stride):
-    """Dispatch on content/suffix: image, DICOM (with or without suffix) or neither."""
+def read_media_file(src, name, short_side, stride=1, in_zip=False):
+    """A video clip or a NIfTI / MetaImage volume (urfm_fast.media), cleaned like a DICOM cine."""
+    if media.kind_of(name) == "video":
+        frames, kept = media.video_frames(_rewind(src), stride, MAX_FRAME_PIXELS)
+        return _clean_frames(frames, short_side, kept=kept)
+    frames, kept, box, proj = media.volume_frames(src, name, stride, MAX_FRAME_PIXELS,
+                                                  None if in_zip else _open_regular)
+    return _clean_frames(frames, short_side, box, kept, geometry_frame=proj)
+
+
+def _read_any(src, name, head, short_side, stride, in_zip=False):
+    """Dispatch on content/suffix: image, DICOM (with or without suffix), video, volume or neither."""
     dicom = is_dicom_head(head, name)
+    if media.kind_of(name) and not dicom:
+        try:
+            out = read_media_file(src, name, short_side, stride, in_zip)
+        except (ValueError, MemoryError) as e:  # ValueError covers NotCleanable and the budgets
+            return "skip", str(e) or f"unreadable {media.kind_of(name)} file ({type(e).__name__})"
+        return ("ok", out) if out else ("skip", f"{media.kind_of(name)} file without frames")
     if name.lower().endswith(IMAGE_EXTS) and not dicom:
         try:
             return "ok", read_image_file(src, short_side)
@@ -430,7 +470,7 @@ def _read_any(src, name, head, short_side, stride):
             return "skip", str(e)
         except Exception as e:
             return "skip", f"not a readable DICOM file ({type(e).__name__})"
-    return "skip", "not an image or DICOM file"
+    return "skip", "not an image, DICOM, video or volume file"
 
 
 _ZIPS = {}  # this process's open archive: (path, mtime, size) -> ZipFile (central directory read once)
@@ -530,8 +570,8 @@ def _process_member(path, member, short_side, stride):
     try:
         with zf.open(info) as m:
             head = m.read(132)
-            if not is_dicom_head(head, member) and not member.lower().endswith(IMAGE_EXTS):
-                return "skip", "not an image or DICOM file"
+            if not is_dicom_head(head, member) and not member.lower().endswith(IMAGE_EXTS + media.MEDIA_EXTS):
+                return "skip", "not an image, DICOM, video or volume file"
             f = io.BytesIO() if info.file_size <= SPOOL_BYTES else tempfile.TemporaryFile(prefix="urfm-prepare-")
             f.write(head)
             _copy_bounded(m, f, info.file_size - len(head))  # the CRC is checked when the member ends
@@ -544,7 +584,7 @@ def _process_member(path, member, short_side, stride):
             f.close()
         return "skip", f"corrupt zip member ({_zip_error(e)})"
     with f:
-        return _read_any(f, member, head, short_side, stride)
+        return _read_any(f, member, head, short_side, stride, in_zip=True)
 
 
 def process_file(job):
@@ -595,11 +635,15 @@ def scrub_names(text, path, member, rel):
 # Driver
 
 
-def walk_sources(sources, out):
+def walk_sources(sources, out, labels=None, origins=None):
     """-> [(src name, rel path, abs path, zip member or None)] of every file under the sources (out
     excluded), in sorted order; a .zip file contributes one entry per member (rel path
-    ``archive.zip/member/path``), or one entry for itself when it is corrupt or empty."""
+    ``archive.zip/member/path``), or one entry for itself when it is corrupt or empty. Data files of
+    MetaImage headers (.raw beside an .mhd naming it) are read with their header, not listed.
+    labels: how messages name each source (default: as given; --list entries by their line, since
+    a list's paths may name patients); origins: a list that receives each entry's source position."""
     out_abs = os.path.abspath(out)
+    labels = labels or [str(s) for s in sources]
     jobs, names = [], {}
 
     def add(name, rel, p):
@@ -609,23 +653,44 @@ def walk_sources(sources, out):
             except Exception:
                 members = []
             if members:
-                jobs.extend((name, f"{rel}/{m}", p, m) for m in members)
+                data = media.zip_data_members(members)
+                jobs.extend((name, f"{rel}/{m}", p, m) for m in members if m not in data)
                 return
         jobs.append((name, rel, p, None))
 
-    for s in sources:
+    given = {}
+    for k, (s, label) in enumerate(zip(sources, labels)):
+        before = len(jobs)
         a = os.path.abspath(s)
         if not os.path.exists(a):
-            raise PrepareError(f"source {s} does not exist")
+            raise PrepareError(f"source {label} does not exist")
+        if given.setdefault(os.path.realpath(a), label) != label:  # its files would be written twice
+            raise PrepareError(f"source {label} is also given as {given[os.path.realpath(a)]}; name it once")
         if not os.path.isdir(a):  # a file (a FIFO or device source is listed as skipped, never opened)
-            add("", os.path.basename(a), a)
-            continue
-        name = os.path.basename(os.path.normpath(a))
-        if name in names and names[name] != a:
-            raise PrepareError(f"two sources share the folder name {name!r}; give them distinct names")
-        names[name] = a
-        _walk_folder(a, out_abs, lambda rel, p, name=name: add(name, rel, p))
+            folder, base = os.path.split(a)
+            if not (base.lower().endswith(media.DATA_FILE_EXTS) and base in _data_files(folder)):
+                add("", base, a)
+        else:
+            name = os.path.basename(os.path.normpath(a))
+            if name in names and names[name][0] != a:
+                raise PrepareError(f"sources {names[name][1]} and {label} share the folder name; give them "
+                                   "distinct names")
+            names[name] = (a, label)
+            _walk_folder(a, out_abs, lambda rel, p, name=name: add(name, rel, p))
+        if origins is not None:
+            origins.extend([k] * (len(jobs) - before))
     return jobs
+
+
+def _data_files(folder, names=None):
+    """Files of folder that an .mhd there reads as its data file (names: its listing, when known)."""
+    try:
+        names = os.listdir(folder) if names is None else names
+    except OSError:
+        return set()
+    if not any(n.lower().endswith(".mhd") for n in names):
+        return set()
+    return media.metaimage_data_files(folder, names, _open_regular)
 
 
 def _walk_folder(root, out_abs, add):
@@ -646,7 +711,10 @@ def _walk_folder(root, out_abs, add):
         # real folders before links at each level, so a link to a folder of the source is the duplicate
         dirs[:] = sorted((x for x in dirs if os.path.realpath(os.path.join(d, x)) != out_real),
                          key=lambda x, d=d: (os.path.islink(os.path.join(d, x)), x))
+        data = _data_files(d, files)
         for f in sorted(files):
+            if f in data:
+                continue
             p = os.path.join(d, f)
             add(os.path.relpath(p, root).replace(os.sep, "/"), p)
 
@@ -828,12 +896,13 @@ def _write_path_map(path_map, known, entries):
 
 def prepare(
     sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True,
-    path_map=None, burned_in="clean",
+    path_map=None, burned_in="clean", list_file=None,
 ):
     """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs.
 
     Sources are named in the outputs by `source_id` only; path_map (a file outside out) receives
-    the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES."""
+    the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES.
+    list_file: more sources, one path per line or a CSV with a `path` column (read_source_list)."""
     check_options(short_side, frame_stride, workers)
     if burned_in not in ("clean", "skip"):
         raise PrepareError("--burned-in must be clean or skip")
@@ -843,15 +912,68 @@ def prepare(
         raise PrepareError(str(e)) from None
     path_map = os.fspath(path_map) if path_map else None
     known = _check_path_map(path_map, out) if path_map else None
-    files = walk_sources(sources, out)
+    sources = [os.fspath(s) for s in sources]
+    labels = [f"argument {k + 1}" for k in range(len(sources))]
+    shown = list(sources)  # as typed on the command line; list entries are shown by line only
+    if list_file is not None:
+        listed = read_source_list(list_file)
+        sources += [p for p, _ in listed]
+        labels += [lab for _, lab in listed]
+        shown += [lab for _, lab in listed]
+    origins = []
+    files = walk_sources(sources, out, shown, origins)
     if not files:
-        raise PrepareError(f"no files found under {' '.join(map(str, sources))}")
+        raise PrepareError(f"no files found under {' '.join(shown)}")
+    _check_libraries(files)
     lock = _open_out(out, short_side)
     try:
         return _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress,
-                               path_map, known, burned_in)
+                               path_map, known, burned_in, (labels, origins))
     finally:
         lock.close()
+
+
+def read_source_list(list_file):
+    """Sources of --list FILE -> [(path, label "--list line N")]: one path per line (blank lines and
+    lines starting with # ignored), or a CSV whose header has a `path` column. Relative paths are
+    relative to the list's folder, so one list names one corpus wherever it is run from. Messages
+    name entries by line only: the paths may name patients."""
+    try:
+        with open(list_file, encoding="utf-8", newline="") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepareError(f"--list {list_file}: cannot read ({getattr(e, 'strerror', None) or type(e).__name__})"
+                           ) from None
+    base = os.path.dirname(os.path.abspath(list_file))
+    first = next((k for k, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
+    if first is None:
+        raise PrepareError(f"--list {list_file} names no sources")
+    header = [c.strip().lower() for c in next(csv.reader([lines[first]]))]
+    rows = []
+    if "path" in header:
+        col = header.index("path")
+        for k, row in enumerate(csv.reader(lines[first + 1:]), start=first + 2):
+            if len(row) > col and row[col].strip():
+                rows.append((row[col].strip(), f"--list line {k}"))
+    else:
+        rows = [(line.strip(), f"--list line {k + 1}") for k, line in enumerate(lines)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not rows:
+        raise PrepareError(f"--list {list_file} names no sources")
+    return [(os.path.join(base, os.path.expanduser(p)), label) for p, label in rows]
+
+
+def _check_libraries(files):
+    """Refuse to start when clips or volumes are found and the library reading them is not installed."""
+    found = {}
+    for _, _, p, member in files:
+        kind = media.kind_of(member or p)
+        if kind:
+            found[kind] = found.get(kind, 0) + 1
+    for kind, n in sorted(found.items()):
+        missing = media.missing_library(kind)
+        if missing:
+            raise PrepareError(f"{n} {kind} files found; {missing}")
 
 
 def check_options(short_side, frame_stride, workers):
@@ -863,8 +985,9 @@ def check_options(short_side, frame_stride, workers):
 
 
 def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
-                    burned_in):
-    """prepare() with the inputs checked and the output folder locked."""
+                    burned_in, provenance):
+    """prepare() with the inputs checked and the output folder locked. provenance: (label of each
+    source, source position of each file) for the per-source summary."""
     salt = source_salt(out)
     renamed = _hash_old_names(out, salt)
     ids = [source_id(salt, s, rel) for s, rel, _, _ in files]
@@ -877,9 +1000,12 @@ def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped
     else:
         done |= {r["id"] for r in old_skips}
     todo = [(i, rel, p, m) for i, (_, rel, p, m) in zip(ids, files) if i not in done]
+    labels, origins = provenance
+    per_source = _source_table(ids, done, labels, origins)
+    origin_of = dict(zip(ids, origins))
     counts = {"files_seen": len(files), "files_already_done": len(files) - len(todo), "files_added": 0,
               "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {},
-              "images_blanked": 0, "burned_in_cleaned": 0}
+              "images_blanked": 0, "burned_in_cleaned": 0, "frames_duplicate": 0}
     t0 = time.time()
     writer = _ShardWriter(out)
     jobs = [(p, m, rel, short_side, frame_stride) for _, rel, p, m in todo]
@@ -889,21 +1015,27 @@ def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped
             open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skipped:
         if workers == 1:
             _quiet_worker(burned_in)
-            results = map(process_file, jobs)
+            results = map(_timed_process, jobs)
             pool = None
         else:
             # fork: workers start at once (spawn would re-import torch through the urfm_fast package);
             # they only run numpy/PIL/pydicom/onnxruntime code.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             pool = mp.get_context(method).Pool(workers, initializer=_quiet_worker, initargs=(burned_in,))
-            results = pool.imap(process_file, jobs, chunksize=1)  # ordered: same input, same shards
+            results = pool.imap(_timed_process, jobs, chunksize=1)  # ordered: same input, same shards
         try:
             bar = _progress(len(jobs), progress)
-            for (sid, _, _, _), (status, payload) in zip(todo, results):
+            for (sid, _, _, _), (seconds, (status, payload)) in zip(todo, results):
+                row = per_source[origin_of[sid]]
+                row["seconds"] += seconds
                 if status == "skip":
                     _log_skip(skipped, counts, sid, payload)
+                    key = _reason_key(payload)
+                    row["skipped"][key] = row["skipped"].get(key, 0) + 1
                 else:
                     _write_images(writer, index, counts, sid, payload)
+                    row["files_added"] += 1
+                    row["images_added"] += len(payload)
                 bar.update(1)
                 bar.set_postfix(images=counts["images_added"], skipped=counts["files_skipped"], refresh=False)
             bar.close()
@@ -915,17 +1047,43 @@ def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped
     counts["images_total"] = len(read_index(out))
     counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
     counts["seconds"] = round(time.time() - t0, 2)
+    for row in per_source:
+        row["seconds"] = round(row["seconds"], 2)
+    counts["sources"] = per_source
     with open(os.path.join(out, SUMMARY), "w") as f:
         json.dump(counts, f, indent=1)
         f.write("\n")
     return counts
 
 
+def _timed_process(job):
+    """process_file and the seconds it took (summed per source in the summary)."""
+    t = time.perf_counter()
+    result = process_file(job)
+    return time.perf_counter() - t, result
+
+
+def _reason_key(reason):
+    return reason.split(" (")[0]
+
+
+def _source_table(ids, done, labels, origins):
+    """One row per source for summary.json: its position and how it was given (argument or --list
+    line), the hashed id of its folder name, never its path."""
+    rows = [{"source": k + 1, "given_as": label, "id": None, "files": 0, "files_already_done": 0,
+             "files_added": 0, "images_added": 0, "skipped": {}, "seconds": 0.0} for k, label in enumerate(labels)]
+    for sid, k in zip(ids, origins):
+        rows[k]["id"] = sid[:8]  # the source-folder part of the salted id
+        rows[k]["files"] += 1
+        rows[k]["files_already_done"] += sid in done
+    return rows
+
+
 def _log_skip(skipped, counts, sid, reason):
     skipped.write(json.dumps({"id": sid, "reason": reason}) + "\n")
     skipped.flush()
     counts["files_skipped"] += 1
-    key = reason.split(" (")[0]
+    key = _reason_key(reason)
     counts["skip_reasons"][key] = counts["skip_reasons"].get(key, 0) + 1
 
 
@@ -949,6 +1107,7 @@ def _write_images(writer, index, counts, sid, payload):
     counts["files_added"] += 1
     counts["images_added"] += len(payload)
     counts["burned_in_cleaned"] += bool(payload and payload[0][4].get("burned_in"))
+    counts["frames_duplicate"] += payload[0][4].get("duplicates", 0) if payload else 0
 
 
 def _progress(total, enabled):
@@ -1018,6 +1177,13 @@ def format_summary(c, out):
         lines.append(f"  skipped {n:6d}  {reason}")
     if c["crop"]:
         lines.append("  scan-region crop: " + ", ".join(f"{k} {v}" for k, v in sorted(c["crop"].items())))
+    if c.get("frames_duplicate"):
+        lines.append(f"  {c['frames_duplicate']} near-duplicate frames of cines and clips left out")
+    for row in c.get("sources", []):
+        skips = ", ".join(f"{n} {r}" for r, n in sorted(row["skipped"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  source {row['source']} ({row['given_as']}, id {row['id']}): {row['files']} files, "
+                     f"{row['files_added']} added ({row['images_added']} images), "
+                     f"{sum(row['skipped'].values())} skipped{f' ({skips})' if skips else ''}, {row['seconds']} s")
     if c["images_added"]:
         lines.append(f"  text/overlays blanked inside the scan region in {c['images_blanked']} images; "
                      f"{c['burned_in_cleaned']} files flagged BurnedInAnnotation YES cleaned")
@@ -1032,19 +1198,28 @@ def main(argv=None):
         epilog=MEMORY_NOTE + " Only regular files are read: FIFOs, devices and links to them are listed as "
         "skipped, unopened; symlinked folders are followed once each. Zip members are refused by their declared "
         f"size (over {MAX_MEMBER_BYTES >> 30} GiB) or compression ratio (over {MAX_MEMBER_RATIO}:1) before a "
-        "byte is decompressed. One prepare at a time per --out (a lock file).",
-        description="Convert folders and zip archives of ultrasound images and DICOM (cine) files into "
-        "de-identified uint8 shards for python -m urfm_fast.pretrain --data DIR: burned-in text and "
-        "overlays are blanked, sources are named by salted hashes. Unreadable files and archive members "
-        "are listed in DIR/skipped.jsonl; a second run adds only new files.",
+        "byte is decompressed. One prepare at a time per --out (a lock file). Video clips and volumes need "
+        f"the media extra ({media.EXTRA}); a volume's data over {media.MAX_VOLUME_BYTES >> 20} MiB is refused "
+        "before it is read.",
+        description="Convert folders and zip archives of ultrasound images (PNG, JPEG, BMP, TIFF), DICOM "
+        "(cine) files, video clips (AVI, MP4, MOV, M4V) and volumes (NIfTI .nii/.nii.gz, MetaImage .mhd/.raw, "
+        ".mha) into de-identified uint8 shards for python -m urfm_fast.pretrain --data DIR: burned-in text and "
+        "overlays are blanked, near-duplicate consecutive frames dropped, sources are named by salted hashes. "
+        "Unreadable files and archive members are listed in DIR/skipped.jsonl; a second run adds only new "
+        "files; DIR/summary.json and the console give counts per source.",
     )
     ap.add_argument("sources", nargs="*", metavar="SRC",
                     help="folders (searched recursively), files or .zip archives (read like folders, "
                     "members named archive.zip/member/path in the --path-map)")
+    ap.add_argument("--list", metavar="FILE", default=None, dest="list_file",
+                    help="more sources: one path per line (# comments), or a CSV with a 'path' column; relative "
+                    "paths are relative to FILE's folder. Its entries are named by line in messages and by "
+                    "position in summary.json, never by path")
     ap.add_argument("--out", required=True, help="shard folder to create or extend (resumable)")
     ap.add_argument("--short-side", type=int, default=256, help="resize every image to this short side "
                     "(16 to 8192)")
-    ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine (1 to 10^6)")
+    ap.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame of a cine or video clip, "
+                    "every N-th slice of a volume (1 to 10^6)")
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores; 1 to "
                     "1024; see the memory note below)")
     ap.add_argument("--retry-skipped", action="store_true", help="read files listed in skipped.jsonl again")
@@ -1062,12 +1237,12 @@ def main(argv=None):
     try:
         if args.review < 0:
             raise PrepareError("--review must be >= 0")
-        if not args.sources and not args.review:
-            raise PrepareError("give at least one SRC (or --review N for an existing shard folder)")
-        if args.sources:
+        if not args.sources and not args.list_file and not args.review:
+            raise PrepareError("give at least one SRC or --list FILE (or --review N for an existing shard folder)")
+        if args.sources or args.list_file:
             c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
                         workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet,
-                        path_map=args.path_map, burned_in=args.burned_in)
+                        path_map=args.path_map, burned_in=args.burned_in, list_file=args.list_file)
             print(format_summary(c, args.out))
         if args.review:
             if not is_shard_dir(args.out):
