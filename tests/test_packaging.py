@@ -1,6 +1,5 @@
 """kernels/ ships as urfm_fast.kernels, never as a top-level `kernels` (a PyPI package of that name exists)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,10 +11,17 @@ import urfm_fast.kernels
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_installed_package_maps_kernels_folder():
+def test_installed_package_maps_kernels_folder(tmp_path):
     assert Path(urfm_fast.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
-    top_level = importlib.util.find_spec("kernels")  # may be the unrelated PyPI package, never ours
-    assert top_level is None or not str(top_level.origin).startswith(str(ROOT))
+    # What the install provides, in a fresh interpreter outside the checkout (other tests may have put the
+    # checkout itself on this process's sys.path, where the folder is found as a plain directory).
+    probe = ("import importlib.util, urfm_fast.kernels; s = importlib.util.find_spec('kernels'); "
+             "print(urfm_fast.kernels.__file__); print(s.origin if s else '')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert Path(out[0]).resolve() == ROOT / "kernels" / "__init__.py"
+    assert not out[1].startswith(str(ROOT))  # a top-level `kernels` may be the unrelated PyPI package, never ours
 
 
 def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
