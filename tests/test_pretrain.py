@@ -18,7 +18,7 @@ import torch
 from conftest import interpreter_only
 from PIL import Image
 
-from urfm_fast import URFM, URFMConfig, pretrain
+from urfm_fast import URFM, URFMConfig, faults, pretrain
 
 TINY = [
     "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",
@@ -193,7 +193,7 @@ def test_nan_steps_skipped_on_the_device(tmp_path, capsys, monkeypatch):
     args = [*TINY, *SYNTH, "--batch-size", "4", "--steps", "5", "--log-every", "1"]
     assert pretrain.main([*args, "--out", str(tmp_path / "host")]) == 0
     host_out = capsys.readouterr().out
-    monkeypatch.setattr(pretrain, "_DEVICE_SIDE_SKIP", True)
+    monkeypatch.setattr(faults, "DEVICE_SIDE_SKIP", True)
     assert pretrain.main([*args, "--out", str(tmp_path / "dev")]) == 0
     dev_out = capsys.readouterr().out
     for line in ("skipped NaN/Inf steps: 2", "step 1: non-finite loss or gradients (grad norm nan); update skipped "
