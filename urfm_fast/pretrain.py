@@ -55,8 +55,6 @@ from urfm_fast.train_config import (  # noqa: F401 (public names)
     parse_config,
 )
 
-log = logging.getLogger("urfm_fast.pretrain")
-
 
 def train(cfg: TrainConfig, demo: bool) -> int:
     """Build the run from ``cfg`` and train it to the end (or a preemption); -> exit code."""
