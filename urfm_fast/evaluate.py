@@ -64,7 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.schedule import lr_at
 
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -374,7 +375,7 @@ def _autocast(device):
 
 
 def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    return _normalize_float(x_u8.float() / 255.0, mean, std)
+    return normalize(x_u8.float() / 255.0, mean, std)
 
 
 @torch.no_grad()
@@ -387,12 +388,6 @@ def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, devic
         with _autocast(device):
             out.append(model(x).float().cpu())
     return torch.cat(out)
-
-
-def _cosine_schedule(step, total, warmup):
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _batches(n: int, bs: int, steps: int, g: torch.Generator):
@@ -419,7 +414,7 @@ def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1
     steps = max(epochs * math.ceil(n / bs), min_steps)
     for step, idx in enumerate(_batches(n, bs, steps, g)):
         for group in opt.param_groups:
-            group["lr"] = lr * _cosine_schedule(step, steps, steps // 10)
+            group["lr"] = lr * lr_at(step, 1.0, 0.0, steps // 10, steps)
         # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
         xb, yb = (train_f[idx], train_y[idx]) if bs > 1 else (train_f[idx].repeat(2, 1), train_y[idx].repeat(2))
         loss = F.cross_entropy(head(xb), yb)
@@ -487,11 +482,11 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
     warmup = max(1, steps // 10)
     model.train()
     for step, idx in enumerate(_batches(n, bs, steps, g)):
-        f = _cosine_schedule(step, steps, warmup)
+        f = lr_at(step, 1.0, 0.0, warmup, steps)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * f
         x = train.images[idx].to(device, non_blocking=True).float() / 255.0
-        x = _normalize_float(_augment(x, g), bb.mean, bb.std)
+        x = normalize(_augment(x, g), bb.mean, bb.std)
         y = train.labels[idx].to(device)
         with _autocast(device):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
@@ -502,12 +497,6 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
         opt.step()
     logits = extract_features(model, eval_images, bb, device)
     return logits.softmax(-1)
-
-
-def _normalize_float(x01, mean, std):
-    m = torch.tensor(mean, device=x01.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x01.device).view(1, -1, 1, 1)
-    return (x01 - m) / s
 
 
 # ---------------------------------------------------------------------------------------------

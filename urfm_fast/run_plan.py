@@ -4,14 +4,13 @@ Every value a run derives from its flags (micro-batch and accumulation, bf16, co
 mode and shard mode, the base learning rate, the total and warm-up steps, the output folder) is
 computed here and nowhere else. The plan is frozen; ``run_config`` is what ``config.json`` holds (and
 what ``--resume`` reads back through ``train_config.parse_config``), ``pth_args`` the ``args`` of the
-URFM-format .pth, both from the same plan.
+URFM-format .pth, both from the same plan. The learning rate of a step is ``schedule.lr_at``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from urfm_fast.checkpoint import RUN_KIND
 from urfm_fast.config import VIT_PRESETS, URFMConfig
 from urfm_fast.data import DataError
 from urfm_fast.distributed import Dist, broadcast_obj
+from urfm_fast.schedule import lr_at  # noqa: F401 (the schedule of the plan's steps)
 from urfm_fast.train_config import TrainConfig, UsageError
 
 
@@ -108,11 +108,3 @@ def apply_process_settings(plan: RunPlan) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-
-def lr_at(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up then half-cosine to min_lr (MAE's schedule, per step). Stateless in ``step``,
-    so a resumed run gets the same rates without saving a scheduler."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup  # +1: the very first update is not wasted at lr 0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -29,7 +29,8 @@ from urfm_fast.kernel_check import Shapes, verify_or_fall_back
 from urfm_fast.metrics import MetricsLogger, printer
 from urfm_fast.model import URFM
 from urfm_fast.parallelize import parallelize
-from urfm_fast.run_plan import RunPlan, lr_at
+from urfm_fast.run_plan import RunPlan
+from urfm_fast.schedule import lr_at
 from urfm_fast.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable, load_teacher
 from urfm_fast.train_config import Stop
 
