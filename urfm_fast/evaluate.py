@@ -185,6 +185,46 @@ def _class_order(names):
     return sorted(names)
 
 
+def _read_labels_csv(labels_file: Path) -> tuple[list[str], list[dict]]:
+    """-> (the stripped header, the rows) of a labels CSV whose header names what each row holds."""
+    if not Path(labels_file).is_file():
+        raise ValueError(f"labels file {labels_file} does not exist")
+    with open(labels_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = list(reader)
+    if not {"label", "split"} <= set(header) or not ({"index", "path"} & set(header)):
+        raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
+                         "path,label,split[,frame] (see --help)")
+    return header, rows
+
+
+def _row_items(r: dict, header: list[str], where: str, root: Path, records: list, find) -> list[int]:
+    """The shard item indices one CSV row names: by index, or by path (and frame)."""
+    from urfm_fast import prepare
+
+    if "index" in header:
+        v = (r.get("index") or "").strip()
+        if not v.isdigit():
+            raise ValueError(f"{where}: index {v!r} is not a non-negative integer")
+        if int(v) >= len(records):
+            raise ValueError(f"{where}: index {v} is not in {root} (it holds images 0..{len(records) - 1})")
+        return [int(v)]
+    path = (r.get("path") or "").strip().replace("\\", "/")
+    items = find(path)
+    if not items:
+        raise ValueError(f"{where}: path {path!r} is not in {root} (as prepare read it)")
+    if len({prepare.record_source(records[k]) for k in items}) > 1:
+        raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
+    frame = (r.get("frame") or "").strip()
+    if frame:
+        items = [k for k in items if str(records[k]["frame"]) == frame]
+        if not items:
+            raise ValueError(f"{where}: {path!r} has no frame {frame} in {root}")
+    return items
+
+
 def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, str, str]], int]:
     """Labels CSV -> ([(shard item index, label, split)], number of images in the shard folder).
 
@@ -195,17 +235,7 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
         raise ValueError(f"{root} is not a shard folder (no {prepare.MARKER}); --labels needs the --out of "
                          "python -m urfm_fast.prepare")
     records = prepare.read_index(root)
-    if not Path(labels_file).is_file():
-        raise ValueError(f"labels file {labels_file} does not exist")
-    with open(labels_file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        rows = list(reader)
-    keys = {"label", "split"}
-    if not keys <= set(header) or not ({"index", "path"} & set(header)):
-        raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
-                         "path,label,split[,frame] (see --help)")
+    header, rows = _read_labels_csv(labels_file)
     find = prepare.path_lookup(root, records)  # "path" or "src/path" -> item indices
     out, seen = [], {}
     for line, r in enumerate(rows, start=2):
@@ -215,26 +245,7 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
             raise ValueError(f"{where}: empty label")
         if split not in SPLITS:
             raise ValueError(f"{where}: split {split!r} is not one of train, val, test")
-        if "index" in header:
-            v = (r.get("index") or "").strip()
-            if not v.isdigit():
-                raise ValueError(f"{where}: index {v!r} is not a non-negative integer")
-            if int(v) >= len(records):
-                raise ValueError(f"{where}: index {v} is not in {root} (it holds images 0..{len(records) - 1})")
-            items = [int(v)]
-        else:
-            path = (r.get("path") or "").strip().replace("\\", "/")
-            items = find(path)
-            if not items:
-                raise ValueError(f"{where}: path {path!r} is not in {root} (as prepare read it)")
-            if len({prepare.record_source(records[k]) for k in items}) > 1:
-                raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
-            frame = (r.get("frame") or "").strip()
-            if frame:
-                items = [k for k in items if str(records[k]["frame"]) == frame]
-                if not items:
-                    raise ValueError(f"{where}: {path!r} has no frame {frame} in {root}")
-        for k in items:
+        for k in _row_items(r, header, where, root, records, find):
             if k in seen and seen[k] != (label, split):
                 raise ValueError(f"{where}: image {k} is labelled twice ({seen[k][0]}/{seen[k][1]} and "
                                  f"{label}/{split})")
