@@ -8,7 +8,7 @@ Rows (images/s in extra_info['images_per_s']; ratio_to_reference > 1 = faster th
     test_augment_batch       batch_augment on the device: uint8 [B,1,256,256] -> float [B,3,S,S]
     test_stream_shards       build_train_stream from shards, 2 workers, augmentation on the device:
                              what the model receives per second
-At ~3k images/s per GPU (DESIGN.md §2) the loader must beat the step rate; decoding cannot
+At ~3k images/s per GPU (docs/architecture.md, compute budget) the loader must beat the step rate; decoding cannot
 (~400 images/s per core), shards + device augmentation can.
 """
 

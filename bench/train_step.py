@@ -17,7 +17,7 @@ from urfm_fast.teacher import BiomedCLIPTeacher
 
 
 class OurStep:
-    """One urfm_fast training iteration, as ``urfm_fast.pretrain`` runs it (without data loading):
+    """One urfm_fast training iteration, as ``urfm_fast.trainer.Trainer.train_step`` runs it (without data loading):
     teacher targets, student forward/backward under bf16 autocast, fused AdamW on CUDA, foreach EMA.
     """
 

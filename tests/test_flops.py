@@ -1,4 +1,4 @@
-"""The analytic FLOP counts of urfm_fast.flops: DESIGN.md's ViT-B budget, and exact agreement with
+"""The analytic FLOP counts of urfm_fast.flops: the ViT-B budget of docs/architecture.md, and exact agreement with
 torch's FlopCounterMode (which counts matmuls and convs) on tiny models."""
 
 import pytest
@@ -24,7 +24,7 @@ GMAC = 2e9  # FLOP per giga multiply-accumulate
 
 
 def test_vit_b_recipe_matches_design_budget():
-    """DESIGN.md section 2: teacher 17.6, encoder 4.4, decoder 11.7 GMAC forward; ~130 GFLOP train."""
+    """docs/architecture.md, compute budget: teacher 17.6, encoder 4.4, decoder 11.7 GMAC forward; ~130 GFLOP train."""
     cfg = URFMConfig()
     assert cfg.num_visible == 49
     assert teacher_forward_flops(cfg) / GMAC == pytest.approx(17.6, rel=0.02)
@@ -37,7 +37,7 @@ def test_vit_b_recipe_matches_design_budget():
 
 
 def test_attention_share_is_small_at_197_tokens():
-    """DESIGN.md: attention is ~4 % of the FLOPs of a ViT-B block at 197 tokens."""
+    """docs/architecture.md: attention is ~4 % of the FLOPs of a ViT-B block at 197 tokens."""
     D, T = 768, 197
     share = 4 * T * T * D / block_forward_flops(D, T)
     assert 0.03 < share < 0.05

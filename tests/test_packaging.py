@@ -46,3 +46,22 @@ def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.split()
     assert out[0] == str(target / "urfm_fast" / "kernels" / "gather.py")
     assert out[1] == "None"  # no top-level `kernels` package was installed
+
+
+def _fresh(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          timeout=120).stdout.strip()
+
+
+def test_package_imports_lazily_and_still_registers_with_timm():
+    """prepare (and its --help) start without torch; ``import urfm_fast`` then timm finds urfm_vit_*."""
+    assert _fresh("import sys, urfm_fast.prepare; print(sorted({'torch', 'timm'} & set(sys.modules)))") == "[]"
+    out = _fresh("import urfm_fast, timm; print(timm.create_model('urfm_vit_tiny_patch16_224', img_size=32).embed_dim)")
+    assert out == "192"
+
+
+def test_one_checkpoint_error():
+    from urfm_fast import CheckpointError, checkpoint, checkpoint_io
+
+    assert checkpoint.CheckpointError is checkpoint_io.CheckpointError is CheckpointError
+    assert issubclass(CheckpointError, ValueError)

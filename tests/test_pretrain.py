@@ -18,7 +18,7 @@ import torch
 from conftest import interpreter_only
 from PIL import Image
 
-from urfm_fast import URFM, URFMConfig, pretrain
+from urfm_fast import URFM, URFMConfig, faults, pretrain
 
 TINY = [
     "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",
@@ -193,7 +193,7 @@ def test_nan_steps_skipped_on_the_device(tmp_path, capsys, monkeypatch):
     args = [*TINY, *SYNTH, "--batch-size", "4", "--steps", "5", "--log-every", "1"]
     assert pretrain.main([*args, "--out", str(tmp_path / "host")]) == 0
     host_out = capsys.readouterr().out
-    monkeypatch.setattr(pretrain, "_DEVICE_SIDE_SKIP", True)
+    monkeypatch.setattr(faults, "DEVICE_SIDE_SKIP", True)
     assert pretrain.main([*args, "--out", str(tmp_path / "dev")]) == 0
     dev_out = capsys.readouterr().out
     for line in ("skipped NaN/Inf steps: 2", "step 1: non-finite loss or gradients (grad norm nan); update skipped "
@@ -374,3 +374,26 @@ def test_short_demo_exports_trained_weights_and_resume_restores_the_count(tmp_pa
         assert pretrain.main(args) == 0
         final = torch.load(run_dir / "checkpoint-00000062.pth", map_location="cpu", weights_only=True)
         assert final["ema_updates"] == 62
+
+
+def test_run_plan_resolves_the_derived_values_once():
+    """Micro-batch, accumulation, lr and the schedule come from one frozen plan; the flags stay as given."""
+    import dataclasses
+
+    from urfm_fast.distributed import Dist
+    from urfm_fast.run_plan import build_plan
+
+    cfg, _, demo = pretrain.parse_config(["--data", "synthetic", "--model", "vit_tiny", "--batch-size", "16",
+                                          "--micro-batch", "2", "--blr", "1e-3", "--out", "somewhere",
+                                          "--epochs", "2", "--warmup-epochs", "0.5", "--device", "cpu"])
+    plan = build_plan(cfg, demo, Dist(world=2))
+    assert (plan.micro_batch, plan.accumulation, plan.mode, plan.bf16, plan.compile) == (2, 4, "single", False, False)
+    assert plan.lr == pytest.approx(1e-3 * 16 / 256) and plan.shard == "grad"
+    plan = plan.with_data(batches_per_epoch=20, num_images=80)  # 20 micro-batches of 2 per rank: 5 steps
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (5, 10, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.lr = 1.0
+    saved = plan.run_config(URFMConfig.preset("vit_tiny"), "random")
+    assert saved["train"] == dataclasses.asdict(cfg) and saved["accumulation"] == 4 and saved["total_steps"] == 10
+    with pytest.raises(pretrain.DataError, match="fewer than one global batch"):
+        plan.with_data(batches_per_epoch=3, num_images=6)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from urfm_fast.checkpoint_io import CheckpointError  # noqa: F401 (the one error of both modules)
 from urfm_fast.safe_load import checkpoint_errors, one_line
 
 # A single-process run saves and loads DCP checkpoints without a process group on purpose; DCP
@@ -49,10 +50,6 @@ METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A run folder or checkpoint cannot be used; the message says why and what to do."""
 
 
 def _rank() -> int:

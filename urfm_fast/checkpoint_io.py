@@ -48,7 +48,9 @@ WIDTH_TO_HEADS = {dim: heads for dim, _, heads in VIT_PRESETS.values()}
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable URFM/ViT checkpoint. The message is one line."""
+    """A checkpoint, run folder or output folder that cannot be used (this module's readers and
+    checkpoint.py's run folders raise the same class). The message is one line that says why; every
+    CLI prints it and exits with code 2."""
 
 
 @dataclass
@@ -186,13 +188,14 @@ def _read(path: Path) -> tuple[object, str]:
 # Normalising the state dict
 
 
+def clean_name(name: str) -> str:
+    """A parameter name without the path segments wrappers add (``module.``, ``_orig_mod.``, ...)."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
 def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop ``module.``/``_orig_mod.`` (and checkpoint-wrapper) path segments wherever they occur."""
-    out = {}
-    for k, v in sd.items():
-        parts = [p for p in k.split(".") if p not in _WRAPPER_SEGMENTS]
-        out[".".join(parts)] = v
-    return out
+    """Drop the wrapper path segments wherever they occur in the keys."""
+    return {clean_name(k): v for k, v in sd.items()}
 
 
 def _is_state_dict(obj) -> bool:

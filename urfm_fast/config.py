@@ -1,6 +1,6 @@
 """URFM configuration: one dataclass with the recipe's defaults and the ViT presets.
 
-Defaults follow DESIGN.md's recipe table (MAE/MILAN's hyper-parameters, which URFM's code follows).
+Defaults follow the recipe table of docs/architecture.md (MAE/MILAN's hyper-parameters, which URFM's code follows).
 """
 
 from __future__ import annotations

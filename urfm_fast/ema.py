@@ -22,19 +22,12 @@ import math
 import torch
 import torch.nn as nn
 
+from urfm_fast.checkpoint_io import clean_name
+
 try:  # DTensor moved out of _tensor in torch 2.4; both spellings exist in 2.4+
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()
-
-# Wrappers that add a path component to parameter names but not to the saved keys.
-_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
-
-
-def clean_name(name: str) -> str:
-    for p in _WRAPPER_PREFIXES:
-        name = name.replace(p, "")
-    return name
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

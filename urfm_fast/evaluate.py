@@ -64,7 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.schedule import lr_at
 
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -184,6 +185,46 @@ def _class_order(names):
     return sorted(names)
 
 
+def _read_labels_csv(labels_file: Path) -> tuple[list[str], list[dict]]:
+    """-> (the stripped header, the rows) of a labels CSV whose header names what each row holds."""
+    if not Path(labels_file).is_file():
+        raise ValueError(f"labels file {labels_file} does not exist")
+    with open(labels_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = list(reader)
+    if not {"label", "split"} <= set(header) or not ({"index", "path"} & set(header)):
+        raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
+                         "path,label,split[,frame] (see --help)")
+    return header, rows
+
+
+def _row_items(r: dict, header: list[str], where: str, root: Path, records: list, find) -> list[int]:
+    """The shard item indices one CSV row names: by index, or by path (and frame)."""
+    from urfm_fast import prepare
+
+    if "index" in header:
+        v = (r.get("index") or "").strip()
+        if not v.isdigit():
+            raise ValueError(f"{where}: index {v!r} is not a non-negative integer")
+        if int(v) >= len(records):
+            raise ValueError(f"{where}: index {v} is not in {root} (it holds images 0..{len(records) - 1})")
+        return [int(v)]
+    path = (r.get("path") or "").strip().replace("\\", "/")
+    items = find(path)
+    if not items:
+        raise ValueError(f"{where}: path {path!r} is not in {root} (as prepare read it)")
+    if len({prepare.record_source(records[k]) for k in items}) > 1:
+        raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
+    frame = (r.get("frame") or "").strip()
+    if frame:
+        items = [k for k in items if str(records[k]["frame"]) == frame]
+        if not items:
+            raise ValueError(f"{where}: {path!r} has no frame {frame} in {root}")
+    return items
+
+
 def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, str, str]], int]:
     """Labels CSV -> ([(shard item index, label, split)], number of images in the shard folder).
 
@@ -194,17 +235,7 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
         raise ValueError(f"{root} is not a shard folder (no {prepare.MARKER}); --labels needs the --out of "
                          "python -m urfm_fast.prepare")
     records = prepare.read_index(root)
-    if not Path(labels_file).is_file():
-        raise ValueError(f"labels file {labels_file} does not exist")
-    with open(labels_file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        rows = list(reader)
-    keys = {"label", "split"}
-    if not keys <= set(header) or not ({"index", "path"} & set(header)):
-        raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
-                         "path,label,split[,frame] (see --help)")
+    header, rows = _read_labels_csv(labels_file)
     find = prepare.path_lookup(root, records)  # "path" or "src/path" -> item indices
     out, seen = [], {}
     for line, r in enumerate(rows, start=2):
@@ -214,26 +245,7 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
             raise ValueError(f"{where}: empty label")
         if split not in SPLITS:
             raise ValueError(f"{where}: split {split!r} is not one of train, val, test")
-        if "index" in header:
-            v = (r.get("index") or "").strip()
-            if not v.isdigit():
-                raise ValueError(f"{where}: index {v!r} is not a non-negative integer")
-            if int(v) >= len(records):
-                raise ValueError(f"{where}: index {v} is not in {root} (it holds images 0..{len(records) - 1})")
-            items = [int(v)]
-        else:
-            path = (r.get("path") or "").strip().replace("\\", "/")
-            items = find(path)
-            if not items:
-                raise ValueError(f"{where}: path {path!r} is not in {root} (as prepare read it)")
-            if len({prepare.record_source(records[k]) for k in items}) > 1:
-                raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
-            frame = (r.get("frame") or "").strip()
-            if frame:
-                items = [k for k in items if str(records[k]["frame"]) == frame]
-                if not items:
-                    raise ValueError(f"{where}: {path!r} has no frame {frame} in {root}")
-        for k in items:
+        for k in _row_items(r, header, where, root, records, find):
             if k in seen and seen[k] != (label, split):
                 raise ValueError(f"{where}: image {k} is labelled twice ({seen[k][0]}/{seen[k][1]} and "
                                  f"{label}/{split})")
@@ -374,7 +386,7 @@ def _autocast(device):
 
 
 def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    return _normalize_float(x_u8.float() / 255.0, mean, std)
+    return normalize(x_u8.float() / 255.0, mean, std)
 
 
 @torch.no_grad()
@@ -387,12 +399,6 @@ def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, devic
         with _autocast(device):
             out.append(model(x).float().cpu())
     return torch.cat(out)
-
-
-def _cosine_schedule(step, total, warmup):
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _batches(n: int, bs: int, steps: int, g: torch.Generator):
@@ -419,7 +425,7 @@ def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1
     steps = max(epochs * math.ceil(n / bs), min_steps)
     for step, idx in enumerate(_batches(n, bs, steps, g)):
         for group in opt.param_groups:
-            group["lr"] = lr * _cosine_schedule(step, steps, steps // 10)
+            group["lr"] = lr * lr_at(step, 1.0, 0.0, steps // 10, steps)
         # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
         xb, yb = (train_f[idx], train_y[idx]) if bs > 1 else (train_f[idx].repeat(2, 1), train_y[idx].repeat(2))
         loss = F.cross_entropy(head(xb), yb)
@@ -487,11 +493,11 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
     warmup = max(1, steps // 10)
     model.train()
     for step, idx in enumerate(_batches(n, bs, steps, g)):
-        f = _cosine_schedule(step, steps, warmup)
+        f = lr_at(step, 1.0, 0.0, warmup, steps)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * f
         x = train.images[idx].to(device, non_blocking=True).float() / 255.0
-        x = _normalize_float(_augment(x, g), bb.mean, bb.std)
+        x = normalize(_augment(x, g), bb.mean, bb.std)
         y = train.labels[idx].to(device)
         with _autocast(device):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
@@ -502,12 +508,6 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
         opt.step()
     logits = extract_features(model, eval_images, bb, device)
     return logits.softmax(-1)
-
-
-def _normalize_float(x01, mean, std):
-    m = torch.tensor(mean, device=x01.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x01.device).view(1, -1, 1, 1)
-    return (x01 - m) / s
 
 
 # ---------------------------------------------------------------------------------------------

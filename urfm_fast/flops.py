@@ -14,7 +14,7 @@ Conventions (those of PaLM / nanoGPT MFU accounting):
       (The patch embedding's input gradient is never needed, so 3x overcounts it by ~1x of a
       0.1 GMAC op; kept for the standard convention.)
 
-Per 224-px ViT-B/16 image at 75 % masking (DESIGN.md section 2): teacher 17.6 GMAC, encoder on
+Per 224-px ViT-B/16 image at 75 % masking (docs/architecture.md, compute budget): teacher 17.6 GMAC, encoder on
 1+49 tokens 4.4 GMAC, 768d8b decoder on 1+196 tokens 11.7 GMAC; train ~132 GFLOP per image.
 
     >>> from urfm_fast.config import URFMConfig

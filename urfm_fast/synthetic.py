@@ -126,11 +126,80 @@ def _beam_to_xz(dd, uu, linear, width, radius, half):
     return x, z
 
 
+def _col(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None, None]  # [B] -> [B, 1, 1], against [B, D, L] maps
+
+
+def _grey_levels(p: _Params, echo: torch.Tensor, alpha_extra: torch.Tensor, normals: torch.Tensor,
+                 dd: torch.Tensor) -> torch.Tensor:
+    """Echogenicity [B, D, L] -> displayed grey level in [0, 1]: attenuation, receiver noise, speckle,
+    TGC, log compression and the grey map (the draws of ``p`` in the order _render always made them)."""
+    S, col = normals.shape[-1], _col
+    sig_ax = torch.clamp(p.uniform(0.003, 0.007) * S, min=0.6)
+    sig_lat = torch.clamp(p.uniform(0.006, 0.014) * S, min=0.9)
+    alpha_bg = p.uniform(15, 50)  # round-trip dB over the imaging depth
+    atten_db = torch.cumsum((col(alpha_bg) + alpha_extra).double(), dim=1).float() / S  # along beams
+    # TGC undoes the background attenuation only roughly; slider bumps and the focal zone remain.
+    tgc_slope, s1, s2 = p.uniform(0.75, 1.15), p.uniform(-2.5, 2.5), p.uniform(-2.5, 2.5)
+    focus, focus_gain = p.uniform(0.3, 0.7), p.uniform(0, 3)
+    tgc_db = (col(tgc_slope * alpha_bg) * dd + col(s1) * torch.cos(math.pi * dd)
+              + col(s2) * torch.cos(2 * math.pi * dd)
+              + col(focus_gain) * torch.exp(-(((dd - col(focus)) / 0.15) ** 2)))  # [B, D, 1]
+    noise_amp = 10 ** (p.uniform(-50, -30) / 20)
+    # Tissue echo and receiver noise are independent complex Gaussians, so their sum is one with the
+    # powers added: one field of scatterers carries both.
+    amplitude = torch.sqrt((echo * 10 ** (-atten_db / 20)) ** 2 + col(noise_amp) ** 2)
+    env = speckle_envelope(amplitude, normals, sig_ax, sig_lat) * 10 ** (tgc_db / 20)
+
+    # Log compression and grey map.
+    gain, dyn, mid, gamma = p.uniform(-5, 5), p.uniform(45, 70), p.uniform(0.32, 0.52), p.uniform(0.8, 1.25)
+    db = 20 * torch.log10(env + 1e-6)
+    return torch.clamp(col(mid) + (db + col(gain)) / col(dyn), 0, 1) ** col(gamma)
+
+
+def _scan_convert(v: torch.Tensor, linear, width, radius, half):
+    """Beam space -> a square display holding the whole field of view, top-aligned.
+    -> (uint8-ready image [B, 1, S, S] in [0, 1], field-of-view mask [B, S, S], top, side)."""
+    S, dev, col = v.shape[-1], v.device, _col
+    top = torch.where(linear, torch.zeros_like(radius), radius * torch.cos(half) - radius)
+    side = torch.where(linear, torch.ones_like(radius),
+                       torch.maximum(1 - top, 2 * (radius + 1) * torch.sin(half)))
+    pix = (torch.arange(S, device=dev) + 0.5) / S
+    X = col(-side / 2) + col(side) * pix[None, None, :]  # [B, 1, W]
+    Z = col(top) + col(side) * pix[None, :, None]  # [B, H, 1]
+    r = torch.sqrt(X**2 + (Z + col(radius)) ** 2)
+    gu = torch.where(col(linear), 2 * X / col(width), torch.atan2(X, Z + col(radius)) / col(half))
+    gd = torch.where(col(linear), Z + 0 * X, r - col(radius))  # [B, H, W] both
+    grid = torch.stack([gu, 2 * gd - 1], dim=-1)  # [B, H, W, 2] as (x = line, y = depth)
+    img = F.grid_sample(v[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    fov = (gu.abs() <= 1) & (gd >= 0) & (gd <= 1)
+    img = torch.where(fov[:, None], img, 0.0)
+    return img, fov, top, side
+
+
+def _add_vessel(p: _Params, echo, alpha_extra, x, z, les_d, probe_geometry):
+    """A vessel in any class: an anechoic tube with bright walls, away from the lesion's depth.
+    -> (echo, alpha_extra) with it; ``probe_geometry`` = (linear, width, radius, half)."""
+    col = _col
+    linear, width, radius, half = probe_geometry
+    has_vessel = (p.uniform() < 0.35).float()
+    off = p.uniform(0.22, 0.35)
+    ves_d = torch.where(les_d + off < 0.85, les_d + off, les_d - off)
+    xv, zv = _beam_to_xz(ves_d, p.uniform(-0.5, 0.5), linear, width, radius, half)
+    tilt, t = p.uniform(-0.35, 0.35), p.uniform(0.025, 0.06)
+    dist = torch.abs(-(x - col(xv)) * col(torch.sin(tilt)) + (z - col(zv)) * col(torch.cos(tilt)))
+    lumen = torch.sigmoid((col(t) - dist) / 0.004) * col(has_vessel)
+    echo = echo * (1 - 0.97 * lumen)
+    echo = echo + col(has_vessel * p.uniform(0.3, 1.5)) * torch.exp(-(((dist - col(t)) / 0.006) ** 2))
+    alpha_extra = alpha_extra - col(p.uniform(0, 3) / (2 * t)) * lumen
+    return echo, alpha_extra
+
+
 def _render(u: torch.Tensor, normals: torch.Tensor, labels: torch.Tensor, probe: str | None):
     """Vectorised image formation for one chunk. Returns uint8 [B, 1, S, S] and an info dict."""
     B, S, dev = u.shape[0], normals.shape[-1], normals.device
     p = _Params(u)
-    col = lambda t: t[:, None, None]  # [B] -> [B, 1, 1], against [B, D, L] maps
+    col = _col
     dd = ((torch.arange(S, device=dev) + 0.5) / S)[None, :, None]  # depth of each sample: [1, D, 1]
     uu = (-1 + (2 * torch.arange(S, device=dev) + 1) / S)[None, None, :]  # scan line: [1, 1, L]
 
@@ -195,64 +264,14 @@ def _render(u: torch.Tensor, normals: torch.Tensor, labels: torch.Tensor, probe:
     height = 2 * torch.sqrt((a * torch.sin(rot)) ** 2 + (b * torch.cos(rot)) ** 2)
     alpha_extra = col(-posterior / height) * inside
 
-    # A vessel in any class: an anechoic tube with bright walls, away from the lesion's depth.
-    has_vessel = (p.uniform() < 0.35).float()
-    off = p.uniform(0.22, 0.35)
-    ves_d = torch.where(les_d + off < 0.85, les_d + off, les_d - off)
-    xv, zv = _beam_to_xz(ves_d, p.uniform(-0.5, 0.5), linear, width, radius, half)
-    tilt, t = p.uniform(-0.35, 0.35), p.uniform(0.025, 0.06)
-    dist = torch.abs(-(x - col(xv)) * col(torch.sin(tilt)) + (z - col(zv)) * col(torch.cos(tilt)))
-    lumen = torch.sigmoid((col(t) - dist) / 0.004) * col(has_vessel)
-    echo = echo * (1 - 0.97 * lumen)
-    echo = echo + col(has_vessel * p.uniform(0.3, 1.5)) * torch.exp(-(((dist - col(t)) / 0.006) ** 2))
-    alpha_extra = alpha_extra - col(p.uniform(0, 3) / (2 * t)) * lumen
-
-    # Speckle, attenuation, electronic noise, TGC.
-    sig_ax = torch.clamp(p.uniform(0.003, 0.007) * S, min=0.6)
-    sig_lat = torch.clamp(p.uniform(0.006, 0.014) * S, min=0.9)
-    alpha_bg = p.uniform(15, 50)  # round-trip dB over the imaging depth
-    atten_db = torch.cumsum((col(alpha_bg) + alpha_extra).double(), dim=1).float() / S  # along beams
-    # TGC undoes the background attenuation only roughly; slider bumps and the focal zone remain.
-    tgc_slope, s1, s2 = p.uniform(0.75, 1.15), p.uniform(-2.5, 2.5), p.uniform(-2.5, 2.5)
-    focus, focus_gain = p.uniform(0.3, 0.7), p.uniform(0, 3)
-    tgc_db = (col(tgc_slope * alpha_bg) * dd + col(s1) * torch.cos(math.pi * dd)
-              + col(s2) * torch.cos(2 * math.pi * dd)
-              + col(focus_gain) * torch.exp(-(((dd - col(focus)) / 0.15) ** 2)))  # [B, D, 1]
-    noise_amp = 10 ** (p.uniform(-50, -30) / 20)
-    # Tissue echo and receiver noise are independent complex Gaussians, so their sum is one with the
-    # powers added: one field of scatterers carries both.
-    amplitude = torch.sqrt((echo * 10 ** (-atten_db / 20)) ** 2 + col(noise_amp) ** 2)
-    env = speckle_envelope(amplitude, normals, sig_ax, sig_lat) * 10 ** (tgc_db / 20)
-
-    # Log compression and grey map.
-    gain, dyn, mid, gamma = p.uniform(-5, 5), p.uniform(45, 70), p.uniform(0.32, 0.52), p.uniform(0.8, 1.25)
-    db = 20 * torch.log10(env + 1e-6)
-    v = torch.clamp(col(mid) + (db + col(gain)) / col(dyn), 0, 1) ** col(gamma)
-
-    # Scan conversion to a square display holding the whole field of view, top-aligned.
-    top = torch.where(linear, torch.zeros_like(radius), radius * torch.cos(half) - radius)
-    side = torch.where(linear, torch.ones_like(radius),
-                       torch.maximum(1 - top, 2 * (radius + 1) * torch.sin(half)))
-    pix = (torch.arange(S, device=dev) + 0.5) / S
-    X = col(-side / 2) + col(side) * pix[None, None, :]  # [B, 1, W]
-    Z = col(top) + col(side) * pix[None, :, None]  # [B, H, 1]
-    r = torch.sqrt(X**2 + (Z + col(radius)) ** 2)
-    gu = torch.where(col(linear), 2 * X / col(width), torch.atan2(X, Z + col(radius)) / col(half))
-    gd = torch.where(col(linear), Z + 0 * X, r - col(radius))  # [B, H, W] both
-    grid = torch.stack([gu, 2 * gd - 1], dim=-1)  # [B, H, W, 2] as (x = line, y = depth)
-    img = F.grid_sample(v[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    fov = (gu.abs() <= 1) & (gd >= 0) & (gd <= 1)
-    img = torch.where(fov[:, None], img, 0.0)
+    echo, alpha_extra = _add_vessel(p, echo, alpha_extra, x, z, les_d, (linear, width, radius, half))
+    v = _grey_levels(p, echo, alpha_extra, normals, dd)  # [B, D, L] in [0, 1], beam space
+    img, fov, top, side = _scan_convert(v, linear, width, radius, half)
     img = (img * 255).round().clamp(0, 255).to(torch.uint8)  # [B, 1, S, S]
 
-    info = {
-        "probe": kind,
-        "fov": fov,
-        # lesion centre (column, row) and smaller semi-axis, in output pixels
-        "lesion_xy": torch.stack([(xc + side / 2) / side * S - 0.5, (zc - top) / side * S - 0.5], 1),
-        "lesion_r": torch.minimum(a, b) / side * S,
-    }
-    return img, info
+    # lesion centre (column, row) and smaller semi-axis, in output pixels
+    lesion_xy = torch.stack([(xc + side / 2) / side * S - 0.5, (zc - top) / side * S - 0.5], 1)
+    return img, {"probe": kind, "fov": fov, "lesion_xy": lesion_xy, "lesion_r": torch.minimum(a, b) / side * S}
 
 
 def _is_int(x) -> bool:
