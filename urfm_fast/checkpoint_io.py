@@ -116,39 +116,26 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def _safe_dcp_planner():
-    """torch's DCP load planner that rebuilds the whole state dict, with safe reading of byte entries."""
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-
-    from urfm_fast.safe_load import safe_bytes
-
-    class SafeBytesPlanner(_EmptyStateDictLoadPlanner):
-        # torch reads non-tensor entries (args, epoch, ...) with weights_only=False, a full unpickle.
-        # Same placement logic here, only the unpickling is restricted.
-        def load_bytes(self, read_item, value):
-            obj = safe_bytes(value)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    return SafeBytesPlanner()
-
-
 def _load_dcp(path: Path) -> dict:
     """A whole DCP folder as a nested dict (as ``dcp_to_torch_save`` would write it), in this process.
     The ``.metadata`` pickle and the byte entries are read by urfm_fast.safe_load: no code runs."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from urfm_fast.safe_load import UntrustedCheckpoint, checkpoint_errors, dcp_cause, one_line, safe_reader
+    from urfm_fast.safe_load import (
+        UntrustedCheckpoint,
+        checkpoint_errors,
+        dcp_cause,
+        one_line,
+        safe_load_planner,
+        safe_reader,
+    )
 
     try:
         reader = safe_reader(path)
         sd: dict = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _load_state_dict(sd, storage_reader=reader, planner=_safe_dcp_planner(), no_dist=True)
+            _load_state_dict(sd, storage_reader=reader, planner=safe_load_planner(whole=True), no_dist=True)
         return sd
     except CheckpointError:
         raise

@@ -153,12 +153,15 @@ def safe_reader(path):
     return SafeFileSystemReader(str(path))
 
 
-def safe_load_planner():
-    """DCP's default load planner (loads into a given state dict) with ``safe_bytes``."""
+def safe_load_planner(whole: bool = False):
+    """DCP's load planner with ``safe_bytes`` for non-tensor entries (torch reads them with
+    weights_only=False, a full unpickle; the placement logic is torch's, only the unpickling is
+    restricted). whole=False: load into a given state dict (resume); True: rebuild the whole state
+    dict from the metadata (reading a checkpoint folder as a dict)."""
     from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 
-    class SafeLoadPlanner(DefaultLoadPlanner):
+    class SafeLoadPlanner(_EmptyStateDictLoadPlanner if whole else DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
             obj = safe_bytes(value)
             if self.flatten_state_dict:
