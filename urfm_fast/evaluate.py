@@ -49,7 +49,6 @@ protocol, fraction and seed, plus mean/std), the same table printed, and ``label
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -61,263 +60,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from urfm_fast.schedule import lr_at
+from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
+
+# Data and protocols live in eval_data and eval_protocols; their public names stay importable from here.
+# run() and main() read them as this module's globals, so patching evaluate.<name> reaches them.
+from urfm_fast.eval_data import (  # noqa: F401  (re-exports)
+    SPLITS,
+    Split,
+    _check_classes,
+    load_data,
+    load_imagefolder,
+    load_shards,
+    load_synthetic,
+    read_shard_labels,
+    stratified_subset,
+)
+from urfm_fast.eval_protocols import (  # noqa: F401  (re-exports)
+    classification_metrics,
+    extract_features,
+    finetune,
+    knn_classify,
+    linear_probe,
+)
 
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
 
-
-# ---------------------------------------------------------------------------------------------
-# Metrics (numpy; no scikit-learn)
-
-
-def _auc_binary(score: np.ndarray, pos: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney U statistic with average ranks for ties."""
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=np.float64)
-    s = score[order]
-    i = 0
-    while i < len(s):  # average ranks over runs of equal scores
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """accuracy, macro one-vs-rest AUC (classes with positives and negatives), macro F1, confusion matrix."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels)
-    pred = probs.argmax(1)
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: true class, columns: predicted
-    np.add.at(cm, (labels, pred), 1)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0  # F1 is undefined for a class nobody has or predicts
-    f1 = np.where(support + predicted > 0, 2 * tp / np.maximum(support + predicted, 1), 0.0)
-    aucs = [_auc_binary(probs[:, c], labels == c) for c in range(num_classes)
-            if 0 < (labels == c).sum() < len(labels)]
-    return {
-        "accuracy": float(tp.sum() / max(len(labels), 1)),
-        "macro_auc": float(np.mean(aucs)) if aucs else float("nan"),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "confusion": cm.tolist(),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Label fractions
-
-
-def stratified_subset(labels, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a class-stratified ``fraction`` of ``labels`` (>= 1 per class), nested across fractions."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]  # one order per (seed, class): smaller fractions nest
-        out.append(idx[: max(1, math.ceil(fraction * len(idx) - 1e-9))])
-    return np.sort(np.concatenate(out))
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: every split becomes uint8 [N, 3, S, S] in memory (read and resized once)
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 [N, 3, S, S]
-    labels: torch.Tensor  # int64 [N]
-
-
-def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [C,H,W] -> uint8 [3,S,S]: short side to S (antialiased bilinear), centre crop, grey -> 3ch."""
-    c, h, w = img.shape
-    if c == 1:
-        img = img.expand(3, h, w)
-    elif c == 4:
-        img = img[:3]
-    if (h, w) != (size, size):
-        s = size / min(h, w)
-        nh, nw = max(size, round(h * s)), max(size, round(w * s))
-        x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        img = x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
-    return img.contiguous()
-
-
-def _stack(items, size: int) -> Split:
-    imgs, labs = zip(*items) if items else ((), ())
-    return Split(torch.stack([_resize_crop(i, size) for i in imgs]), torch.tensor(labs, dtype=torch.int64))
-
-
-def load_imagefolder(root: Path, size: int) -> tuple[dict[str, Split], list[str]]:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import pil_to_tensor
-
-    splits, classes = {}, None
-    for name in ("train", "val", "test"):
-        if not (root / name).is_dir():
-            continue
-        ds = ImageFolder(str(root / name), loader=lambda p: Image.open(p).convert("RGB"))
-        if classes is not None and ds.classes != classes:
-            raise ValueError(f"{root / name}: classes {ds.classes} differ from train's {classes}")
-        classes = ds.classes
-        splits[name] = _stack([(pil_to_tensor(img), lab) for img, lab in ds], size)
-    return splits, classes
-
-
-SPLITS = ("train", "val", "test")
-def _class_order(names):
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def _read_labels_csv(labels_file: Path) -> tuple[list[str], list[dict]]:
-    """-> (the stripped header, the rows) of a labels CSV whose header names what each row holds."""
-    if not Path(labels_file).is_file():
-        raise ValueError(f"labels file {labels_file} does not exist")
-    with open(labels_file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        rows = list(reader)
-    if not {"label", "split"} <= set(header) or not ({"index", "path"} & set(header)):
-        raise ValueError(f"{labels_file}: header {','.join(header) or '(none)'}; expected index,label,split or "
-                         "path,label,split[,frame] (see --help)")
-    return header, rows
-
-
-def _row_items(r: dict, header: list[str], where: str, root: Path, records: list, find) -> list[int]:
-    """The shard item indices one CSV row names: by index, or by path (and frame)."""
-    from urfm_fast import prepare
-
-    if "index" in header:
-        v = (r.get("index") or "").strip()
-        if not v.isdigit():
-            raise ValueError(f"{where}: index {v!r} is not a non-negative integer")
-        if int(v) >= len(records):
-            raise ValueError(f"{where}: index {v} is not in {root} (it holds images 0..{len(records) - 1})")
-        return [int(v)]
-    path = (r.get("path") or "").strip().replace("\\", "/")
-    items = find(path)
-    if not items:
-        raise ValueError(f"{where}: path {path!r} is not in {root} (as prepare read it)")
-    if len({prepare.record_source(records[k]) for k in items}) > 1:
-        raise ValueError(f"{where}: path {path!r} is in several sources; write it as src/path")
-    frame = (r.get("frame") or "").strip()
-    if frame:
-        items = [k for k in items if str(records[k]["frame"]) == frame]
-        if not items:
-            raise ValueError(f"{where}: {path!r} has no frame {frame} in {root}")
-    return items
-
-
-def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, str, str]], int]:
-    """Labels CSV -> ([(shard item index, label, split)], number of images in the shard folder).
-
-    Raises ValueError with a one-line message naming the file and line of the first problem."""
-    from urfm_fast import prepare
-
-    if not prepare.is_shard_dir(root):
-        raise ValueError(f"{root} is not a shard folder (no {prepare.MARKER}); --labels needs the --out of "
-                         "python -m urfm_fast.prepare")
-    records = prepare.read_index(root)
-    header, rows = _read_labels_csv(labels_file)
-    find = prepare.path_lookup(root, records)  # "path" or "src/path" -> item indices
-    out, seen = [], {}
-    for line, r in enumerate(rows, start=2):
-        where = f"{labels_file} line {line}"
-        label, split = (r.get("label") or "").strip(), (r.get("split") or "").strip().lower()
-        if not label:
-            raise ValueError(f"{where}: empty label")
-        if split not in SPLITS:
-            raise ValueError(f"{where}: split {split!r} is not one of train, val, test")
-        for k in _row_items(r, header, where, root, records, find):
-            if k in seen and seen[k] != (label, split):
-                raise ValueError(f"{where}: image {k} is labelled twice ({seen[k][0]}/{seen[k][1]} and "
-                                 f"{label}/{split})")
-            if k not in seen:
-                seen[k] = (label, split)
-                out.append((k, label, split))
-    found = {sp for _, _, sp in out}
-    if "train" not in found or not {"val", "test"} & found:
-        raise ValueError(f"{labels_file}: splits {', '.join(sorted(found)) or '(none)'}; need train and val "
-                         "(or test) rows")
-    return out, len(records)
-
-
-def load_shards(root: Path, labels_file: Path, size: int) -> tuple[dict[str, Split], list[str]]:
-    """A shard folder from python -m urfm_fast.prepare plus a labels CSV (format: the module docstring)."""
-    from urfm_fast.data import ShardDataset
-
-    rows, _ = read_shard_labels(root, labels_file)
-    ds = ShardDataset(root)
-    names = _class_order(sorted({lab for _, lab, _ in rows}))
-    cls = {n: i for i, n in enumerate(names)}
-    splits = {}
-    for name in SPLITS:
-        items = [(ds[k], cls[lab]) for k, lab, sp in rows if sp == name]
-        if items:
-            splits[name] = _stack(items, size)
-    return splits, names
-
-
-def load_synthetic(size: int, n_train: int, n_val: int) -> tuple[dict[str, Split], list[str]]:
-    from urfm_fast import synthetic
-
-    # Seeds 1000/2000: never the images a synthetic pretraining run (seed 0 by default) has seen.
-    splits = {}
-    for name, n, seed in (("train", n_train, 1000), ("val", n_val, 2000)):
-        x, y = synthetic.generate(n, size=size, seed=seed)
-        splits[name] = Split(x.expand(-1, 3, -1, -1).contiguous(), y)
-    return splits, list(synthetic.CLASSES)
-
-
-def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000):
-    if spec == "synthetic":
-        splits, classes = load_synthetic(size, n_train, n_val)
-    else:
-        root = Path(spec).expanduser()
-        if labels_file:
-            splits, classes = load_shards(root, Path(labels_file), size)
-        elif (root / "train").is_dir():
-            splits, classes = load_imagefolder(root, size)
-        elif (root / "urfm_shards.json").is_file():
-            raise ValueError(f"{root} is a shard folder: pass --labels CSV (index,label,split or "
-                             "path,label,split; see --help)")
-        else:
-            raise ValueError(f"{root}: expected train/ and val/ class folders, or a shard folder with --labels")
-    if "train" not in splits or not ({"val", "test"} & set(splits)):
-        raise ValueError(f"{spec}: need a train split and a val (or test) split, found {sorted(splits)}")
-    _check_classes(spec, splits, classes)
-    return splits, classes
-
-
-def _check_classes(spec: str, splits: dict, classes: list[str]) -> None:
-    """A classifier needs two classes to learn from; an evaluation split of one class has no AUC (said
-    so in results.json, where macro_auc is null with a reason)."""
-    n_train = len(torch.unique(splits["train"].labels)) if len(splits["train"].labels) else 0
-    if n_train < 2:
-        raise ValueError(f"{spec}: the train split holds {n_train} class(es) ({', '.join(classes) or 'none'}); "
-                         "a classifier needs at least two")
-    ev = splits.get("test", splits.get("val"))
-    if len(ev.labels) == 0:
-        raise ValueError(f"{spec}: the evaluation split is empty")
-    if len(torch.unique(ev.labels)) < 2:
-        log.warning("warning: the evaluation split holds one class: macro-AUC is undefined (null in results.json)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,141 +142,6 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
     cfg = probe.pretrained_cfg
     return Backbone(label, target, make, tuple(cfg.get("mean", IMAGENET_MEAN)),
                     tuple(cfg.get("std", IMAGENET_STD)), int(cfg["input_size"][-1]), meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# Protocols
-
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    return normalize(x_u8.float() / 255.0, mean, std)
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256) -> torch.Tensor:
-    """Pooled features [N, D] (fp32, CPU) of uint8 images, model in eval mode."""
-    model.eval().to(device)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
-        with _autocast(device):
-            out.append(model(x).float().cpu())
-    return torch.cat(out)
-
-
-def _batches(n: int, bs: int, steps: int, g: torch.Generator):
-    """``steps`` index batches of size ``bs``: seeded epochs without replacement, last partial batch dropped."""
-    perm, pos = torch.randperm(n, generator=g), 0
-    for _ in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        yield perm[pos : pos + bs]
-        pos += bs
-
-
-def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1, batch_size=256, min_steps=300):
-    """MAE's probe on cached features: BatchNorm1d(affine=False) + Linear, SGD, cosine; returns probs."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    d = train_f.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(d, affine=False, eps=1e-6), nn.Linear(d, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)  # MAE's probe init
-    nn.init.zeros_(head[1].bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    n = len(train_f)
-    bs = min(batch_size, n)
-    steps = max(epochs * math.ceil(n / bs), min_steps)
-    for step, idx in enumerate(_batches(n, bs, steps, g)):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, 1.0, 0.0, steps // 10, steps)
-        # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
-        xb, yb = (train_f[idx], train_y[idx]) if bs > 1 else (train_f[idx].repeat(2, 1), train_y[idx].repeat(2))
-        loss = F.cross_entropy(head(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    head.eval()
-    with torch.no_grad():
-        return head(eval_f).softmax(-1)
-
-
-def knn_classify(train_f, train_y, eval_f, num_classes, k=20, temperature=0.07, chunk=1024):
-    """DINO's weighted k-NN on L2-normalised features; returns class scores normalised to sum 1."""
-    train_f = F.normalize(train_f, dim=1)
-    eval_f = F.normalize(eval_f, dim=1)
-    k = min(k, len(train_f))
-    out = []
-    for i in range(0, len(eval_f), chunk):
-        sim = eval_f[i : i + chunk] @ train_f.T  # (b, Ntrain)
-        top, idx = sim.topk(k, dim=1)  # (b, k)
-        w = (top / temperature).exp()
-        votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_y[idx], w)
-        out.append(votes / votes.sum(1, keepdim=True))
-    return torch.cat(out)
-
-
-def _augment(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
-    """Per-sample random-resized crop (aspect 3/4..4/3) + horizontal flip on a float batch, on its device.
-
-    One affine grid_sample for the batch, so it runs on the GPU with the model. No vertical flip: the
-    probe is at the top of an ultrasound image, flipping it makes images that never occur.
-    """
-    B = x.shape[0]
-    u = torch.rand(B, 4, generator=g).to(x.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
-    sw = (area * logr.exp()).sqrt().clamp(max=1.0)  # crop width / image width
-    sh = (area / logr.exp()).sqrt().clamp(max=1.0)
-    cx = (1 - sw) * (2 * u[:, 2] - 1)  # crop centre, normalised coordinates, crop stays inside
-    cy = (1 - sh) * (2 * u[:, 3] - 1)
-    flip = torch.where(torch.rand(B, generator=g).to(x.device) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes, seed, device, epochs=30,
-             batch_size=64, blr=1e-3, layer_decay=0.65, drop_path=0.1, weight_decay=0.05, min_steps=100,
-             label_smoothing=0.1):
-    """End-to-end fine-tuning (MAE recipe, scaled down); returns probabilities on eval_images."""
-    from timm.optim import create_optimizer_v2
-
-    model = bb.make(num_classes=num_classes, drop_path_rate=drop_path).to(device)
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    n = len(train.labels)
-    bs = min(batch_size, n)
-    lr = blr * bs / 256
-    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
-    for group in opt.param_groups:
-        group["base_lr"] = group["lr"]  # layer-scaled lr; the schedule multiplies this
-    steps = max(epochs * math.ceil(n / bs), min_steps)
-    warmup = max(1, steps // 10)
-    model.train()
-    for step, idx in enumerate(_batches(n, bs, steps, g)):
-        f = lr_at(step, 1.0, 0.0, warmup, steps)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * f
-        x = train.images[idx].to(device, non_blocking=True).float() / 255.0
-        x = normalize(_augment(x, g), bb.mean, bb.std)
-        y = train.labels[idx].to(device)
-        with _autocast(device):
-            loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    logits = extract_features(model, eval_images, bb, device)
-    return logits.softmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------
