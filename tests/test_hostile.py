@@ -339,6 +339,7 @@ def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, m
     import zipfile
 
     from urfm_fast import prepare as P
+    from urfm_fast import sources
 
     pytest.importorskip("pydicom")
     src = tmp_path / "src"
@@ -351,11 +352,11 @@ def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, m
             pass
         _png(tmp_path / "ok.png")
         zf.write(tmp_path / "ok.png", "ok.png")
-    monkeypatch.setattr(P, "MAX_MEMBER_BYTES", 2 << 20)  # so "declared size" is tested without GBs
-    monkeypatch.setattr(P, "MAX_MEMBER_RATIO", 10**6)  # ... for big.png only; zeros.dcm is over it too
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 2 << 20)  # so "declared size" is tested without GBs
+    monkeypatch.setattr(sources, "MAX_MEMBER_RATIO", 10**6)  # ... for big.png only; zeros.dcm is over it too
     spooled = []
-    real_copy = P._copy_bounded
-    monkeypatch.setattr(P, "_copy_bounded", lambda s, d, n: spooled.append(n) or real_copy(s, d, n))
+    real_copy = sources._copy_bounded
+    monkeypatch.setattr(sources, "_copy_bounded", lambda s, d, n: spooled.append(n) or real_copy(s, d, n))
     P.prepare([src], tmp_path / "out", short_side=32, workers=1, progress=False, path_map=_map(tmp_path / "out"))
     skips = _skips(tmp_path / "out")
     assert "exceeds the pixel budget" in skips["huge.dcm"]
@@ -363,8 +364,8 @@ def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, m
     assert skips["bomb.zip/big.png"].startswith("zip member too large")
     assert {r["path"] for r in _named(tmp_path / "out", "index.jsonl")} == {"bomb.zip/ok.png"}
     assert len(spooled) == 1  # only ok.png was decompressed
-    monkeypatch.setattr(P, "MAX_MEMBER_BYTES", 4 << 30)
-    monkeypatch.setattr(P, "MAX_MEMBER_RATIO", 100)
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 4 << 30)
+    monkeypatch.setattr(sources, "MAX_MEMBER_RATIO", 100)
     P.prepare([src], tmp_path / "out2", short_side=32, workers=1, progress=False,
               path_map=_map(tmp_path / "out2"))
     assert "zip bomb" in _skips(tmp_path / "out2")["bomb.zip/zeros.dcm"]

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from urfm_fast import prepare as P
+from urfm_fast import sources
 from urfm_fast.data import ShardDataset, build_train_stream
 
 pydicom = pytest.importorskip("pydicom")
@@ -278,7 +279,7 @@ def test_zip_archives(tmp_path, monkeypatch, capfd):
         pass
     Image.fromarray(speckle(40, 40, 2)).save(src / "plain.png")
 
-    monkeypatch.setattr(P, "SPOOL_BYTES", 10_000)  # the cine (~15 kB) goes through a temp file
+    monkeypatch.setattr(sources, "SPOOL_BYTES", 10_000)  # the cine (~15 kB) goes through a temp file
     out = tmp_path / "out"
     pmap = tmp_path / "map.jsonl"
     assert P.main([str(src), "--out", str(out), "--short-side", "32", "--workers", "1", "--quiet",

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from urfm_fast import prepare
+from urfm_fast import shards
 from urfm_fast.augment import batch_augment, hash_uniform, mix_seed, pad_batch
+from urfm_fast.scan_region import load_image_grey8, resize_short
+from urfm_fast.shards import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MAX_BAD_IN_A_ROW = 32  # an ImageFolderDataset gives up when this many files in a row are unreadable
 
 
@@ -57,11 +58,11 @@ class ShardDataset(Dataset):
 
     def __init__(self, root):
         root = os.fspath(root)
-        if not prepare.is_shard_dir(root):
+        if not shards.is_shard_dir(root):
             raise DataError(
-                f"{root} is not a shard folder (no {prepare.MARKER}); run python -m urfm_fast.prepare"
+                f"{root} is not a shard folder (no {shards.MARKER}); run python -m urfm_fast.prepare"
             )
-        recs = prepare.read_index(root)
+        recs = shards.read_index(root)
         if not recs:
             raise DataError(f"shard folder {root} holds no images")
         self.root = root
@@ -81,7 +82,7 @@ class ShardDataset(Dataset):
     def _map(self, k):
         m = self._maps.get(k)
         if m is None:
-            m = np.memmap(prepare.shard_path(self.root, k), dtype=np.uint8, mode="r")
+            m = np.memmap(shards.shard_path(self.root, k), dtype=np.uint8, mode="r")
             self._maps[k] = m
         return m
 
@@ -134,8 +135,8 @@ class ImageFolderDataset(Dataset):
         for k in range(_MAX_BAD_IN_A_ROW):
             rel = self.files[(i + k) % len(self.files)]
             try:
-                g = prepare.load_image_grey8(os.path.join(self.root, rel))
-                g = prepare.resize_short(g, self.short_side)
+                g = load_image_grey8(os.path.join(self.root, rel))
+                g = resize_short(g, self.short_side)
                 return torch.from_numpy(np.array(g, dtype=np.uint8)).unsqueeze(0), met  # writable copy
             except Exception as e:  # any decoder failure: skip the file, never stop the run
                 met.append((rel, f"{type(e).__name__}: {e}"[:200]))
@@ -192,7 +193,7 @@ def open_source(source, *, seed=0, synthetic_length=4096, synthetic_size=256, sh
         raise DataError(f"data folder {path} does not exist")
     if not os.path.isdir(path):
         raise DataError(f"{path} is not a folder; give a folder of images or a shard folder")
-    if prepare.is_shard_dir(path):
+    if shards.is_shard_dir(path):
         return ShardDataset(path)
     return ImageFolderDataset(path, short_side=short_side)
 

@@ -47,676 +47,91 @@ Resumable and idempotent: files already in the index (or in skipped.jsonl) are n
 second run adds only new files; a crash loses at most the file being written. A folder written
 before names were hashed has its index and skip list rewritten with ids on the next run.
 
+This module holds the pipeline and the CLI; the shard format is in urfm_fast.shards, the scan region
+in urfm_fast.scan_region, finding and decoding files (and the memory budgets) in urfm_fast.sources,
+source ids and the path map in urfm_fast.source_ids. Their names stay importable from here.
+
     python -m urfm_fast.prepare /data/us_archive --out /data/us_shards
     python -m urfm_fast.prepare /data/cines.zip /data/more_scans --out /data/us_shards
     python -m urfm_fast.pretrain --data /data/us_shards
 """
 
-import csv
-import hashlib
-import io
 import json
-import logging
 import math
 import multiprocessing as mp
 import os
 import random
-import stat
 import sys
-import tempfile
 import time
-import warnings
-import zipfile
-import zlib
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-from urfm_fast import deid, media
+from urfm_fast import deid, media, sources
 
-MARKER = "urfm_shards.json"
-INDEX = "index.jsonl"
-SKIPPED = "skipped.jsonl"
-SUMMARY = "summary.json"
+# Re-exported so the old import paths keep working; the budgets are read in sources.py (patch them there).
+from urfm_fast.scan_region import (  # noqa: F401 (re-exported)
+    DUPLICATE_MAD,
+    crop_to_mask,
+    detect_scan_region,
+    load_image_grey8,
+    near_duplicate,
+    region_box,
+    resize_short,
+    to_grey8,
+)
+from urfm_fast.shards import (  # noqa: F401 (re-exported)
+    IMAGE_EXTS,
+    INDEX,
+    MARKER,
+    SHARD_BYTES,
+    SHARD_DIR,
+    SKIPPED,
+    SUMMARY,
+    _read_jsonl,
+    _ShardWriter,
+    _write_jsonl,
+    is_shard_dir,
+    read_index,
+    shard_path,
+)
+from urfm_fast.source_ids import (  # noqa: F401 (re-exported)
+    _check_path_map,
+    _hash_old_names,
+    _write_path_map,
+    path_lookup,
+    record_source,
+    source_id,
+    source_salt,
+)
+from urfm_fast.sources import (  # noqa: F401 (re-exported)
+    MAX_FRAME_PIXELS,
+    MAX_OUTPUT_BYTES,
+    PrepareError,
+    _close_zips,
+    _open_regular,
+    _OverBudget,
+    _quiet_worker,
+    is_dicom,
+    process_file,
+    read_dicom_file,
+    read_image_file,
+    read_media_file,
+    read_source_list,
+    scrub_names,
+    walk_sources,
+)
+
 REVIEW = "review.png"
-SHARD_DIR = "shards"
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DICOM_EXTS = (".dcm", ".dicom", ".dic")
-ARCHIVE_EXTS = (".zip",)
-SPOOL_BYTES = 64 << 20  # zip members up to this size are read into memory, larger ones into a temp file
-SHARD_BYTES = 1 << 30  # start a new shard file after ~1 GiB
-# Budgets that bound a worker's memory whatever a stranger's file declares (stated in --help):
-MAX_FRAME_PIXELS = 1 << 25  # one DICOM frame (rows x columns x samples), ~33.5 M: 5792 x 5792 grey
-MAX_OUTPUT_BYTES = 256 << 20  # resized frames of one file held before they are written
-MAX_MEMBER_BYTES = 4 << 30  # a zip member's declared uncompressed size
-MAX_MEMBER_RATIO = 100  # ... and its compression ratio (members over 1 MiB): zip bombs reach ~1000:1
 LOCK = ".prepare.lock"
+
+
 MEMORY_NOTE = (
     "Memory per worker is bounded: one decoded frame of at most 2^25 pixels (DICOM) or Pillow's "
     "decompression-bomb limit (images), its float copy, up to 256 MiB of resized frames of one file and a "
     "zip member of up to 64 MiB in memory: about 1.5 GiB at worst, ~100 MB for typical ultrasound; a volume "
     "adds its data, up to 512 MiB (refused from its header beyond that)."
 )
-
-
-class _OverBudget(ValueError):
-    """A file that would take more memory than a worker is allowed (the message says which budget)."""
-
-
-class PrepareError(Exception):
-    """A problem with the command line inputs (printed as one line, exit status 2)."""
-
-
-def shard_path(root, k):
-    return os.path.join(root, SHARD_DIR, f"shard-{k:05d}.bin")
-
-
-def is_shard_dir(root):
-    return os.path.isfile(os.path.join(root, MARKER))
-
-
-def read_index(root):
-    """Index records of a shard folder: dicts with shard (int), offset, h, w (pixels, uint8 row-major),
-    src, path (relative to src), frame. A torn last line (crash mid-write) is ignored."""
-    records = []
-    p = os.path.join(root, INDEX)
-    if not os.path.exists(p):
-        return records
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            records.append(json.loads(line))
-    return records
-
-
-def to_grey8(a):
-    """Pixel array [H,W] or [H,W,3|4] of any integer/float dtype -> uint8 [H,W].
-
-    Colour uses ITU-R 601 luma; anything wider than 8 bits is stretched min..max per image (16-bit
-    PNG/TIFF often hold 10-12-bit data, so a fixed /257 would leave them nearly black)."""
-    a = np.asarray(a)
-    if a.ndim == 3:
-        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        if a.max() <= 255 and a.min() >= 0:
-            return np.clip(a + 0.5, 0, 255).astype(np.uint8)
-    if a.ndim != 2:
-        raise ValueError(f"unexpected pixel array shape {a.shape}")
-    if a.dtype == np.uint8:
-        return a
-    a = a.astype(np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return ((a - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
-
-
-def load_image_grey8(path):
-    """PNG/JPEG/BMP/TIFF (first page) -> uint8 [H,W]; raises on unreadable or truncated files."""
-    with Image.open(path) as im:
-        im.load()  # decode now so truncation raises here
-        if im.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
-            return to_grey8(np.asarray(im))
-        return np.asarray(im.convert("L"))  # RGB, RGBA, P, CMYK, 1, LA ...
-
-
-def resize_short(g, short_side):
-    """uint8 [H,W] -> uint8 with the short side = short_side, aspect kept (bilinear, antialiased)."""
-    h, w = g.shape
-    if min(h, w) == short_side or not short_side:
-        return g
-    s = short_side / min(h, w)
-    nh, nw = max(short_side, round(h * s)), max(short_side, round(w * s))
-    return np.asarray(Image.fromarray(g).resize((nw, nh), Image.BILINEAR))
-
-
-# ---------------------------------------------------------------------------------------------
-# Scan region
-
-_WORK = 160  # detection runs on a copy with this short side: fast, and text strokes get thin
-
-
-def _largest_component(m):
-    """bool [h,w] -> bool mask of its largest 4-connected component."""
-    import cv2
-
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=4)
-    if n <= 1:
-        return np.zeros_like(m)
-    return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-
-
-def _hull(points):
-    """Convex hull (Andrew's monotone chain) of [(x, y), ...] -> counter-clockwise vertex list."""
-    pts = sorted(set(points))
-    if len(pts) < 3:
-        return pts
-    cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-    lower, upper = [], []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return lower[:-1] + upper[:-1]
-
-
-def detect_scan_region(g):
-    """uint8 [H,W] -> bool [H,W] mask of the live image (fan or rectangle), or None if unsure.
-
-    On a copy with a short side of 160: mark pixels whose neighbourhood is mostly mid-grey (speckle;
-    text, calipers and UI are near-white strokes on black), open with a 9-px window to cut thin links
-    and strokes, keep the largest blob and take its convex hull (fans and rectangles are convex, so
-    dark cysts, chambers and weak edges inside are kept). The hull must cover >= 10 % of the frame,
-    else None (the caller keeps the frame whole)."""
-    H, W = g.shape
-    f = _WORK / min(H, W)
-    small = np.asarray(Image.fromarray(g).resize((max(1, round(W * f)), max(1, round(H * f))), Image.BOX))
-    mid = Image.fromarray(np.where((small > 3) & (small < 250), 255, 0).astype(np.uint8))
-    m = np.asarray(mid.filter(ImageFilter.BoxBlur(2))) > 128
-    k = 2 * max(2, _WORK // 40) + 1  # odd window, 9 px at the working size
-    opened = Image.fromarray(np.where(m, 255, 0).astype(np.uint8))
-    opened = opened.filter(ImageFilter.MinFilter(k)).filter(ImageFilter.MaxFilter(k))
-    blob = _largest_component(np.asarray(opened) > 0)
-    if blob.sum() < 0.05 * blob.size:
-        return None
-    # Row extents of the blob as pixel-corner points, scaled to full resolution.
-    sy, sx = H / blob.shape[0], W / blob.shape[1]
-    pts = []
-    for y in np.nonzero(blob.any(axis=1))[0]:
-        xs = np.nonzero(blob[y])[0]
-        for yy in (y, y + 1):
-            pts += [(xs[0] * sx, yy * sy), ((xs[-1] + 1) * sx, yy * sy)]
-    hull = Image.new("L", (W, H), 0)
-    ImageDraw.Draw(hull).polygon([(float(x), float(y)) for x, y in _hull(pts)], fill=255)
-    mask = np.asarray(hull) > 0
-    return mask if mask.mean() >= 0.10 else None
-
-
-def crop_to_mask(g, mask):
-    """Blank everything outside mask and crop to its bounding box: uint8 [H,W] -> uint8 [h,w]."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    return np.where(mask, g, 0)[y0:y1, x0:x1]
-
-
-def region_box(ds, shape):
-    """Union (y0, y1, x0, x1) of the 2-D regions of (0018,6011), clipped to the frame, or None."""
-    boxes = []
-    for r in ds.get("SequenceOfUltrasoundRegions", None) or []:
-        try:
-            if int(r.get("RegionSpatialFormat", 1)) != 1:  # 1 = 2-D; skip M-mode, spectral, waveform
-                continue
-            boxes.append((int(r.RegionLocationMinY0), int(r.RegionLocationMaxY1) + 1,
-                          int(r.RegionLocationMinX0), int(r.RegionLocationMaxX1) + 1))
-        except (AttributeError, TypeError, ValueError):
-            continue
-    if not boxes:
-        return None
-    H, W = shape
-    y0, y1 = max(0, min(b[0] for b in boxes)), min(H, max(b[1] for b in boxes))
-    x0, x1 = max(0, min(b[2] for b in boxes)), min(W, max(b[3] for b in boxes))
-    if y1 - y0 < 16 or x1 - x0 < 16:
-        return None
-    return y0, y1, x0, x1
-
-
-# ---------------------------------------------------------------------------------------------
-# Readers (run in worker processes). Each returns a list of (frame, uint8 [h,w], crop kind).
-
-
-def is_dicom_head(head, name):
-    """DICOM by content: the 'DICM' magic after the 128-byte preamble of head (the first 132 bytes),
-    or a DICOM suffix of name."""
-    return head[128:132] == b"DICM" or name.lower().endswith(DICOM_EXTS)
-
-
-def is_dicom(path):
-    """DICOM by content (or suffix) of the file at path."""
-    try:
-        with open(path, "rb") as f:
-            return is_dicom_head(f.read(132), path)
-    except OSError:
-        return False
-
-
-def _geometry(g, box):
-    """First frame of a file -> (roi (y0, y1, x0, x1), live bool [roi], crop kind, outside bool [roi] or None).
-
-    A DICOM region box is the live image as the scanner states it, kept whole (the scan hull found
-    in it can miss dark tissue), with `outside` = the box minus that hull, where small bright marks
-    are blanked; otherwise the detected fan/rectangle, else the whole frame."""
-    if box is not None:
-        y0, y1, x0, x1 = box
-        hull = detect_scan_region(g[y0:y1, x0:x1])
-        if hull is not None:  # a margin: the hull can cut off bright tissue at a dark near field
-            hull = deid.dilate(hull, max(2, round(0.02 * min(hull.shape))))
-        return box, np.ones((y1 - y0, x1 - x0), bool), "regions", None if hull is None else ~hull
-    mask = detect_scan_region(g) if g.size else None
-    if mask is None:
-        return (0, g.shape[0], 0, g.shape[1]), np.ones(g.shape, bool), "full", None
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    return (y0, y1, x0, x1), mask[y0:y1, x0:x1], "detected", None
-
-
-DUPLICATE_MAD = 1.0  # mean absolute difference (grey levels, resized frame) under which a frame repeats the last
-
-
-def near_duplicate(a, b):
-    """True when uint8 frames a and b (same shape) differ by under DUPLICATE_MAD grey levels on average:
-    a frozen or repeated frame of a cine or clip (codecs re-encode a repeat with ~0.1 levels of noise;
-    consecutive live ultrasound frames differ by several levels of speckle)."""
-    return a.shape == b.shape and float(np.abs(a.astype(np.int16) - b).mean()) < DUPLICATE_MAD
-
-
-def _clean_frames(frames, short_side, box=None, kept=1, geometry_frame=None):
-    """Crop, de-identify (urfm_fast.deid), resize and de-duplicate the grey frames of one file.
-
-    frames: iterable of (frame number, uint8 [H,W]) -> [(frame, uint8 [h,w], crop kind, extra)],
-    extra = {"roi": crop box in the source frame, "blank": boxes blanked inside it (output pixels),
-    "duplicates": frames left out as near-duplicates of the frame before}. The scan region is found
-    in geometry_frame when given (a volume's projection), else in the first frame. Every frame is
-    seen by the de-identification (text, static overlays); a near-duplicate is then dropped."""
-    cleaner, kind, numbers, shape, duplicates = None, None, [], None, 0
-    for idx, g in frames:
-        if cleaner is None:
-            roi, live, kind, outside = _geometry(g if geometry_frame is None else geometry_frame, box)
-            cleaner = deid.FileCleaner(roi, live, lambda c: np.array(resize_short(c, short_side)), kept, outside)
-            shape = g.shape
-        elif g.shape != shape:
-            raise ValueError("frames of different sizes in one file")
-        cleaner.add(g)
-        if len(cleaner.frames) > 1 and near_duplicate(cleaner.frames[-1], cleaner.frames[-2]):
-            cleaner.frames.pop()
-            duplicates += 1
-            continue
-        numbers.append(idx)
-        if len(numbers) * cleaner.frames[-1].nbytes > MAX_OUTPUT_BYTES:
-            raise _OverBudget(f"{len(numbers)} frames exceed the {MAX_OUTPUT_BYTES >> 20} MiB budget per file "
-                              "after resizing; use a larger --frame-stride")
-    if cleaner is None:
-        return []
-    imgs, blank, _ = cleaner.finish()
-    extra = {"roi": list(cleaner.roi), "blank": blank, "duplicates": duplicates}
-    return [(idx, np.ascontiguousarray(img), kind, extra) for idx, img in zip(numbers, imgs)]
-
-
-def _rewind(src):
-    if hasattr(src, "seek"):
-        src.seek(0)
-    return src
-
-
-def read_image_file(src, short_side):
-    """src: a path or a seekable binary file object."""
-    return _clean_frames([(0, load_image_grey8(_rewind(src)))], short_side)
-
-
-def _dicom_frames(src, ds, n, stride):
-    """-> iterator of (frame number, uint8 grey [H,W]) of a DICOM, decoded one frame at a time."""
-    from pydicom.pixels import apply_color_lut, iter_pixels
-
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    for idx, a in zip(range(0, n, stride), iter_pixels(_rewind(src), indices=range(0, n, stride))):
-        if pi == "PALETTE COLOR":
-            a = apply_color_lut(a, ds)
-        g = to_grey8(a)
-        yield idx, (255 - g if pi == "MONOCHROME1" else g)  # 0 = white in MONOCHROME1
-
-
-def read_dicom_file(src, short_side, stride=1, burned_in="clean"):
-    """Decode a DICOM (a path or a seekable binary file object) frame by frame (pixel data never
-    loaded whole) -> [(frame, uint8, kind, extra)]. burned_in: what to do with BurnedInAnnotation
-    YES ("clean": detect and blank like every file, and flag it; "skip": leave the file out)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(_rewind(src), stop_before_pixels=True, force=True)
-    except Exception as e:  # the message may quote header bytes: keep the class only
-        raise ValueError(f"not a readable DICOM file ({type(e).__name__})") from None
-    if "Rows" not in ds or "Columns" not in ds:
-        raise ValueError("DICOM without image pixel data")
-    flagged = str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES"
-    if flagged and burned_in == "skip":
-        raise ValueError("BurnedInAnnotation YES (left out by --burned-in skip)")
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_pixel_budget(ds)
-    box = region_box(ds, (int(ds.Rows), int(ds.Columns)))
-    try:
-        out = _clean_frames(_dicom_frames(src, ds, n, stride), short_side, box, kept=len(range(0, n, stride)))
-    except (deid.DetectorUnavailable, deid.NotCleanable, _OverBudget):
-        raise
-    except Exception as e:
-        raise _decode_error(ds, e) from None
-    if not out:
-        raise ValueError("DICOM without frames")
-    if flagged:
-        for _, _, _, extra in out:
-            extra["burned_in"] = True
-    return out
-
-
-def _decode_error(ds, e):
-    """Messages of decoders can quote header values: report the class and the standard
-    transfer-syntax name only, never the message text."""
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    name = getattr(ts, "name", "unknown transfer syntax")
-    return ValueError(f"cannot decode DICOM pixel data ({name}; {type(e).__name__})")
-
-
-def _check_pixel_budget(ds):
-    """A DICOM frame may declare any size: refuse one over MAX_FRAME_PIXELS before decoding (Pillow's
-    decompression-bomb check does the same for images)."""
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (TypeError, ValueError):
-        raise ValueError("DICOM with unreadable image dimensions") from None
-    if rows <= 0 or cols <= 0 or samples <= 0:
-        raise ValueError("DICOM with empty image dimensions")
-    if rows * cols * samples > MAX_FRAME_PIXELS:
-        raise ValueError(f"DICOM frame of {rows} x {cols} x {samples} samples exceeds the pixel budget of "
-                         f"{MAX_FRAME_PIXELS} (a decompression bomb?); not decoded")
-
-
-_BURNED_IN = ["clean"]  # this process's --burned-in policy (set by _quiet_worker)
-
-
-def _quiet_worker(burned_in="clean"):
-    """Silence decoders in workers: pydicom warnings quote header values (names, dates)."""
-    _BURNED_IN[0] = burned_in
-    warnings.simplefilter("ignore")
-    logging.getLogger("pydicom").disabled = True
-    try:
-        import pydicom.config as pc
-
-        pc.settings.reading_validation_mode = pc.IGNORE
-    except Exception:
-        pass
-
-
-def read_media_file(src, name, short_side, stride=1, in_zip=False):
-    """A video clip or a NIfTI / MetaImage volume (urfm_fast.media), cleaned like a DICOM cine."""
-    if media.kind_of(name) == "video":
-        frames, kept = media.video_frames(_rewind(src), stride, MAX_FRAME_PIXELS)
-        return _clean_frames(frames, short_side, kept=kept)
-    frames, kept, box, proj = media.volume_frames(src, name, stride, MAX_FRAME_PIXELS,
-                                                  None if in_zip else _open_regular)
-    return _clean_frames(frames, short_side, box, kept, geometry_frame=proj)
-
-
-def _read_any(src, name, head, short_side, stride, in_zip=False):
-    """Dispatch on content/suffix: image, DICOM (with or without suffix), video, volume or neither."""
-    dicom = is_dicom_head(head, name)
-    if media.kind_of(name) and not dicom:
-        try:
-            out = read_media_file(src, name, short_side, stride, in_zip)
-        except (ValueError, MemoryError) as e:  # ValueError covers NotCleanable and the budgets
-            return "skip", str(e) or f"unreadable {media.kind_of(name)} file ({type(e).__name__})"
-        return ("ok", out) if out else ("skip", f"{media.kind_of(name)} file without frames")
-    if name.lower().endswith(IMAGE_EXTS) and not dicom:
-        try:
-            return "ok", read_image_file(src, short_side)
-        except deid.NotCleanable as e:
-            return "skip", str(e)
-    if dicom:
-        try:
-            return "ok", read_dicom_file(src, short_side, stride, _BURNED_IN[0])
-        except ValueError as e:
-            return "skip", str(e)
-        except Exception as e:
-            return "skip", f"not a readable DICOM file ({type(e).__name__})"
-    return "skip", "not an image, DICOM, video or volume file"
-
-
-_ZIPS = {}  # this process's open archive: (path, mtime, size) -> ZipFile (central directory read once)
-
-
-def _open_zip(path):
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
-    zf = _ZIPS.get(key)
-    if zf is None:
-        _close_zips()
-        zf = _ZIPS[key] = zipfile.ZipFile(path)
-    return zf
-
-
-def _close_zips():
-    for zf in _ZIPS.values():
-        zf.close()
-    _ZIPS.clear()
-
-
-def _zip_error(e):
-    msg = str(e).splitlines()[0][:120] if str(e) else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
-def list_zip(path):
-    """Sorted member names (folders left out) of a zip archive; raises on a corrupt archive."""
-    with zipfile.ZipFile(path) as zf:
-        return sorted({i.filename for i in zf.infolist() if not i.is_dir()})
-
-
-def _not_regular(path):
-    """None for a regular file (or a link to one), else the reason it is skipped unopened: reading a
-    FIFO blocks forever, a device never ends (/dev/zero, /dev/urandom)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return f"cannot stat ({e.strerror})"
-    if stat.S_ISDIR(st.st_mode):
-        return "symlinked folder already read (a link loop or a second link to it); not read again"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file (FIFO, device or socket); not opened"
-    return None
-
-
-def _open_regular(path):
-    """Open a regular file for reading; O_NONBLOCK and a check on the open file, so a file swapped
-    for a FIFO after the stat cannot block the worker."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError("not a regular file (FIFO, device or socket); not read")
-    return os.fdopen(fd, "rb")
-
-
-def _member_too_big(info):
-    """Refuse a zip member by its declared sizes, before a byte is decompressed."""
-    if info.file_size > MAX_MEMBER_BYTES:
-        return f"zip member too large (declares {info.file_size} bytes; limit {MAX_MEMBER_BYTES})"
-    ratio = info.file_size / max(info.compress_size, 1)
-    if info.file_size > (1 << 20) and ratio > MAX_MEMBER_RATIO:
-        return (f"zip member compressed {ratio:.0f}:1 (declares {info.file_size} bytes; limit "
-                f"{MAX_MEMBER_RATIO}:1, a zip bomb?); not read")
-    return None
-
-
-def _copy_bounded(src, dst, limit):
-    """Copy at most ``limit`` bytes (the member's declared size): a member that inflates past what it
-    declared is corrupt, and is never spooled past it."""
-    total = 0
-    while chunk := src.read(1 << 20):
-        total += len(chunk)
-        if total > limit:
-            raise ValueError(f"inflates past its declared size of {limit} bytes")
-        dst.write(chunk)
-
-
-def _process_member(path, member, short_side, stride):
-    """One member of a zip archive, streamed: small members into memory, large ones into an anonymous
-    temporary file (pydicom seeks backwards, which a deflate stream can only do by starting over)."""
-    try:
-        zf = _open_zip(path)
-        info = zf.getinfo(member)
-    except KeyError:
-        return "skip", "zip member vanished (archive changed while reading)"
-    except Exception as e:
-        return "skip", f"corrupt zip archive ({_zip_error(e)})"
-    if info.flag_bits & 0x1:
-        return "skip", "encrypted zip member (not read)"
-    if member.lower().endswith(ARCHIVE_EXTS):
-        return "skip", "zip archive inside a zip archive (not read; extract the outer archive first)"
-    too_big = _member_too_big(info)
-    if too_big:
-        return "skip", too_big
-    f = None
-    try:
-        with zf.open(info) as m:
-            head = m.read(132)
-            if not is_dicom_head(head, member) and not member.lower().endswith(IMAGE_EXTS + media.MEDIA_EXTS):
-                return "skip", "not an image, DICOM, video or volume file"
-            f = io.BytesIO() if info.file_size <= SPOOL_BYTES else tempfile.TemporaryFile(prefix="urfm-prepare-")
-            f.write(head)
-            _copy_bounded(m, f, info.file_size - len(head))  # the CRC is checked when the member ends
-    except NotImplementedError:
-        if f is not None:
-            f.close()
-        return "skip", f"unsupported zip compression (method {info.compress_type})"
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError) as e:
-        if f is not None:
-            f.close()
-        return "skip", f"corrupt zip member ({_zip_error(e)})"
-    with f:
-        return _read_any(f, member, head, short_side, stride, in_zip=True)
-
-
-def process_file(job):
-    """Worker entry: job = (abs path, zip member or None, rel path, short side, stride)
-    -> ("ok", frames) | ("skip", reason)."""
-    path, member, rel, short_side, stride = job
-    try:
-        not_regular = None if member is not None else _not_regular(path)
-        if not_regular:
-            return "skip", not_regular
-        if member is not None:
-            status, payload = _process_member(path, member, short_side, stride)
-        elif path.lower().endswith(ARCHIVE_EXTS):
-            # Listed as a whole only when it could not be opened or holds no files.
-            try:
-                empty = not list_zip(path)
-            except Exception as e:
-                return "skip", f"corrupt zip archive ({_zip_error(e)})"
-            return "skip", "zip archive without files" if empty else "zip archive changed while reading"
-        else:
-            with _open_regular(path) as f:
-                head = f.read(132)
-                status, payload = _read_any(f, path, head, short_side, stride)
-        if status == "skip":
-            return status, scrub_names(payload, path, member, rel)
-        return "ok", [(fr, img.shape[0], img.shape[1], kind, extra, img.tobytes()) for fr, img, kind, extra in payload]
-    except Exception as e:  # a bad file is listed, never a crash
-        msg = scrub_names(str(e), path, member, rel)[:200]
-        return "skip", f"unreadable image ({type(e).__name__}: {msg})"
-
-
-def scrub_names(text, path, member, rel):
-    """text with the absolute path, and every file and folder name of the member and relative path,
-    replaced by <file>: messages of decoders and zipfile quote them, and names can hold patient data."""
-    parts = {path, os.path.basename(path)}
-    for n in (member, rel):
-        if n:
-            parts.add(n)
-            parts.update(x for x in n.split("/") if len(x) >= 3)
-    parts |= {repr(x)[1:-1] for x in parts}  # as quoted by %r in messages (escaped quotes, backslashes)
-    parts.discard("")
-    for part in sorted(parts, key=len, reverse=True):
-        text = text.replace(part, "<file>")
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver
-
-
-def walk_sources(sources, out, labels=None, origins=None):
-    """-> [(src name, rel path, abs path, zip member or None)] of every file under the sources (out
-    excluded), in sorted order; a .zip file contributes one entry per member (rel path
-    ``archive.zip/member/path``), or one entry for itself when it is corrupt or empty. Data files of
-    MetaImage headers (.raw beside an .mhd naming it) are read with their header, not listed.
-    labels: how messages name each source (default: as given; --list entries by their line, since
-    a list's paths may name patients); origins: a list that receives each entry's source position."""
-    out_abs = os.path.abspath(out)
-    labels = labels or [str(s) for s in sources]
-    jobs, names = [], {}
-
-    def add(name, rel, p):
-        if p.lower().endswith(ARCHIVE_EXTS) and _not_regular(p) is None:
-            try:
-                members = list_zip(p)
-            except Exception:
-                members = []
-            if members:
-                data = media.zip_data_members(members)
-                jobs.extend((name, f"{rel}/{m}", p, m) for m in members if m not in data)
-                return
-        jobs.append((name, rel, p, None))
-
-    given = {}
-    for k, (s, label) in enumerate(zip(sources, labels)):
-        before = len(jobs)
-        a = os.path.abspath(s)
-        if not os.path.exists(a):
-            raise PrepareError(f"source {label} does not exist")
-        if given.setdefault(os.path.realpath(a), label) != label:  # its files would be written twice
-            raise PrepareError(f"source {label} is also given as {given[os.path.realpath(a)]}; name it once")
-        if not os.path.isdir(a):  # a file (a FIFO or device source is listed as skipped, never opened)
-            folder, base = os.path.split(a)
-            if not (base.lower().endswith(media.DATA_FILE_EXTS) and base in _data_files(folder)):
-                add("", base, a)
-        else:
-            name = os.path.basename(os.path.normpath(a))
-            if name in names and names[name][0] != a:
-                raise PrepareError(f"sources {names[name][1]} and {label} share the folder name; give them "
-                                   "distinct names")
-            names[name] = (a, label)
-            _walk_folder(a, out_abs, lambda rel, p, name=name: add(name, rel, p))
-        if origins is not None:
-            origins.extend([k] * (len(jobs) - before))
-    return jobs
-
-
-def _data_files(folder, names=None):
-    """Files of folder that an .mhd there reads as its data file (names: its listing, when known)."""
-    try:
-        names = os.listdir(folder) if names is None else names
-    except OSError:
-        return set()
-    if not any(n.lower().endswith(".mhd") for n in names):
-        return set()
-    return media.metaimage_data_files(folder, names, _open_regular)
-
-
-def _walk_folder(root, out_abs, add):
-    """Every file under root in sorted order, following symlinked folders once each: a folder reached
-    again (a link loop, or two links to one folder) is passed to ``add`` itself and listed as skipped."""
-    seen, out_real = set(), os.path.realpath(out_abs)  # the output folder, also when reached through a link
-    for d, dirs, files in os.walk(root, followlinks=True):
-        try:
-            st = os.stat(d)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            add(os.path.relpath(d, root).replace(os.sep, "/"), d)
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        # real folders before links at each level, so a link to a folder of the source is the duplicate
-        dirs[:] = sorted((x for x in dirs if os.path.realpath(os.path.join(d, x)) != out_real),
-                         key=lambda x, d=d: (os.path.islink(os.path.join(d, x)), x))
-        data = _data_files(d, files)
-        for f in sorted(files):
-            if f in data:
-                continue
-            p = os.path.join(d, f)
-            add(os.path.relpath(p, root).replace(os.sep, "/"), p)
 
 
 def _open_out(out, short_side):
@@ -767,133 +182,6 @@ def _lock(out):
     return f
 
 
-class _ShardWriter:
-    """Appends images to new shard files (never rewrites an existing one)."""
-
-    def __init__(self, out):
-        self.out = out
-        existing = [int(f[6:11]) for f in os.listdir(os.path.join(out, SHARD_DIR)) if f.startswith("shard-")]
-        self.k = max(existing, default=-1)
-        self.f = None
-
-    def write(self, data):
-        """-> (shard number, byte offset) of data."""
-        if self.f is None or self.f.tell() >= SHARD_BYTES:
-            if self.f is not None:
-                self.f.close()
-            self.k += 1
-            self.f = open(shard_path(self.out, self.k), "wb")
-        off = self.f.tell()
-        self.f.write(data)
-        return self.k, off
-
-    def flush(self):
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
-
-
-def source_salt(out):
-    """The shard folder's salt (hex) for hashing source names, made on first use and kept in its marker."""
-    mpath = os.path.join(out, MARKER)
-    with open(mpath) as f:
-        meta = json.load(f)
-    if "salt" not in meta:
-        meta["salt"] = os.urandom(16).hex()
-        with open(mpath + ".tmp", "w") as f:
-            json.dump(meta, f)
-            f.write("\n")
-        os.replace(mpath + ".tmp", mpath)
-    return meta["salt"]
-
-
-def _hash(salt, kind, text):
-    return hashlib.sha256(f"{salt}\0{kind}\0{text}".encode()).hexdigest()
-
-
-def source_id(salt, src, rel):
-    """Stable salted hash naming one source file in every output: 8 hex digits for the source folder
-    name, 16 for the path inside it (so a labels file can name a file with or without its folder)."""
-    return _hash(salt, "src", src)[:8] + _hash(salt, "path", rel)[:16]
-
-
-def record_source(r):
-    """The source (folder) of an index record, hashed or, in older folders, by name."""
-    return r["src"] if "src" in r else r["id"][:8]
-
-
-def path_lookup(root, records):
-    """-> find(path) -> indices of the records of that source file, where path is "rel/path" or
-    "src/rel/path" (for labels files that name files by path; the names are hashed the same way)."""
-    if records and "path" in records[0]:  # written before sources were hashed
-        by_key = {}
-        for k, r in enumerate(records):
-            for key in {r["path"], f"{r['src']}/{r['path']}" if r["src"] else r["path"]}:
-                by_key.setdefault(key, []).append(k)
-        return lambda p: by_key.get(p, [])
-    with open(os.path.join(root, MARKER)) as f:
-        salt = json.load(f).get("salt", "")
-    by_id, by_rel = {}, {}
-    for k, r in enumerate(records):
-        by_id.setdefault(r["id"], []).append(k)
-        by_rel.setdefault(r["id"][8:], []).append(k)
-
-    def find(p):
-        items = set(by_rel.get(_hash(salt, "path", p)[:16], []))
-        if "/" in p:
-            items.update(by_id.get(source_id(salt, *p.split("/", 1)), []))
-        return sorted(items)
-
-    return find
-
-
-def _hash_old_names(out, salt):
-    """Folders written before sources were hashed name them in index.jsonl and skipped.jsonl: replace
-    those names by their ids (each file rewritten whole, atomically) -> [(id, src, rel)] replaced."""
-    named = []
-    for name in (INDEX, SKIPPED):
-        p = os.path.join(out, name)
-        rows = _read_jsonl(p)
-        if not any("path" in r for r in rows):
-            continue
-        for k, r in enumerate(rows):
-            if "path" in r:
-                src, rel = r.pop("src"), r.pop("path")
-                sid = source_id(salt, src, rel)
-                named.append((sid, src, rel))
-                rows[k] = {"id": sid, **r}
-        _write_jsonl(p, rows)
-    return named
-
-
-def _check_path_map(path_map, out):
-    """Refuse a --path-map inside the shard folder, or an existing file that is not a path map."""
-    pm, root = os.path.realpath(path_map), os.path.realpath(out)
-    if os.path.commonpath([pm, root]) == root:
-        raise PrepareError(f"--path-map {path_map} is inside the shard folder; the map names patients' "
-                           "files and must be kept apart from the shards (choose a path outside --out)")
-    if os.path.isdir(pm) or not os.path.isdir(os.path.dirname(pm)):
-        raise PrepareError(f"--path-map {path_map} is a folder or in a folder that does not exist")
-    try:
-        rows = _read_jsonl(pm)
-    except (OSError, ValueError, UnicodeDecodeError):
-        rows = None
-    if rows is None or any(set(r) != {"id", "src", "path"} for r in rows):
-        raise PrepareError(f"--path-map {path_map} exists and is not a path map of prepare; choose another file")
-    return {r["id"]: r for r in rows}
-
-
-def _write_path_map(path_map, known, entries):
-    """Merge (id, src, rel) entries into the user's path map (JSON lines: id, src, path)."""
-    for sid, src, rel in entries:
-        known.setdefault(sid, {"id": sid, "src": src, "path": rel})
-    _write_jsonl(path_map, sorted(known.values(), key=lambda r: (r["src"], r["path"])))
-
-
 def prepare(
     sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True,
     path_map=None, burned_in="clean", list_file=None,
@@ -931,36 +219,6 @@ def prepare(
                                path_map, known, burned_in, (labels, origins))
     finally:
         lock.close()
-
-
-def read_source_list(list_file):
-    """Sources of --list FILE -> [(path, label "--list line N")]: one path per line (blank lines and
-    lines starting with # ignored), or a CSV whose header has a `path` column. Relative paths are
-    relative to the list's folder, so one list names one corpus wherever it is run from. Messages
-    name entries by line only: the paths may name patients."""
-    try:
-        with open(list_file, encoding="utf-8", newline="") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PrepareError(f"--list {list_file}: cannot read ({getattr(e, 'strerror', None) or type(e).__name__})"
-                           ) from None
-    base = os.path.dirname(os.path.abspath(list_file))
-    first = next((k for k, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
-    if first is None:
-        raise PrepareError(f"--list {list_file} names no sources")
-    header = [c.strip().lower() for c in next(csv.reader([lines[first]]))]
-    rows = []
-    if "path" in header:
-        col = header.index("path")
-        for k, row in enumerate(csv.reader(lines[first + 1:]), start=first + 2):
-            if len(row) > col and row[col].strip():
-                rows.append((row[col].strip(), f"--list line {k}"))
-    else:
-        rows = [(line.strip(), f"--list line {k + 1}") for k, line in enumerate(lines)
-                if line.strip() and not line.lstrip().startswith("#")]
-    if not rows:
-        raise PrepareError(f"--list {list_file} names no sources")
-    return [(os.path.join(base, os.path.expanduser(p)), label) for p, label in rows]
 
 
 def _check_libraries(files):
@@ -1116,21 +374,6 @@ def _progress(total, enabled):
     return tqdm(total=total, unit="file", disable=not enabled, dynamic_ncols=True, desc="prepare")
 
 
-def _read_jsonl(p):
-    if not os.path.exists(p):
-        return []
-    with open(p, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def _write_jsonl(p, rows):
-    tmp = p + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, p)
-
-
 def _shard_image(out, maps, r):
     """uint8 [h,w] of one index record (shard files memory-mapped once, in maps)."""
     m = maps.get(r["shard"])
@@ -1197,8 +440,8 @@ def main(argv=None):
         prog="python -m urfm_fast.prepare",
         epilog=MEMORY_NOTE + " Only regular files are read: FIFOs, devices and links to them are listed as "
         "skipped, unopened; symlinked folders are followed once each. Zip members are refused by their declared "
-        f"size (over {MAX_MEMBER_BYTES >> 30} GiB) or compression ratio (over {MAX_MEMBER_RATIO}:1) before a "
-        "byte is decompressed. One prepare at a time per --out (a lock file). Video clips and volumes need "
+        f"size (over {sources.MAX_MEMBER_BYTES >> 30} GiB) or compression ratio (over {sources.MAX_MEMBER_RATIO}:1) "
+        "before a byte is decompressed. One prepare at a time per --out (a lock file). Video clips and volumes need "
         f"the media extra ({media.EXTRA}); a volume's data over {media.MAX_VOLUME_BYTES >> 20} MiB is refused "
         "before it is read.",
         description="Convert folders and zip archives of ultrasound images (PNG, JPEG, BMP, TIFF), DICOM "
