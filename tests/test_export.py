@@ -1,6 +1,7 @@
 """Export: timm loads the folder both documented ways, strictly, with the features of the checkpoint."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -40,8 +41,7 @@ def test_files_and_keys(exported):
 def test_timm_loads_export_both_ways_with_identical_features(exported):
     ckpt, out, _ = exported
     a = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    b = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32,
-                          pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
+    b = _timm_by_name(out, "vit_tiny_patch16_224").eval()
     ref = urfm_fast.load_backbone(ckpt).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -51,6 +51,55 @@ def test_timm_loads_export_both_ways_with_identical_features(exported):
     assert a.pretrained_cfg["input_size"] == (3, 32, 32)
     # timm's strict load would raise on any missing/unexpected key; check the key sets directly as well
     assert set(load_file(str(out / "model.safetensors"))) == set(a.state_dict())
+
+
+def _timm_by_name(out, name, **kwargs):
+    """The README's recipe under a timm name: the export's whole pretrained_cfg overlaid, plus the file."""
+    cfg = json.loads((out / "config.json").read_text())
+    overlay = dict(cfg["pretrained_cfg"], file=str(out / "model.safetensors"))
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def exported_4_blocks_64px(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export4")
+    ckpt = root / "mae_vit_tiny_patch16_dec768d8b_demo.pth"
+    make_official_checkpoint(ckpt, depth=4, img_size=64)
+    assert main([str(ckpt), "--out", str(root / "out")]) == 0
+    return ckpt, root / "out"
+
+
+@pytest.mark.parametrize("name, kwargs, error", [
+    ("vit_tiny_patch16_224", {}, "Missing key(s)"),               # 12 blocks for a 4-block export
+    ("vit_small_patch16_224", {"depth": 4}, "size mismatch"),      # 384 wide for a 192-wide export
+    ("vit_tiny_patch16_224", {"depth": 6}, "Missing key(s)"),
+])
+def test_timm_name_recipe_refuses_a_mismatched_architecture(exported_4_blocks_64px, name, kwargs, error):
+    _, out = exported_4_blocks_64px
+    with pytest.raises(RuntimeError, match=re.escape(error)):
+        _timm_by_name(out, name, **kwargs)
+
+
+def test_file_only_overlay_is_the_silent_trap(exported_4_blocks_64px):
+    """Why the README overlays the whole pretrained_cfg: with `file` alone timm's cfg keeps
+    num_classes=1000, so num_classes=0 makes the load non-strict and blocks 4-11 stay random."""
+    _, out = exported_4_blocks_64px
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
+                          pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    assert len(m.blocks) == 12 and m.patch_embed.img_size == (224, 224)
+
+
+def test_timm_recipes_load_the_4_block_64px_export_with_our_features(exported_4_blocks_64px):
+    ckpt, out = exported_4_blocks_64px
+    by_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    by_name = _timm_by_name(out, "vit_tiny_patch16_224", depth=4).eval()
+    ref = urfm_fast.load_backbone(ckpt).eval()
+    assert len(by_name.blocks) == 4 and by_name.patch_embed.img_size == (64, 64) and by_name.num_classes == 0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fr = ref.forward_features(x)
+        assert fr.shape == (2, 17, 192)
+        assert torch.equal(by_dir.forward_features(x), fr) and torch.equal(by_name.forward_features(x), fr)
 
 
 def test_export_reloads_through_load_checkpoint(exported):

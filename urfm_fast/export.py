@@ -9,12 +9,19 @@
 Then, with timm alone (no urfm_fast needed):
 
     timm.create_model("local-dir:urfm_vitb", pretrained=True)                       # num_classes=0
-    timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(file="urfm_vitb/model.safetensors"))
+    cfg = json.load(open("urfm_vitb/config.json"))
+    timm.create_model("vit_base_patch16_224", pretrained=True,
+                      pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="urfm_vitb/model.safetensors"))
 
 ``model.safetensors`` holds the encoder with timm ViT keys (no decoder, no mask token), so both load
-with no missing or unexpected keys. ``config.json`` follows timm's hub layout: ``architecture``, ``num_classes``,
-``num_features``, ``global_pool``, ``model_args`` (the exact width/depth/heads/patch/img_size, so sizes
+with no missing or unexpected keys, strictly: timm loads strictly only while the model's ``num_classes``
+equals its ``pretrained_cfg["num_classes"]``. A timm name's registered cfg says 1000, so overlaying
+``file`` alone with ``num_classes=0`` falls back to a non-strict load that leaves missing blocks random;
+overlaying the export's whole ``pretrained_cfg`` (``num_classes`` 0, ``input_size`` with
+``fixed_input_size``, which also sets the image size) keeps it strict, so a wrong depth or width raises.
+
+``config.json`` follows timm's hub layout: ``architecture``, ``num_classes``, ``num_features``,
+``global_pool``, ``model_args`` (the exact width/depth/heads/patch/img_size, so sizes
 without a timm name load too) and ``pretrained_cfg`` (input size and the student normalisation, ImageNet
 mean/std). ``urfm`` records where the weights came from. Existing files are never overwritten
 without ``--force``.
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
     print(f"exported {ckpt.meta['weights']} weights of {c.model} ({c.embed_dim}d x {c.depth}, patch {c.patch_size}, "
           f"{c.img_size}px, {n / 1e6:.1f}M params) from {ckpt.meta['format']} checkpoint to {out}")
     print(f"  weights: {ckpt.meta.get('weights_reason', ckpt.meta['weights'])}")
-    print(f"  timm.create_model('local-dir:{out}', pretrained=True)")
+    print(f"  timm.create_model('local-dir:{out}', pretrained=True)   # strict; the architecture from config.json")
     return 0
 
 
