@@ -112,6 +112,7 @@ def test_messy_folder(messy, tmp_path, capfd):
 
     ds = ShardDataset(out)
     assert len(ds) == 11
+    assert isinstance(ds.index, np.memmap)  # prepare wrote index.bin, in step with index.jsonl
     for k, r in enumerate(index):
         x = ds[k]
         assert x.dtype == torch.uint8 and x.shape == (1, r["h"], r["w"]) and min(r["h"], r["w"]) == 32
@@ -131,7 +132,7 @@ def test_messy_folder(messy, tmp_path, capfd):
     Image.fromarray(speckle(33, 45, 5)).save(root / "nested dir" / "new.png")
     c3 = P.prepare([root], out, short_side=32, workers=1, progress=False)
     assert c3["files_added"] == 1 and c3["images_total"] == 12
-    assert len(ShardDataset(out)) == 12
+    assert len(ShardDataset(out)) == 12 and isinstance(ShardDataset(out).index, np.memmap)
     # a different short side would mix sizes: refused
     with pytest.raises(P.PrepareError, match="short side"):
         P.prepare([root], out, short_side=64, workers=1, progress=False)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from urfm_fast import shards
+from urfm_fast import shard_index, shards
 from urfm_fast.augment import batch_augment, hash_uniform, mix_seed, pad_batch
 from urfm_fast.scan_region import load_image_grey8, resize_short
 from urfm_fast.shards import IMAGE_EXTS
@@ -53,8 +53,9 @@ class DataError(ValueError):
 class ShardDataset(Dataset):
     """Images/frames of a shard folder from `python -m urfm_fast.prepare`; item = uint8 [1,H,W].
 
-    Shards are opened as read-only memory maps lazily in each process (DataLoader workers included),
-    so pickling the dataset to workers never copies pixels."""
+    The index (urfm_fast.shard_index) and the shards are opened as read-only memory maps, the shards
+    lazily in each process (DataLoader workers included), so opening a folder of a million images
+    parses nothing and pickling the dataset to workers never copies pixels or index entries."""
 
     def __init__(self, root):
         root = os.fspath(root)
@@ -62,22 +63,29 @@ class ShardDataset(Dataset):
             raise DataError(
                 f"{root} is not a shard folder (no {shards.MARKER}); run python -m urfm_fast.prepare"
             )
-        recs = shards.read_index(root)
-        if not recs:
+        try:
+            self.index = shard_index.open_index(root)  # structured RECORD [n]
+        except shard_index.ShardIndexError as e:
+            raise DataError(str(e)) from None
+        if not len(self.index):
             raise DataError(f"shard folder {root} holds no images")
         self.root = root
-        self.shard = np.array([r["shard"] for r in recs], dtype=np.int32)
-        self.offset = np.array([r["offset"] for r in recs], dtype=np.int64)
-        self.hw = np.array([[r["h"], r["w"]] for r in recs], dtype=np.int32)
         self._maps = {}
 
     def __len__(self):
-        return len(self.offset)
+        return len(self.index)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_maps"] = {}  # memory maps are reopened in the receiving process
+        if isinstance(self.index, np.memmap):
+            state["index"] = len(self.index)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self.index, int):
+            self.index = shard_index.reopen(self.root, self.index)
 
     def _map(self, k):
         m = self._maps.get(k)
@@ -87,9 +95,12 @@ class ShardDataset(Dataset):
         return m
 
     def __getitem__(self, i):
-        h, w = (int(v) for v in self.hw[i])
-        o = int(self.offset[i])
-        px = np.array(self._map(int(self.shard[i]))[o : o + h * w])  # copy out of the map
+        rec = self.index[i]
+        h, w, o, k = int(rec["h"]), int(rec["w"]), int(rec["offset"]), int(rec["shard"])
+        px = np.array(self._map(k)[o : o + h * w])  # copy out of the map
+        if h <= 0 or w <= 0 or o < 0 or px.size != h * w:
+            raise DataError(f"shard folder {self.root}: entry {i} lies outside shard {k}; the shards do not "
+                            "match the index (copied in part?)")
         return torch.from_numpy(px).view(1, h, w)
 
 

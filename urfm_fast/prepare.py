@@ -23,6 +23,8 @@ overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
     DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
                            the source frame), blank (boxes blanked inside it, output pixels), burned_in
+    DIR/index.bin          the same entries (no boxes) as fixed-width binary records that the training
+                           data stream memory-maps (urfm_fast.shard_index), rewritten at each run's end
     DIR/skipped.jsonl      one line per file or archive member left out: id, reason
     DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
     DIR/review.png         with --review N: N random images, blanked areas outlined
@@ -67,7 +69,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from urfm_fast import deid, media, sources
+from urfm_fast import deid, media, shard_index, sources
 
 # Re-exported so the old import paths keep working; the budgets are read in sources.py (patch them there).
 from urfm_fast.scan_region import (  # noqa: F401 (re-exported)
@@ -302,7 +304,10 @@ def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped
             _close_zips()
             if pool is not None:
                 pool.terminate()
-    counts["images_total"] = len(read_index(out))
+    jsonl_bytes = os.path.getsize(os.path.join(out, INDEX))
+    records = read_index(out)
+    counts["images_total"] = len(records)
+    shard_index.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
     counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
     counts["seconds"] = round(time.time() - t0, 2)
     for row in per_source:
