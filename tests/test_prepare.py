@@ -17,8 +17,9 @@ pydicom = pytest.importorskip("pydicom")
 SECRETS = ["Doe^Jane", "Doe", "Jane", "PID-4711-XY", "19990314", "19580607", "St. Elsewhere"]
 
 
-def write_dicom(path, frames, photometric="MONOCHROME2"):
-    """Uncompressed US DICOM with patient data in the header; frames uint8 [n,H,W] or [n,H,W,3]."""
+def write_dicom(path, frames, photometric="MONOCHROME2", bits=8, **elements):
+    """Uncompressed US DICOM with patient data in the header; frames [n,H,W] (`bits` stored, 16 allocated
+    above 8) or uint8 [n,H,W,3]; elements: further header elements (keyword=value)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
@@ -38,10 +39,13 @@ def write_dicom(path, frames, photometric="MONOCHROME2"):
     if frames.ndim == 4:
         ds.PlanarConfiguration = 0
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    allocated = 8 if bits <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, 0
     if n > 1:
         ds.NumberOfFrames = n
-    ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8 if allocated == 8 else "<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     return ds.SOPInstanceUID
 

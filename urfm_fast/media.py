@@ -38,7 +38,7 @@ MEDIA_EXTS = VIDEO_EXTS + NIFTI_EXTS + METAIMAGE_EXTS
 DATA_FILE_EXTS = (".raw", ".zraw")  # data files of .mhd headers: never sources of their own
 EXTRA = "pip install 'urfm_fast[media]'"
 MAX_VOLUME_BYTES = 512 << 20  # a volume's declared voxel data, read whole (one copy) before slicing
-PERCENTILES = (0.5, 99.5)  # the intensity range of a volume
+PERCENTILES = (0.5, 99.5)  # the intensity range of a volume (and of a wide grey DICOM without a window)
 SIGNAL_LEVEL, SIGNAL_MIN = 8, 0.01  # a slice needs this fraction of pixels above this grey level
 _MAX_HEADER = 64 << 10  # MetaImage header text
 _MAX_EXTENSIONS = 64 << 20  # NIfTI header extensions before the data (some hold a DICOM header)
@@ -134,7 +134,7 @@ def volume_frames(src, name, stride, max_pixels, open_regular=None):
     if vol.shape[2] * vol.shape[3] > max_pixels:
         raise ValueError(f"volume slice of {vol.shape[3]} x {vol.shape[2]} exceeds the pixel budget of {max_pixels}")
     lo, hi = _intensity_range(vol)
-    to8 = lambda s: _map(s, lo, hi, invert)
+    to8 = lambda s: map_to_uint8(s, lo, hi, invert)
     keep, proj = [], None
     for k in range(0, vol.shape[0] * vol.shape[1], stride):
         g = to8(vol[k // vol.shape[1], k % vol.shape[1]])
@@ -151,25 +151,36 @@ def volume_frames(src, name, stride, max_pixels, open_regular=None):
     return frames, len(keep), box, proj
 
 
-def _map(s, lo, hi, invert):
+def map_to_uint8(s, lo, hi, invert=False):
+    """Values lo..hi -> 0..255 (clipped; NaN -> 0), then 255 - g when invert."""
     g = np.nan_to_num(np.asarray(s, np.float32), nan=lo)
     g = np.clip((g - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
     return 255 - g if invert else g
 
 
-def _intensity_range(vol):
-    """(lo, hi) of a volume: its robust percentiles on a strided sample, min..max when they meet."""
-    step = max(1, math.ceil((vol.size / _SAMPLE) ** (1 / 3)))
-    sample = np.asarray(vol[:, ::step, ::step, ::step], np.float32).ravel()
+def robust_range(values):
+    """(lo, hi) of values: their PERCENTILES, their min..max when those meet; None without finite values
+    or when all are equal."""
+    sample = np.asarray(values, np.float32).ravel()
     sample = sample[np.isfinite(sample)]
     if not sample.size:
-        raise ValueError("volume without finite values")
+        return None
     lo, hi = (float(v) for v in np.percentile(sample, PERCENTILES))
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
-    if hi <= lo:
+    return (lo, hi) if hi > lo else None
+
+
+def _intensity_range(vol):
+    """(lo, hi) of a volume: its robust percentiles on a strided sample, min..max when they meet."""
+    step = max(1, math.ceil((vol.size / _SAMPLE) ** (1 / 3)))
+    sample = np.asarray(vol[:, ::step, ::step, ::step], np.float32)
+    if not np.isfinite(sample).any():
+        raise ValueError("volume without finite values")
+    found = robust_range(sample)
+    if found is None:
         raise ValueError("volume without signal (constant intensity)")
-    return lo, hi
+    return found
 
 
 def _check_volume(shape, itemsize):

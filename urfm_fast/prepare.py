@@ -16,7 +16,8 @@ Files from strangers: only regular files are opened (FIFOs, devices and links to
 skipped), symlinked folders are followed once each, a DICOM frame over MAX_FRAME_PIXELS and a zip member
 over its declared size or ratio budget are refused before decoding, and a lock keeps a second run off
 the output folder.
-Every image/frame becomes 8-bit grey, is cropped to the scan region, de-identified (burned-in text and
+Every image/frame becomes 8-bit grey (a DICOM through its window or VOI LUT, else one range per file
+for all its frames: urfm_fast.dicom_grey), is cropped to the scan region, de-identified (burned-in text and
 overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to memory-mappable shards:
 
     DIR/urfm_shards.json   format marker, the short side and the salt of the source ids

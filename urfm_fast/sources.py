@@ -18,8 +18,8 @@ import zlib
 
 import numpy as np
 
-from urfm_fast import deid, media
-from urfm_fast.scan_region import _geometry, load_image_grey8, near_duplicate, region_box, resize_short, to_grey8
+from urfm_fast import deid, dicom_grey, media
+from urfm_fast.scan_region import _geometry, load_image_grey8, near_duplicate, region_box, resize_short
 from urfm_fast.shards import IMAGE_EXTS
 
 DICOM_EXTS = (".dcm", ".dicom", ".dic")
@@ -103,15 +103,15 @@ def read_image_file(src, short_side):
 
 
 def _dicom_frames(src, ds, n, stride):
-    """-> iterator of (frame number, uint8 grey [H,W]) of a DICOM, decoded one frame at a time."""
-    from pydicom.pixels import apply_color_lut, iter_pixels
+    """-> iterator of (frame number, uint8 grey [H,W]) of a DICOM, decoded one frame at a time, all
+    frames through one mapping (urfm_fast.dicom_grey: the file's window or VOI LUT, else one range)."""
+    from pydicom.pixels import iter_pixels
 
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    for idx, a in zip(range(0, n, stride), iter_pixels(_rewind(src), indices=range(0, n, stride))):
-        if pi == "PALETTE COLOR":
-            a = apply_color_lut(a, ds)
-        g = to_grey8(a)
-        yield idx, (255 - g if pi == "MONOCHROME1" else g)  # 0 = white in MONOCHROME1
+    kept = range(0, n, stride)
+    decode = lambda indices: iter_pixels(_rewind(src), indices=indices)
+    to8 = dicom_grey.grey_mapper(ds, kept, decode)
+    for idx, a in zip(kept, decode(kept)):
+        yield idx, to8(a)
 
 
 def read_dicom_file(src, short_side, stride=1, burned_in="clean"):
