@@ -188,3 +188,13 @@ def test_no_names_in_the_binary_index(tmp_path):
     assert b"Doe" not in blob and b"MRN" not in blob
     arr, _ = shard_index.read_index_bin(root)
     assert not arr["src_id"].any() and not arr["path_id"].any()
+
+
+def test_cli_converts_and_checks(folder, capsys):
+    assert shard_index.main([str(folder)]) == 0
+    assert "all 40 entries" in capsys.readouterr().out and (folder / INDEX_BIN).exists()
+    before = (folder / INDEX_BIN).stat().st_mtime_ns
+    assert shard_index.main([str(folder)]) == 0  # already there: checked, not rewritten
+    assert (folder / INDEX_BIN).stat().st_mtime_ns == before
+    assert shard_index.main([str(folder / "shards")]) == 2
+    assert "not a shard folder" in capsys.readouterr().err

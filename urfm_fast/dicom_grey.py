@@ -92,10 +92,12 @@ def _voi_mapper(ds):
             lo, hi = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds))
         else:
             return None
+        if hi == lo:
+            return None
         modality = _modality(ds) or (lambda a: a)
         to8 = _by_rows(lambda a: map_to_uint8(apply_voi_lut(modality(a), ds, prefer_lut=True), lo, hi))
         to8(np.zeros((1, 1), np.int32))  # a LUT of unsupported depth, a bad window: raised here, once
-        return to8 if hi != lo else None
+        return to8
     except (ValueError, TypeError, IndexError, AttributeError, NotImplementedError, KeyError):
         return None  # a header this module cannot apply: the per-file range below
 

@@ -18,11 +18,16 @@ a reader finding it missing or stale (the jsonl's size differs: a crash mid-run,
 older version) or damaged (bad magic, size or CRC: one warning) rebuilds it from the jsonl, written
 to a temporary file and renamed into place, only when the folder is writable; otherwise it uses
 the entries parsed from the jsonl for this run. A folder holding ``index.bin`` alone is read from it.
+
+Before many ranks open a folder written by an older version (each would parse the jsonl once):
+
+    python -m urfm_fast.shard_index /data/us_shards     # writes or checks DIR/index.bin
 """
 
 import logging
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -152,3 +157,32 @@ def open_index(root):
 def reopen(root, count):
     """index.bin's records again as a memory map (in a DataLoader worker), as open_index left it."""
     return np.memmap(os.path.join(root, INDEX_BIN), dtype=RECORD, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def main(argv=None):
+    from urfm_fast.cli_checks import OneLineParser
+    from urfm_fast.shards import is_shard_dir
+
+    ap = OneLineParser(prog="python -m urfm_fast.shard_index",
+                       description="Write (or check) the memory-mapped index.bin of a shard folder.")
+    ap.add_argument("dir", help="a shard folder written by python -m urfm_fast.prepare")
+    root = ap.parse_args(argv).dir
+    if not is_shard_dir(root):
+        print(f"error: {root} is not a shard folder (run python -m urfm_fast.prepare)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        n = len(open_index(root))
+        found = read_index_bin(root)
+    except (ShardIndexError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if found is None or len(found[0]) != n:
+        print(f"error: {root}: cannot write {INDEX_BIN} there (read-only?)", file=sys.stderr)
+        return 2
+    print(f"{root}: {INDEX_BIN} holds all {n} entries of {INDEX}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
