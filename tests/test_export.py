@@ -138,3 +138,23 @@ def test_custom_depth_keeps_its_family_name_and_loads(tmp_path):
     assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["model_args"]["depth"] == 2
     model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     assert len(model.blocks) == 2 and model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 5, 192)
+
+
+def test_readme_recipe_as_written_raises_on_a_mismatched_name(exported_4_blocks_64px):
+    """The README's timm block, run with its folder replaced by a 4-block 64-px ViT-T export and its timm
+    name by vit_tiny_patch16_224 (same width, 12 blocks, 224 px): local-dir loads; the timm name raises
+    instead of loading non-strictly (the README's old file-only overlay loaded it, blocks 4-11 random)."""
+    from pathlib import Path
+
+    _, out = exported_4_blocks_64px
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "local-dir:urfm_vitb" in b)
+    code = block.split("```")[0].replace("urfm_vitb", str(out))
+    assert '"vit_base_patch16_224"' in code
+    code = code.replace('"vit_base_patch16_224"', '"vit_tiny_patch16_224"')
+    with pytest.raises(RuntimeError, match=re.escape("Missing key(s)")):
+        exec(code, {})
+    runs = code.split("# or under a timm name")[0]
+    scope = {}
+    exec(runs, scope)  # the local-dir line alone loads
+    assert len(scope["model"].blocks) == 4
