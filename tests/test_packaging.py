@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import urfm_fast.kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,20 @@ def test_one_checkpoint_error():
 
     assert checkpoint.CheckpointError is checkpoint_io.CheckpointError is CheckpointError
     assert issubclass(CheckpointError, ValueError)
+
+
+@pytest.mark.parametrize("cli", ["pretrain", "evaluate", "export", "prepare"])
+def test_help_starts_without_torch(cli):
+    """``python -m urfm_fast.<cli> --help`` prints its help and exits before torch or timm is imported."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['urfm_fast.{cli}', '--help']\n"
+            "try:\n"
+            f"    runpy.run_module('urfm_fast.{cli}', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    code = e.code\n"
+            "else:\n"
+            "    code = 'no exit'\n"
+            "print('RESULT', code, sorted({'torch', 'timm'} & set(sys.modules)))\n")
+    out = _fresh(code)
+    assert "usage:" in out and "--help" in out
+    assert out.splitlines()[-1] == "RESULT 0 []"

@@ -49,6 +49,7 @@ protocol, fraction and seed, plus mean/std), the same table printed, and ``label
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -57,32 +58,40 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
 
-# Data and protocols live in eval_data and eval_protocols; their public names stay importable from here.
-# run() and main() read them as this module's globals, so patching evaluate.<name> reaches them.
-from urfm_fast.eval_data import (  # noqa: F401  (re-exports)
-    SPLITS,
-    Split,
-    _check_classes,
-    load_data,
-    load_imagefolder,
-    load_shards,
-    load_synthetic,
-    read_shard_labels,
-    stratified_subset,
-)
-from urfm_fast.eval_protocols import (  # noqa: F401  (re-exports)
-    classification_metrics,
-    extract_features,
-    finetune,
-    knn_classify,
-    linear_probe,
-)
+# Data and protocols live in eval_data and eval_protocols (both import torch); their public names stay
+# importable from here, bound on first use so --help answers before torch is imported. run() and main()
+# read them as this module's globals (main binds them after parsing and keeps a name already set), so
+# patching evaluate.<name> reaches them.
+_LAZY = {
+    "urfm_fast.eval_data": ("SPLITS", "Split", "_check_classes", "load_data", "load_imagefolder", "load_shards",
+                            "load_synthetic", "read_shard_labels", "stratified_subset"),
+    "urfm_fast.eval_protocols": ("classification_metrics", "extract_features", "finetune", "knn_classify",
+                                 "linear_probe"),
+}
+if TYPE_CHECKING:
+    from urfm_fast.eval_data import Split, load_data, stratified_subset
+    from urfm_fast.eval_protocols import classification_metrics, extract_features, finetune, knn_classify, linear_probe
+
+
+def _bind_lazy() -> None:
+    for module, names in _LAZY.items():
+        m = importlib.import_module(module)
+        for name in names:
+            globals().setdefault(name, getattr(m, name))
+
+
+def __getattr__(name: str):
+    if any(name in names for names in _LAZY.values()):
+        _bind_lazy()
+        return globals()[name]
+    raise AttributeError(f"module 'urfm_fast.evaluate' has no attribute {name!r}")
+
 
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -107,6 +116,7 @@ class Backbone:
 def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None, weights: str = "auto") -> Backbone:
     """``weights`` (auto | ema | live): which weights of a URFM checkpoint (see ``load_checkpoint``)."""
     import timm
+    import torch
 
     from urfm_fast.backbone import load_backbone
     from urfm_fast.checkpoint_io import load_checkpoint
@@ -151,6 +161,9 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
 def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str], protocols, fractions, seeds,
         device, hp: dict | None = None, progress=print) -> list[dict]:
     """Every backbone x protocol x fraction x seed; returns one record per run."""
+    import torch
+
+    _bind_lazy()
     hp = hp or {}
     eval_name = "test" if "test" in splits else "val"
     train, ev = splits["train"], splits[eval_name]
@@ -360,6 +373,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    _bind_lazy()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else

@@ -1,6 +1,7 @@
 """The pretraining config: one dataclass, and the CLI derived from it (every field is a --flag with
 its help text). ``parse_config`` applies the demo presets, or the settings of the run being resumed,
-then the flags given, and checks every value before anything is built (train_checks.py)."""
+then the flags given, and checks every value before anything is built (train_checks.py). This module
+imports neither torch nor timm, so ``--help`` and a bad flag answer at once."""
 
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from urfm_fast.checkpoint import CONFIG_FILE, RUN_KIND
 from urfm_fast.cli_checks import OneLineParser
-from urfm_fast.config import VIT_PRESETS
-from urfm_fast.teacher import HF_HUB_ID, TEACHER_HELP
+from urfm_fast.config import HF_HUB_ID, TEACHER_HELP, VIT_PRESETS
 from urfm_fast.train_checks import check_train_config, train_warnings
 
 
@@ -171,6 +170,8 @@ def cuda_wanted(device: str) -> bool:
 
 def _saved_train_config(resume: str, out: str | None) -> dict | None:
     """The train config stored by the run being resumed (config.json of the run or the checkpoint)."""
+    from urfm_fast.checkpoint import CONFIG_FILE, RUN_KIND  # imports torch: after parsing, not for --help
+
     places = []
     if resume != "latest":
         p = Path(resume).expanduser()
