@@ -84,3 +84,21 @@ def test_help_starts_without_torch(cli):
     out = _fresh(code)
     assert "usage:" in out and "--help" in out
     assert out.splitlines()[-1] == "RESULT 0 []"
+
+
+def test_console_scripts_are_declared_and_run_with_sys_argv(monkeypatch, capsys):
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"urfm-pretrain", "urfm-prepare", "urfm-evaluate", "urfm-export", "urfm-plot"}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        main = getattr(importlib.import_module(module), attr)
+        assert callable(main), target
+        # a console script calls main() with no arguments: the flags come from sys.argv
+        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 0 and "usage:" in capsys.readouterr().out, name

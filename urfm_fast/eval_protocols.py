@@ -75,15 +75,26 @@ def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(x_u8.float() / 255.0, mean, std)
 
 
+def _bar(total: int, desc: str, unit: str, show: bool):
+    """A tqdm bar on stderr for a loop that can take minutes; ``show`` False: none (quiet, not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True,
+                mininterval=1.0)
+
+
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256) -> torch.Tensor:
+def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256,
+                     show_progress: bool = False) -> torch.Tensor:
     """Pooled features [N, D] (fp32, CPU) of uint8 images, model in eval mode."""
     model.eval().to(device)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
-        with _autocast(device):
-            out.append(model(x).float().cpu())
+    with _bar(len(images), f"[{bb.label}] features", "img", show_progress) as bar:
+        for i in range(0, len(images), batch_size):
+            x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
+            with _autocast(device):
+                out.append(model(x).float().cpu())
+            bar.update(len(x))
     return torch.cat(out)
 
 
@@ -140,7 +151,7 @@ def knn_classify(train_f, train_y, eval_f, num_classes, k=20, temperature=0.07, 
 
 def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes, seed, device, epochs=30,
              batch_size=64, blr=1e-3, layer_decay=0.65, drop_path=0.1, weight_decay=0.05, min_steps=100,
-             label_smoothing=0.1):
+             label_smoothing=0.1, show_progress: bool = False):
     """End-to-end fine-tuning (MAE recipe, scaled down); returns probabilities on eval_images."""
     from timm.optim import create_optimizer_v2
 
@@ -157,6 +168,7 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
     steps = max(epochs * math.ceil(n / bs), min_steps)
     warmup = max(1, steps // 10)
     model.train()
+    bar = _bar(steps, f"[{bb.label}] fine-tune", "step", show_progress)
     for step, idx in enumerate(_batches(n, bs, steps, g)):
         f = lr_at(step, 1.0, 0.0, warmup, steps)
         for group in opt.param_groups:
@@ -173,5 +185,9 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    logits = extract_features(model, eval_images, bb, device)
+        bar.update(1)
+        if show_progress and step % 10 == 0:  # .item() syncs the device: only for a visible bar
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    logits = extract_features(model, eval_images, bb, device, show_progress=show_progress)
     return logits.softmax(-1)
