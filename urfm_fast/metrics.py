@@ -58,8 +58,9 @@ class MetricsLogger:
 
         self.plan, self.d, self.say = plan, d, say
         self.flops_per_image, self.peak = _flops(model_cfg, d.device)
-        self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not d.main, dynamic_ncols=True,
-                        desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
+        # on rank 0 and a terminal only: in a batch job's log file the console lines say the same
+        self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not d.main or not sys.stderr.isatty(),
+                        dynamic_ncols=True, desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
         self.file = open(out / METRICS_FILE, "a") if d.main else None
         self.tb = summary_writer(out, say) if d.main else None  # event files beside metrics.jsonl
         self.loss = torch.zeros((), device=d.device)  # summed over the window's good steps, on the device
