@@ -48,6 +48,12 @@ def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.split()
     assert out[0] == str(target / "urfm_fast" / "kernels" / "gather.py")
     assert out[1] == "None"  # no top-level `kernels` package was installed
+    # the console commands pip writes for the wheel run, with their flags from sys.argv
+    plot = subprocess.run([str(target / "bin" / "urfm-plot"), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
+    assert plot.returncode == 0 and plot.stdout.startswith("usage:"), plot.stderr
+    assert all((target / "bin" / name).is_file() for name in ("urfm-pretrain", "urfm-prepare", "urfm-evaluate",
+                                                              "urfm-export"))
 
 
 def _fresh(code: str) -> str:

@@ -163,3 +163,24 @@ def test_dicom_only_folder_points_to_prepare(tmp_path, capsys):
     empty.mkdir()
     assert pretrain.main([*TINY, "--data", str(empty), "--steps", "4", "--out", str(tmp_path / "run2")]) == 2
     assert "no PNG/JPEG/BMP/TIFF images found" in capsys.readouterr().err
+
+
+def test_evaluate_progress_bars_only_when_asked(capsys):
+    import types
+
+    import torch
+
+    from urfm_fast.eval_protocols import extract_features
+
+    bb = types.SimpleNamespace(label="tiny", mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    quiet = extract_features(model, images, bb, torch.device("cpu"), batch_size=4)
+    assert capsys.readouterr().err == ""
+    shown = extract_features(model, images, bb, torch.device("cpu"), batch_size=4, show_progress=True)
+    err = capsys.readouterr().err
+    assert "[tiny] features" in err and "/10 " in err  # a bar over the 10 images
+    assert torch.equal(quiet, shown)
+    # the CLI: --quiet, or stderr not a terminal (as here, captured), turns them off
+    args = evaluate.build_parser().parse_args(["--backbone", "random", "--data", "synthetic", "--quiet"])
+    assert args.quiet
