@@ -75,7 +75,7 @@ def test_one_checkpoint_error():
     assert issubclass(CheckpointError, ValueError)
 
 
-@pytest.mark.parametrize("cli", ["pretrain", "evaluate", "export", "prepare"])
+@pytest.mark.parametrize("cli", ["pretrain", "evaluate", "export", "prepare", "plot"])
 def test_help_starts_without_torch(cli):
     """``python -m urfm_fast.<cli> --help`` prints its help and exits before torch or timm is imported."""
     code = ("import runpy, sys\n"
