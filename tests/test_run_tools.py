@@ -47,6 +47,8 @@ def test_config_file_then_flags_given_win(tmp_path, fmt):
     ("- 1\n- 2\n", "must hold a mapping"),
     ("steps: [1, 2\n", "not valid YAML"),
     ("lr: -1\n", "--lr -1.0: must be a finite number"),  # the file's values meet the flags' checks
+    ("model: vit_giant\n", "argument --model: invalid choice: 'vit_giant'"),
+    ("steps: 1.5\n", "argument --steps: invalid int value: '1.5'"),
 ])
 def test_bad_config_file_is_one_line(tmp_path, text, needle):
     file = tmp_path / "c.yaml"

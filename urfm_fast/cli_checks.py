@@ -64,6 +64,8 @@ def float_in(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_o
 
 def _path(name: str, value) -> Path:
     """A path that the OS can look up (no NUL byte, not too long, not empty)."""
+    if "\x00" in str(value):  # Path.exists() answers False for it instead of raising
+        raise FlagError(f"{flag(name)} {value!r}: not a usable path (a NUL byte)")
     try:
         p = Path(str(value)).expanduser()
         p.exists()

@@ -185,11 +185,19 @@ def read_config_file(path: str) -> dict:
             nulls[name] = None
         elif typ is bool and isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
-        elif value is None or typ is bool or isinstance(value, (dict, list)):
+        elif value is True and fields[name].metadata.get("nargs") == "?":  # resume: true = bare --resume
+            argv.append(flag)
+        elif value is None or typ is bool or isinstance(value, (bool, dict, list)):
             raise FlagError(f"--config {path}: {key}: {value!r} is not a value of {flag}")
         else:
-            argv += [flag, str(value)]
-    return {**vars(build_parser().parse_args(argv)), **nulls}
+            argv.append(f"{flag}={value}")  # '=': a value may start with '-'
+    parser = build_parser()
+
+    def refuse(message: str):  # argparse's own complaint (a wrong type or choice), naming the file
+        raise FlagError(f"--config {path}: {message}")
+
+    parser.error = refuse
+    return {**vars(parser.parse_args(argv)), **nulls}
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
