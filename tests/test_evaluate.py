@@ -127,6 +127,15 @@ def test_cli_writes_results_table_plot(setup, capsys, one_thread):
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["runs"]) == 2 * 2 * 2 and len(res["summary"]) == 4
+    try:  # the tensorboard extra: the label-efficiency curves as scalars, x = labelled images
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        pass
+    else:
+        acc = EventAccumulator(str(out))
+        acc.Reload()
+        assert {"urfm/linear/accuracy", "urfm/knn/macro_auc"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("urfm/linear/accuracy")] == [12, 48]
     assert {r["n_train"] for r in res["runs"]} == {12, 48}  # ceil(.25 * 16) = 4 per class
     assert (out / "label_efficiency.png").stat().st_size > 1000
     assert "±" in capsys.readouterr().out

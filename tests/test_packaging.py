@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import urfm_fast.kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,12 @@ def test_wheel_contains_kernels_under_urfm_fast_only(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.split()
     assert out[0] == str(target / "urfm_fast" / "kernels" / "gather.py")
     assert out[1] == "None"  # no top-level `kernels` package was installed
+    # the console commands pip writes for the wheel run, with their flags from sys.argv
+    plot = subprocess.run([str(target / "bin" / "urfm-plot"), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
+    assert plot.returncode == 0 and plot.stdout.startswith("usage:"), plot.stderr
+    assert all((target / "bin" / name).is_file() for name in ("urfm-pretrain", "urfm-prepare", "urfm-evaluate",
+                                                              "urfm-export"))
 
 
 def _fresh(code: str) -> str:
@@ -65,3 +73,38 @@ def test_one_checkpoint_error():
 
     assert checkpoint.CheckpointError is checkpoint_io.CheckpointError is CheckpointError
     assert issubclass(CheckpointError, ValueError)
+
+
+@pytest.mark.parametrize("cli", ["pretrain", "evaluate", "export", "prepare", "plot"])
+def test_help_starts_without_torch(cli):
+    """``python -m urfm_fast.<cli> --help`` prints its help and exits before torch or timm is imported."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['urfm_fast.{cli}', '--help']\n"
+            "try:\n"
+            f"    runpy.run_module('urfm_fast.{cli}', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    code = e.code\n"
+            "else:\n"
+            "    code = 'no exit'\n"
+            "print('RESULT', code, sorted({'torch', 'timm'} & set(sys.modules)))\n")
+    out = _fresh(code)
+    assert "usage:" in out and "--help" in out
+    assert out.splitlines()[-1] == "RESULT 0 []"
+
+
+def test_console_scripts_are_declared_and_run_with_sys_argv(monkeypatch, capsys):
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"urfm-pretrain", "urfm-prepare", "urfm-evaluate", "urfm-export", "urfm-plot"}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        main = getattr(importlib.import_module(module), attr)
+        assert callable(main), target
+        # a console script calls main() with no arguments: the flags come from sys.argv
+        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 0 and "usage:" in capsys.readouterr().out, name

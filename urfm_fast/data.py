@@ -115,6 +115,37 @@ def find_images(root):
     return out
 
 
+def _no_images_message(root: str, max_sniffed: int = 1000) -> str:
+    """What to do with a folder without PNG/JPEG/BMP/TIFF: when it holds files that only prepare reads
+    (DICOM, zip archives, video clips, volumes), the prepare command to run first."""
+    import shlex
+
+    from urfm_fast.media import MEDIA_EXTS
+    from urfm_fast.sources import ARCHIVE_EXTS, DICOM_EXTS, is_dicom
+
+    counts = {"DICOM": 0, "zip": 0, "video/volume": 0}
+    sniffed = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            name = f.lower()
+            if name.endswith(DICOM_EXTS):
+                counts["DICOM"] += 1
+            elif name.endswith(ARCHIVE_EXTS):
+                counts["zip"] += 1
+            elif name.endswith(MEDIA_EXTS):
+                counts["video/volume"] += 1
+            elif sniffed < max_sniffed:  # DICOM files often have no suffix: their 'DICM' magic tells
+                sniffed += 1
+                counts["DICOM"] += is_dicom(os.path.join(d, f))
+    found = ", ".join(f"{n} {kind} file{'s' if n > 1 else ''}" for kind, n in counts.items() if n)
+    if not found:
+        return f"no PNG/JPEG/BMP/TIFF images found under {root}"
+    shards = os.path.normpath(root) + "_shards"
+    return (f"{root} holds {found} and no PNG/JPEG/BMP/TIFF images: convert it to a shard folder first with "
+            f"`python -m urfm_fast.prepare {shlex.quote(root)} --out {shlex.quote(shards)}`, then pass "
+            f"--data {shlex.quote(shards)}")
+
+
 class ImageFolderDataset(Dataset):
     """PNG/JPEG/BMP/TIFF (8/16-bit, colour -> grey) under `root`, searched recursively, decoded on the
     fly and resized to `short_side`; item = uint8 [1,H,W].
@@ -130,7 +161,7 @@ class ImageFolderDataset(Dataset):
         self.root, self.short_side = root, short_side
         self.files = find_images(root)
         if not self.files:
-            raise DataError(f"no PNG/JPEG/BMP/TIFF images found under {root}")
+            raise DataError(_no_images_message(root))
         self.bad = {}  # relative path -> reason, in this process
 
     def __len__(self):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast.augment import normalize
+from urfm_fast.augment import normalize, random_resized_crop
 from urfm_fast.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -75,15 +75,26 @@ def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(x_u8.float() / 255.0, mean, std)
 
 
+def _bar(total: int, desc: str, unit: str, show: bool):
+    """A tqdm bar on stderr for a loop that can take minutes; ``show`` False: none (quiet, not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True,
+                mininterval=1.0)
+
+
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256) -> torch.Tensor:
+def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256,
+                     show_progress: bool = False) -> torch.Tensor:
     """Pooled features [N, D] (fp32, CPU) of uint8 images, model in eval mode."""
     model.eval().to(device)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
-        with _autocast(device):
-            out.append(model(x).float().cpu())
+    with _bar(len(images), f"[{bb.label}] features", "img", show_progress) as bar:
+        for i in range(0, len(images), batch_size):
+            x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
+            with _autocast(device):
+                out.append(model(x).float().cpu())
+            bar.update(len(x))
     return torch.cat(out)
 
 
@@ -138,37 +149,16 @@ def knn_classify(train_f, train_y, eval_f, num_classes, k=20, temperature=0.07, 
     return torch.cat(out)
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
-    """Per-sample random-resized crop (aspect 3/4..4/3) + horizontal flip on a float batch, on its device.
-
-    One affine grid_sample for the batch, so it runs on the GPU with the model. No vertical flip: the
-    probe is at the top of an ultrasound image, flipping it makes images that never occur.
-    """
-    B = x.shape[0]
-    u = torch.rand(B, 4, generator=g).to(x.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
-    sw = (area * logr.exp()).sqrt().clamp(max=1.0)  # crop width / image width
-    sh = (area / logr.exp()).sqrt().clamp(max=1.0)
-    cx = (1 - sw) * (2 * u[:, 2] - 1)  # crop centre, normalised coordinates, crop stays inside
-    cy = (1 - sh) * (2 * u[:, 3] - 1)
-    flip = torch.where(torch.rand(B, generator=g).to(x.device) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes, seed, device, epochs=30,
              batch_size=64, blr=1e-3, layer_decay=0.65, drop_path=0.1, weight_decay=0.05, min_steps=100,
-             label_smoothing=0.1):
+             label_smoothing=0.1, show_progress: bool = False):
     """End-to-end fine-tuning (MAE recipe, scaled down); returns probabilities on eval_images."""
     from timm.optim import create_optimizer_v2
 
     model = bb.make(num_classes=num_classes, drop_path_rate=drop_path).to(device)
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # batch order
+    crop_g = torch.Generator(device).manual_seed(seed)  # crops, drawn on the device the batch is on
     n = len(train.labels)
     bs = min(batch_size, n)
     lr = blr * bs / 256
@@ -178,12 +168,15 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
     steps = max(epochs * math.ceil(n / bs), min_steps)
     warmup = max(1, steps // 10)
     model.train()
+    bar = _bar(steps, f"[{bb.label}] fine-tune", "step", show_progress)
     for step, idx in enumerate(_batches(n, bs, steps, g)):
         f = lr_at(step, 1.0, 0.0, warmup, steps)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * f
-        x = train.images[idx].to(device, non_blocking=True).float() / 255.0
-        x = normalize(_augment(x, g), bb.mean, bb.std)
+        # pretraining's crop + flip (torchvision's rule, no vertical flip); scale 0.5-1 keeps a lesion in view
+        x = random_resized_crop(train.images[idx].to(device, non_blocking=True), train.images.shape[-1],
+                                scale=(0.5, 1.0), generator=crop_g)
+        x = normalize(x, bb.mean, bb.std)
         y = train.labels[idx].to(device)
         with _autocast(device):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
@@ -192,5 +185,9 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    logits = extract_features(model, eval_images, bb, device)
+        bar.update(1)
+        if show_progress and step % 10 == 0:  # .item() syncs the device: only for a visible bar
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    logits = extract_features(model, eval_images, bb, device, show_progress=show_progress)
     return logits.softmax(-1)

@@ -43,12 +43,16 @@ Label fractions are class-stratified and nested: for a seed, each class's traini
 a seeded random order once and a fraction takes its first ceil(fraction * n_class) (at least one).
 
 Outputs in ``--out``: ``results.json`` (accuracy, macro-AUC, macro-F1, confusion matrix per backbone,
-protocol, fraction and seed, plus mean/std), the same table printed, and ``label_efficiency.png``.
+protocol, fraction and seed, plus mean/std), the same table printed, ``label_efficiency.png`` and, with
+tensorboard installed, the same curves as TensorBoard scalars (``BACKBONE/PROTOCOL/accuracy`` etc., x =
+labelled training images). Progress bars on stderr while features are extracted and while fine-tuning
+(off with ``--quiet`` or when stderr is not a terminal).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -57,32 +61,40 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
 
-# Data and protocols live in eval_data and eval_protocols; their public names stay importable from here.
-# run() and main() read them as this module's globals, so patching evaluate.<name> reaches them.
-from urfm_fast.eval_data import (  # noqa: F401  (re-exports)
-    SPLITS,
-    Split,
-    _check_classes,
-    load_data,
-    load_imagefolder,
-    load_shards,
-    load_synthetic,
-    read_shard_labels,
-    stratified_subset,
-)
-from urfm_fast.eval_protocols import (  # noqa: F401  (re-exports)
-    classification_metrics,
-    extract_features,
-    finetune,
-    knn_classify,
-    linear_probe,
-)
+# Data and protocols live in eval_data and eval_protocols (both import torch); their public names stay
+# importable from here, bound on first use so --help answers before torch is imported. run() and main()
+# read them as this module's globals (main binds them after parsing and keeps a name already set), so
+# patching evaluate.<name> reaches them.
+_LAZY = {
+    "urfm_fast.eval_data": ("SPLITS", "Split", "_check_classes", "load_data", "load_imagefolder", "load_shards",
+                            "load_synthetic", "read_shard_labels", "stratified_subset"),
+    "urfm_fast.eval_protocols": ("classification_metrics", "extract_features", "finetune", "knn_classify",
+                                 "linear_probe"),
+}
+if TYPE_CHECKING:
+    from urfm_fast.eval_data import Split, load_data, stratified_subset
+    from urfm_fast.eval_protocols import classification_metrics, extract_features, finetune, knn_classify, linear_probe
+
+
+def _bind_lazy() -> None:
+    for module, names in _LAZY.items():
+        m = importlib.import_module(module)
+        for name in names:
+            globals().setdefault(name, getattr(m, name))
+
+
+def __getattr__(name: str):
+    if any(name in names for names in _LAZY.values()):
+        _bind_lazy()
+        return globals()[name]
+    raise AttributeError(f"module 'urfm_fast.evaluate' has no attribute {name!r}")
+
 
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -107,6 +119,7 @@ class Backbone:
 def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None, weights: str = "auto") -> Backbone:
     """``weights`` (auto | ema | live): which weights of a URFM checkpoint (see ``load_checkpoint``)."""
     import timm
+    import torch
 
     from urfm_fast.backbone import load_backbone
     from urfm_fast.checkpoint_io import load_checkpoint
@@ -151,6 +164,9 @@ def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | Non
 def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str], protocols, fractions, seeds,
         device, hp: dict | None = None, progress=print) -> list[dict]:
     """Every backbone x protocol x fraction x seed; returns one record per run."""
+    import torch
+
+    _bind_lazy()
     hp = hp or {}
     eval_name = "test" if "test" in splits else "val"
     train, ev = splits["train"], splits[eval_name]
@@ -161,8 +177,8 @@ def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str],
         if {"linear", "knn"} & set(protocols):
             t0 = time.perf_counter()
             model = bb.make()
-            feats = (extract_features(model, train.images, bb, device, hp.get("batch_size", 256)),
-                     extract_features(model, ev.images, bb, device, hp.get("batch_size", 256)))
+            feats = tuple(extract_features(model, split.images, bb, device, hp.get("batch_size", 256),
+                                           show_progress=hp.get("show_progress", False)) for split in (train, ev))
             del model
             progress(f"[{bb.label}] features {tuple(feats[0].shape)} + {tuple(feats[1].shape)} "
                      f"in {time.perf_counter() - t0:.1f}s")
@@ -180,7 +196,8 @@ def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str],
                     else:
                         probs = finetune(bb, Split(train.images[idx], train.labels[idx]), ev.images, C, seed, device,
                                          epochs=hp.get("ft_epochs", 30), blr=hp.get("ft_blr", 1e-3),
-                                         batch_size=hp.get("ft_batch_size", 64), min_steps=hp.get("ft_min_steps", 100))
+                                         batch_size=hp.get("ft_batch_size", 64), min_steps=hp.get("ft_min_steps", 100),
+                                         show_progress=hp.get("show_progress", False))
                     m = classification_metrics(probs.float().numpy(), ev.labels.numpy(), C)
                     rec = dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed, n_train=len(idx),
                                eval_split=eval_name, n_eval=len(ev.labels),
@@ -249,6 +266,18 @@ def plot(summary: list[dict], path: Path, title: str = "Label efficiency") -> Pa
     return path
 
 
+def write_events(summary: list[dict], out: Path) -> None:
+    """The label-efficiency curves as TensorBoard scalars (x = labelled training images), when installed."""
+    from urfm_fast.tensorboard_writer import add_scalars, summary_writer
+
+    writer = summary_writer(out)
+    if writer is None:
+        return
+    for s in summary:
+        add_scalars(writer, f"{s['backbone']}/{s['protocol']}", s, s["n_train"], ("accuracy", "macro_auc", "macro_f1"))
+    writer.close()
+
+
 def _floats(s):
     return [float(v) for v in s.split(",") if v]
 
@@ -258,38 +287,42 @@ def _ints(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from urfm_fast.cli_checks import OneLineParser
+    from urfm_fast.cli_checks import DefaultsHelpFormatter, OneLineParser
 
     p = OneLineParser(prog="python -m urfm_fast.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                      formatter_class=DefaultsHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backbone", nargs="+", required=True, help="[label=]checkpoint|export|random|timm:NAME")
     p.add_argument("--data", required=True, help="ImageFolder root, shard folder (with --labels), or 'synthetic'")
     p.add_argument("--labels", metavar="CSV", help="labels of a shard folder: CSV path,label,split[,frame] or "
                    "index,label,split (format below)")
     p.add_argument("--protocol", default="linear,knn,finetune", help="comma list of linear, knn, finetune")
-    p.add_argument("--label-fractions", type=_floats, default=[0.01, 0.1, 1.0])
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    p.add_argument("--out", default="runs/evaluate", help="folder for results.json and label_efficiency.png")
+    p.add_argument("--label-fractions", type=_floats, default="0.01,0.1,1.0", metavar="F,F,...",
+                   help="fractions of the labelled training images, each in (0, 1]")
+    p.add_argument("--seeds", type=_ints, default="0,1,2", metavar="S,S,...",
+                   help="seeds of the label subsets and the trained heads")
+    p.add_argument("--out", default="runs/evaluate", help="folder for results.json, label_efficiency.png and, "
+                   "with tensorboard installed, its event files")
     p.add_argument("--force", action="store_true", help="overwrite results already in --out")
     p.add_argument("--weights", default="auto", choices=["auto", "ema", "live"],
                    help="checkpoint weights: auto = the EMA once it has had >= 1/(1-decay) updates, else live")
     p.add_argument("--arch", default="vit_base", help="architecture of --backbone random")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the backbone's)")
-    p.add_argument("--global-pool", default="token", choices=["token", "avg"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--global-pool", default="token", choices=["token", "avg"], help="pooled feature: CLS token "
+                   "or mean of the patch tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch")
-    p.add_argument("--lp-epochs", type=int, default=100)
-    p.add_argument("--lp-lr", type=float, default=0.1)
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--knn-t", type=float, default=0.07)
-    p.add_argument("--ft-epochs", type=int, default=30)
+    p.add_argument("--lp-epochs", type=int, default=100, help="linear-probe epochs")
+    p.add_argument("--lp-lr", type=float, default=0.1, help="linear-probe learning rate (SGD)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN vote")
+    p.add_argument("--knn-t", type=float, default=0.07, help="temperature of the k-NN vote weights")
+    p.add_argument("--ft-epochs", type=int, default=30, help="fine-tuning epochs")
     p.add_argument("--ft-min-steps", type=int, default=100, help="fine-tuning steps at least (tiny fractions)")
-    p.add_argument("--ft-batch-size", type=int, default=64)
-    p.add_argument("--ft-blr", type=float, default=1e-3, help="lr = blr * batch / 256 (MAE)")
-    p.add_argument("--synthetic-train", type=int, default=2000)
-    p.add_argument("--synthetic-val", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--ft-batch-size", type=int, default=64, help="fine-tuning batch")
+    p.add_argument("--ft-blr", type=float, default=1e-3, help="fine-tuning base lr: lr = blr * batch / 256 (MAE)")
+    p.add_argument("--synthetic-train", type=int, default=2000, help="training images of --data synthetic")
+    p.add_argument("--synthetic-val", type=int, default=1000, help="evaluation images of --data synthetic")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     return p
 
 
@@ -360,6 +393,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    _bind_lazy()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -381,7 +417,8 @@ def main(argv=None) -> int:
     print(f"data {a.data}: {len(classes)} classes, " + ", ".join(f"{k} {len(v.labels)}" for k, v in splits.items())
           + f", {size}px; device {device}")
     hp = dict(batch_size=a.batch_size, lp_epochs=a.lp_epochs, lp_lr=a.lp_lr, knn_k=a.knn_k, knn_t=a.knn_t,
-              ft_epochs=a.ft_epochs, ft_blr=a.ft_blr, ft_batch_size=a.ft_batch_size, ft_min_steps=a.ft_min_steps)
+              ft_epochs=a.ft_epochs, ft_blr=a.ft_blr, ft_batch_size=a.ft_batch_size, ft_min_steps=a.ft_min_steps,
+              show_progress=not a.quiet and sys.stderr.isatty())
     records = run(backbones, splits, classes, protocols, a.label_fractions, a.seeds, device, hp)
     summary = summarize(records)
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +426,7 @@ def main(argv=None) -> int:
                   summary=summary, runs=records)
     (out / "results.json").write_text(json.dumps(json_safe(result), indent=1, default=str, allow_nan=False) + "\n")
     print(format_table(summary))
+    write_events(summary, out)
     png = plot(summary, out / "label_efficiency.png")
     print(f"wrote {out / 'results.json'} and {png}")
     return 0

@@ -33,12 +33,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD
-from urfm_fast.checkpoint_io import CheckpointError, LoadedCheckpoint, load_checkpoint
 from urfm_fast.cli_checks import FlagError, OneLineParser, writable_dir
+from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:  # checkpoint_io imports torch: after parsing, so --help answers at once
+    from urfm_fast.checkpoint_io import LoadedCheckpoint
 
 # Our width -> timm's registered patch-16 ViT of that family, so a custom depth keeps its family's
 # name; any other width (and ViT-H, which timm registers only at patch 14) is vit_base_patch16_224.
@@ -88,6 +89,8 @@ def export(checkpoint, out_dir, prefer_ema: bool | None = None, force: bool = Fa
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``."""
     from safetensors.torch import save_file
 
+    from urfm_fast.checkpoint_io import LoadedCheckpoint, load_checkpoint
+
     out = Path(out_dir)
     existing = [f for f in FILES if (out / f).exists()]
     if existing and not force:
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--live", action="store_true", help="same as --weights live")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     a = p.parse_args(argv)
+    from urfm_fast.checkpoint_io import CheckpointError, load_checkpoint  # torch: after parsing
+
     try:
         writable_dir("out", a.out)  # before reading a large checkpoint
         ckpt = load_checkpoint(a.checkpoint, weights="live" if a.live else a.weights)
@@ -133,5 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

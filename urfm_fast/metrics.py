@@ -1,4 +1,5 @@
-"""What a run reports: console lines and the progress bar (rank 0), ``metrics.jsonl``, images/s, MFU.
+"""What a run reports: console lines and the progress bar (rank 0), ``metrics.jsonl``, images/s, MFU,
+and the same scalars as TensorBoard events in the run folder when tensorboard is installed.
 
 Losses are summed on the device over a logging window and reduced across ranks only at log steps,
 so logging costs one collective per ``--log-every`` steps, not one host sync per step.
@@ -18,6 +19,9 @@ from urfm_fast.checkpoint import METRICS_FILE
 from urfm_fast.config import URFMConfig
 from urfm_fast.distributed import Dist, all_mean
 from urfm_fast.run_plan import RunPlan
+from urfm_fast.tensorboard_writer import add_scalars, summary_writer
+
+TB_KEYS = ("loss", "lr", "grad_norm", "images_per_s", "mfu", "peak_mem_gb")  # scalars under train/
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -54,9 +58,11 @@ class MetricsLogger:
 
         self.plan, self.d, self.say = plan, d, say
         self.flops_per_image, self.peak = _flops(model_cfg, d.device)
-        self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not d.main, dynamic_ncols=True,
-                        desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
+        # on rank 0 and a terminal only: in a batch job's log file the console lines say the same
+        self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not d.main or not sys.stderr.isatty(),
+                        dynamic_ncols=True, desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
         self.file = open(out / METRICS_FILE, "a") if d.main else None
+        self.tb = summary_writer(out, say) if d.main else None  # event files beside metrics.jsonl
         self.loss = torch.zeros((), device=d.device)  # summed over the window's good steps, on the device
         self.good, self.steps, self.t0 = 0, 0, time.time()
         self.first_step_time: float | None = None
@@ -91,6 +97,8 @@ class MetricsLogger:
         if self.file:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
+        if self.tb:
+            add_scalars(self.tb, "train", rec, step, TB_KEYS)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
         mfu = f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
         self.say(f"step {step:>7d}/{self.plan.total_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | grad norm "
@@ -102,3 +110,5 @@ class MetricsLogger:
         self.bar.close()
         if self.file:
             self.file.close()
+        if self.tb:
+            self.tb.close()

@@ -22,28 +22,11 @@ in the background while training goes on, renamed into place only when complete)
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-
-from urfm_fast.checkpoint_io import CheckpointError
-from urfm_fast.checkpoint_manager import ema_names, rng_state, set_rng_state  # noqa: F401 (public names)
-from urfm_fast.data import DataError
-from urfm_fast.distributed import (  # noqa: F401 (public names)
-    Dist,
-    all_mean,
-    broadcast_obj,
-    fail_fast,
-    init_distributed,
-    is_collective_failure,
-    report,
-)
-from urfm_fast.faults import parse_faults  # noqa: F401 (public name)
-from urfm_fast.run_plan import RunPlan, apply_process_settings, build_plan, lr_at  # noqa: F401 (public names)
-from urfm_fast.teacher import TeacherUnavailable
 from urfm_fast.train_config import (  # noqa: F401 (public names)
     DEMO_CPU,
     DEMO_GPU,
@@ -55,9 +38,32 @@ from urfm_fast.train_config import (  # noqa: F401 (public names)
     parse_config,
 )
 
+# Public names of the modules that import torch: bound on first use (PEP 562), so ``--help`` and a
+# bad flag answer before torch is imported.
+_EXPORTS = {
+    "urfm_fast.checkpoint_io": ("CheckpointError",),
+    "urfm_fast.checkpoint_manager": ("ema_names", "rng_state", "set_rng_state"),
+    "urfm_fast.data": ("DataError",),
+    "urfm_fast.distributed": ("Dist", "all_mean", "broadcast_obj", "fail_fast", "init_distributed",
+                              "is_collective_failure", "report"),
+    "urfm_fast.faults": ("parse_faults",),
+    "urfm_fast.run_plan": ("RunPlan", "apply_process_settings", "build_plan", "lr_at"),
+    "urfm_fast.teacher": ("TeacherUnavailable",),
+}
+
+def __getattr__(name: str):
+    for module, names in _EXPORTS.items():
+        if name in names:
+            value = getattr(importlib.import_module(module), name)
+            globals()[name] = value
+            return value
+    raise AttributeError(f"module 'urfm_fast.pretrain' has no attribute {name!r}")
+
 
 def train(cfg: TrainConfig, demo: bool) -> int:
     """Build the run from ``cfg`` and train it to the end (or a preemption); -> exit code."""
+    from urfm_fast.distributed import init_distributed
+    from urfm_fast.run_plan import apply_process_settings, build_plan
     from urfm_fast.trainer import Trainer
 
     d = init_distributed(cfg)
@@ -76,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    build_parser().parse_args(argv)  # --help and argparse's own errors end here, before torch is imported
+    import torch
+    import torch.distributed as dist
+
+    from urfm_fast.checkpoint_io import CheckpointError
+    from urfm_fast.data import DataError
+    from urfm_fast.distributed import fail_fast, is_collective_failure, report
+    from urfm_fast.teacher import TeacherUnavailable
+
     # process-wide settings a run changes (--deterministic, TF32 for fp32): restored for the caller
     settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.get_float32_matmul_precision())

