@@ -122,10 +122,12 @@ def test_async_save_trains_while_writing_and_preemption_waits(tmp_path_factory, 
 
 def test_killed_during_async_save_leaves_no_renamed_partial(tmp_path_factory, capsys):
     """The process dies (``os._exit``, as under kill -9) while step 4's checkpoint is still being
-    written: only its temporary folder exists, the run resumes from step 2 and follows the curve."""
+    written (slowed by 60 s, so no machine load lets it finish first): only its temporary folder exists,
+    the run resumes from step 2 and follows the curve."""
     ref = losses(reference_run(tmp_path_factory))
     out = tmp_path_factory.mktemp("killed_async") / "run"
-    r = run([*REF_ARGS, "--save-every", "2", "--out", str(out)], env={"URFM_FAULTS": "slowsave@4,die@5"})
+    r = run([*REF_ARGS, "--save-every", "2", "--out", str(out)],
+            env={"URFM_FAULTS": "slowsave@4,die@5", "URFM_SLOWSAVE_S": "60"})
     assert r.returncode == 1, r.stderr[-3000:]
     assert max(losses(out)) == 5  # step 5 trained while the step-4 write was pending
     root = out / "checkpoints"

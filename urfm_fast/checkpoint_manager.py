@@ -117,7 +117,7 @@ class CheckpointManager:
         finish_pending: when every rank's write is done (checked each step), at the next save, or at
         the end; until then it is only a temporary folder, which a killed run leaves unfinished."""
         self.finish_pending()
-        planner = faults.slow_planner(2.0) if step in self.faults.get("slowsave", ()) else None
+        planner = faults.slow_planner(faults.slow_save_seconds()) if step in self.faults.get("slowsave", ()) else None
         self.state.pending = ckpt.start_save(self.out, step, self.app_state(), self.trainer_state(),
                                              self.run_config, self.plan.train.keep,
                                              asynchronous=background and self.use_async, process_group=self.pg,

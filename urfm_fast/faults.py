@@ -20,7 +20,7 @@ def parse_faults(spec: str) -> dict[str, set[int]]:
     """Test hook ``URFM_FAULTS="nan@3-9,sigterm@5,die@7,slowsave@4"``: inject a NaN loss at steps 3..9,
     a SIGTERM to rank 0 after step 5, the last rank exiting abruptly (``os._exit(1)``, as a segfault
     or the OOM killer would) at the start of step 7, and a checkpoint of step 4 whose background
-    write takes 2 s longer (a slow file system), so the fault paths run exactly as in production.
+    write takes 2 s (``URFM_SLOWSAVE_S``) longer (a slow file system), so the fault paths run exactly as in production.
     ``hang@N``: at step N the process SIGTERMs itself and then never finishes the step (a stuck loader
     or collective): the stop watchdog must end it within ``URFM_STOP_GRACE_S``."""
     faults: dict[str, set[int]] = {}
@@ -29,6 +29,12 @@ def parse_faults(spec: str) -> dict[str, set[int]]:
         lo, _, hi = rng.partition("-")
         faults.setdefault(kind, set()).update(range(int(lo), int(hi or lo) + 1))
     return faults
+
+
+def slow_save_seconds() -> float:
+    """How much longer a ``slowsave`` write takes: 2 s, or ``URFM_SLOWSAVE_S`` for a test that must
+    die before the write ends however slow the machine is."""
+    return float(os.environ.get("URFM_SLOWSAVE_S", "2"))
 
 
 def slow_planner(seconds: float):
