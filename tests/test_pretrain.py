@@ -132,7 +132,8 @@ def test_help_lists_every_flag():
                  "--dist", "--shard", "--compile", "--ac", "--deterministic", "--micro-batch"):
         assert flag in help_text
     # flags with a fixed set of values name them
-    for values in ("vit_base,vit_huge,vit_large,vit_small,vit_tiny", "random,block", "tokens,proj", "fsdp,ddp"):
+    for values in ("vit_base,vit_huge,vit_large,vit_small,vit_tiny", "random,block,attention", "standard,prompting",
+                   "masked,all,all_cls", "tokens,proj", "fsdp,ddp"):
         assert "{" + values + "}" in help_text, values
 
 
