@@ -46,6 +46,10 @@ def build_parser():
     return p
 
 
+def tail_mean(curve: list[float], n: int = 20) -> float:
+    return sum(curve[-n:]) / len(curve[-n:])
+
+
 def pretrain_variants(a, base: URFMConfig, targets, images01: torch.Tensor, ckpt_dir: Path) -> dict:
     torch.manual_seed(a.seed)
     init = URFM(base).state_dict()  # the common starting point
@@ -61,7 +65,7 @@ def pretrain_variants(a, base: URFMConfig, targets, images01: torch.Tensor, ckpt
         torch.save({"model": model.state_dict(), "epoch": 0, "step": len(curve), "args": {"model": "vit_tiny"},
                     "config": cfg.to_dict(), "pretrain_loss": curve}, path)
         out[name] = dict(path=path, curve=curve, seconds=time.perf_counter() - t0)
-        print(f"{name}: {out[name]['seconds']:.0f}s, loss {curve[0]:.3f} -> {sum(curve[-20:]) / 20:.3f}", flush=True)
+        print(f"{name}: {out[name]['seconds']:.0f}s, loss {curve[0]:.3f} -> {tail_mean(curve):.3f}", flush=True)
     return out
 
 
@@ -77,7 +81,7 @@ def evaluate_variants(a, variants: dict, seeds: list[int]) -> list[dict]:
 
 def write_outputs(a, argv, out: Path, variants: dict, summary: list[dict], records: list[dict], minutes: float):
     cmd = "python experiments/milan_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    losses = ", ".join(f"{k} {v['curve'][0]:.3f} -> {sum(v['curve'][-20:]) / 20:.3f}"
+    losses = ", ".join(f"{k} {v['curve'][0]:.3f} -> {tail_mean(v['curve']):.3f}"
                        for k, v in variants.items() if v["curve"])
     (out / "milan_ablation.md").write_text(
         f"# MILAN's ingredients, ablated (teacher: {a.teacher})\n\n"
