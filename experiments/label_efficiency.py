@@ -45,10 +45,12 @@ import torch.nn.functional as F
 
 from urfm_fast import URFM, URFMConfig, synthetic
 from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.config import RECIPE_CHOICES
 from urfm_fast.evaluate import Backbone, Split, format_table, plot, resolve_backbone, run, summarize
-from urfm_fast.masking import split_ids
+from urfm_fast.masking import attention_masking, split_ids
 from urfm_fast.teacher import (
     EFFICIENTNET_LITE0,
+    Targets,
     TeacherUnavailable,
     load_teacher,
     timm_teacher,
@@ -83,9 +85,24 @@ def random_teacher_like(spec: str, grid: int, input_size: int | None):
 
 
 @torch.no_grad()
-def teacher_targets(teacher, images01: torch.Tensor, grid: int, batch: int = 64) -> torch.Tensor:
-    """[N, 3, S, S] in [0, 1] -> [N, grid*grid, D]: computed once per image (no augmentation)."""
-    return torch.cat([teacher(images01[i : i + batch], grid) for i in range(0, len(images01), batch)])
+def teacher_targets(teacher, images01: torch.Tensor, grid: int, batch: int = 64, cls: bool = False,
+                    saliency: bool = False):
+    """[N, 3, S, S] in [0, 1] -> [N, grid*grid, D]: computed once per image (no augmentation). With ``cls`` or
+    ``saliency`` (MILAN's loss on CLS, attention masking): ``Targets`` of the whole set, from the same passes."""
+    parts = [teacher(images01[i : i + batch], grid, cls=cls, saliency=saliency)
+             for i in range(0, len(images01), batch)]
+    if not (cls or saliency):
+        return torch.cat(parts)
+    return Targets(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
+
+
+def standardise(tg):
+    """Each target channel to mean 0, std 1 over the pretraining set (the CLS row with the patches' statistics)."""
+    tokens = tg.tokens if isinstance(tg, Targets) else tg
+    mean, std = tokens.mean((0, 1)), tokens.std((0, 1)) + 1e-6
+    if not isinstance(tg, Targets):
+        return (tg - mean) / std
+    return tg._replace(tokens=(tokens - mean) / std, cls=None if tg.cls is None else (tg.cls - mean) / std)
 
 
 class PooledTeacher(nn.Module):
@@ -131,15 +148,18 @@ def build_student(cfg: URFMConfig, init: dict) -> URFM:
     return model
 
 
-def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets: torch.Tensor | None, a) -> list[float]:
+def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a) -> list[float]:
+    """``targets``: the patch targets [N, n, D], or ``Targets`` (with the CLS and saliency MILAN's switches use)."""
     cfg = model.cfg
+    tokens, cls_t, keep = targets if isinstance(targets, Targets) else (targets, None, None)
     opt = torch.optim.AdamW(model.param_groups(0.05), lr=a.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(a.seed)  # the same batches and masks in every arm
     n, losses, warmup = len(images01), [], max(1, a.steps // 10)
     model.train()
     for step in range(a.steps):
         idx = torch.randint(0, n, (a.batch,), generator=g)
-        ids_shuffle = torch.rand(a.batch, cfg.num_patches, generator=g).argsort(1)
+        noise = torch.rand(a.batch, cfg.num_patches, generator=g)  # the same draws whatever the masking
+        ids_shuffle = attention_masking(keep[idx], noise=noise) if cfg.mask_type == "attention" else noise.argsort(1)
         cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, a.steps - warmup)))
         f = (step + 1) / warmup if step < warmup else cosine
         for group in opt.param_groups:
@@ -148,7 +168,7 @@ def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets: torch.Tenso
         if arm == "pixel":
             loss = pixel_mae_loss(model, imgs, pixel_targets(imgs, cfg.patch_size), ids_shuffle)
         else:
-            loss = model(imgs, targets[idx], ids_shuffle)[0]
+            loss = model(imgs, tokens[idx], ids_shuffle, None if cls_t is None else cls_t[idx])[0]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{arm}: loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -161,15 +181,16 @@ def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets: torch.Tenso
 
 
 @torch.no_grad()
-def held_out_loss(model: URFM, images01: torch.Tensor, targets: torch.Tensor, seed: int = 123) -> float:
-    """Mean URFM loss on images never trained on, with fixed masks (the same for every model)."""
+def held_out_loss(model: URFM, images01: torch.Tensor, targets, seed: int = 123) -> float:
+    """Mean URFM loss on images never trained on, with fixed random masks (the same for every model)."""
     model.eval()
+    targets, cls_t, _ = targets if isinstance(targets, Targets) else (targets, None, None)
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for i in range(0, len(images01), 64):
         x = normalize(images01[i : i + 64], IMAGENET_MEAN, IMAGENET_STD)
         ids = torch.rand(len(x), model.cfg.num_patches, generator=g).argsort(1)
-        total += model(x, targets[i : i + 64], ids)[0].item() * len(x)
+        total += model(x, targets[i : i + 64], ids, None if cls_t is None else cls_t[i : i + 64])[0].item() * len(x)
         n += len(x)
     return total / max(n, 1)
 
@@ -245,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-std", action="store_true",
                    help="standardise each target channel over the pretraining set (removes the component all "
                         "images share, which dominates a cosine loss on non-negative CNN features)")
-    p.add_argument("--loss-on", default="masked", choices=["masked", "all"])
+    p.add_argument("--loss-on", default="masked", choices=list(RECIPE_CHOICES["loss_on"]),
+                   help="all_cls: every patch and the CLS token, against the teacher's CLS (MILAN)")
+    p.add_argument("--mask-type", default="random", choices=["random", "attention"],
+                   help="attention: visible patches sampled by the teacher's saliency (MILAN)")
+    p.add_argument("--decoder", default="standard", choices=list(RECIPE_CHOICES["decoder"]),
+                   help="prompting: only the mask tokens pass through the decoder (MILAN)")
     p.add_argument("--pretrain-images", type=int, default=1024)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=32)
@@ -285,7 +311,8 @@ def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ck
                     pretrain_images=a.pretrain_images, lr=a.lr, seed=a.seed)
         if a.reuse:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["args"].get("steps") != a.steps or saved["config"] != arm_cfg.to_dict():
+            same_cfg = URFMConfig.from_dict(saved["config"]).to_dict() == arm_cfg.to_dict()  # defaults filled in
+            if saved["args"].get("steps") != a.steps or not same_cfg:
                 raise SystemExit(f"error: --reuse: {path} was pretrained with other settings")
             model.load_state_dict(saved["model"])
             out[arm] = dict(path=path, curve=saved.get("pretrain_loss", []), seconds=0.0, model=model)
@@ -312,7 +339,7 @@ def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth:
         for name, imgs in (("synthetic", held_synth), ("real", real)):
             if not len(imgs):
                 continue
-            tg = teacher_targets(t, imgs, cfg.grid_size)
+            tg = teacher_targets(t, imgs, cfg.grid_size, cls=cfg.loss_on == "all_cls")
             res[f"{arm}/{name}"] = dict(trained=held_out_loss(arms[arm]["model"], imgs, tg),
                                         init=held_out_loss(start, imgs, tg))
     return res
@@ -369,7 +396,8 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         f"Pretraining: {a.pretrain_images} synthetic images (no augmentation; teacher targets cached), "
         f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, mask {a.mask_ratio}, ViT-Ti width 192 x {a.depth} blocks, "
         f"{a.img_size}px, patch {a.patch} ({cfg.num_patches} tokens), decoder {a.decoder_dim}d{a.decoder_depth}b, "
-        f"target norm {a.target_norm}, loss on {a.loss_on}. Teacher input {teacher.input_size}px, "
+        f"target norm {a.target_norm}, loss on {a.loss_on}, masking {a.mask_type}, decoder {a.decoder}. "
+        f"Teacher input {teacher.input_size}px, "
         f"{teacher.out_dim}-d map resampled to {cfg.grid_size}x{cfg.grid_size}. "
         f"Loss (first step -> mean of the last 50): {curve}.\n\n"
         f"Evaluation on the `{a.eval_split}` split: {a.eval_train} labelled train / {a.eval_n} images, "
@@ -394,18 +422,31 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
     print(f"wrote {out}/label_efficiency.{{md,png,json}} in {minutes:.1f} min")
 
 
+def student_config(a) -> URFMConfig:
+    """The ViT-Ti student and its recipe, from the flags."""
+    return URFMConfig.preset("vit_tiny", img_size=a.img_size, patch_size=a.patch, depth=a.depth,
+                             decoder_embed_dim=a.decoder_dim, decoder_depth=a.decoder_depth, decoder_num_heads=4,
+                             mask_ratio=a.mask_ratio, target_norm=a.target_norm, loss_on=a.loss_on,
+                             mask_type=a.mask_type, decoder=a.decoder)
+
+
+def pretrained_teacher(a, grid: int):
+    """``--teacher`` for a student grid of ``grid`` patches per side; None (said on stderr) if it cannot load."""
+    try:
+        return load_teacher(a.teacher, grid=grid, input_size=a.teacher_size or None)
+    except (TeacherUnavailable, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     out, ckpt_dir = Path(a.out), Path(a.ckpt_dir)
     t_start = time.perf_counter()
-    cfg = URFMConfig.preset("vit_tiny", img_size=a.img_size, patch_size=a.patch, depth=a.depth,
-                            decoder_embed_dim=a.decoder_dim, decoder_depth=a.decoder_depth, decoder_num_heads=4,
-                            mask_ratio=a.mask_ratio, target_norm=a.target_norm, loss_on=a.loss_on)
-    try:
-        teacher = load_teacher(a.teacher, grid=cfg.grid_size, input_size=a.teacher_size or None)
-    except (TeacherUnavailable, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = student_config(a)
+    teacher = pretrained_teacher(a, cfg.grid_size)
+    if teacher is None:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -416,9 +457,10 @@ def main(argv=None) -> int:
     images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
     if not a.reuse:
         for arm in (x for x in URFM_ARMS if x in a.arms.split(",")):
-            tg = teacher_targets(teachers[arm], images01, cfg.grid_size)  # (N, n, D)
+            tg = teacher_targets(teachers[arm], images01, cfg.grid_size, cls=cfg.loss_on == "all_cls",
+                                 saliency=cfg.mask_type == "attention")  # (N, n, D) or Targets
             if a.target_std:
-                tg = (tg - tg.mean((0, 1))) / (tg.std((0, 1)) + 1e-6)
+                tg = standardise(tg)
             teachers[f"{arm}_targets"] = tg
         print(f"{len(images01)} pretraining images, teacher targets in {time.perf_counter() - t0:.0f}s", flush=True)
 

@@ -10,10 +10,11 @@ saves the per-row log-sum-exp; backward recomputes the probabilities from it in 
 one owning key tiles (dK, dV) and one owning query tiles (dQ), so nothing needs atomics and the
 result is deterministic. All accumulation is fp32.
 
-Limits: self-attention only (q, k, v of one shape); head size Dh <= 128 (32/64/128 are the
-fast cases; others are padded to the next power of two); fp16, bf16 or fp32 inputs with a unit
-stride along Dh (other strides free, so q/k/v views of a packed qkv tensor need no copy; an
-input without it is copied). Outputs and gradients come back in the input dtype, contiguous.
+Limits: self-attention only (q, k, v of one shape; ``urfm_fast.ops.attention`` sends queries and
+keys of different lengths, the prompting decoder's, to ``F.scaled_dot_product_attention``); head
+size Dh <= 128 (32/64/128 are the fast cases; others are padded to the next power of two); fp16,
+bf16 or fp32 inputs with a unit stride along Dh (other strides free, so q/k/v views of a packed
+qkv tensor need no copy; an input without it is copied). Outputs and gradients come back in the input dtype, contiguous.
 fp32 inputs use full-precision (ieee, not tf32) dots, exact, under the interpreter only: on a GPU
 those tiles spill registers and overflow shared memory, so the launcher refuses fp32 CUDA tensors
 and ``urfm_fast.ops.attention`` sends fp32 to ``F.scaled_dot_product_attention``.

@@ -223,3 +223,21 @@ def test_timm_registration(official):
     with pytest.raises(RuntimeError, match="no hosted weights"):
         timm.create_model("urfm_vit_base_patch16_224", pretrained=True)
     assert timm.create_model("urfm_vit_small_patch16_224", img_size=32).embed_dim == 384
+
+
+def test_recipe_switches_load_strictly(tmp_path, official):
+    """mask_type / decoder / loss_on come back from a checkpoint's args; an unknown value is refused in one
+    line; the official layout (no such args) loads with MAE's defaults."""
+    c = load_checkpoint(official[0]).config
+    assert (c.mask_type, c.decoder, c.loss_on) == ("random", "standard", "masked")
+    m = URFM(URFMConfig.preset("vit_tiny", img_size=32, depth=1, decoder_embed_dim=64, decoder_depth=1,
+                               decoder_num_heads=4, decoder="prompting"))
+    milan = dict(model="vit_tiny", mask_type="attention", decoder="prompting", loss_on="all_cls")
+    torch.save({"model": m.state_dict(), "args": milan}, tmp_path / "milan.pth")
+    c = load_checkpoint(tmp_path / "milan.pth").config
+    assert (c.mask_type, c.decoder, c.loss_on) == ("attention", "prompting", "all_cls")
+    for field, value in (("decoder", "cross"), ("mask_type", "grid"), ("loss_on", "cls")):
+        torch.save({"model": m.state_dict(), "args": {**milan, field: value}}, tmp_path / "bad.pth")
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / "bad.pth")
+        assert "\n" not in str(e.value) and field in str(e.value) and value in str(e.value)

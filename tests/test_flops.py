@@ -75,19 +75,21 @@ def _tiny_cfg(**kw) -> URFMConfig:
     return URFMConfig.preset("vit_tiny", **fields)
 
 
-@pytest.mark.parametrize("loss_on", ["masked", "all"])
-def test_student_forward_and_backward_are_exact(math_attention, loss_on):
-    cfg = _tiny_cfg(loss_on=loss_on)
+@pytest.mark.parametrize("loss_on, decoder", [("masked", "standard"), ("all", "standard"),
+                                              ("masked", "prompting"), ("all_cls", "prompting")])
+def test_student_forward_and_backward_are_exact(math_attention, loss_on, decoder):
+    cfg = _tiny_cfg(loss_on=loss_on, decoder=decoder)
     torch.manual_seed(0)
     model = URFM(cfg)
     B = 2
     imgs = torch.randn(B, 3, cfg.img_size, cfg.img_size)
     target = torch.randn(B, cfg.num_patches, cfg.target_dim)
+    cls_target = torch.randn(B, cfg.target_dim) if loss_on == "all_cls" else None
     expected_fwd = B * sum(student_forward_flops(cfg).values())
-    assert _count(lambda: model(imgs, target)) == expected_fwd
+    assert _count(lambda: model(imgs, target, cls_target=cls_target)) == expected_fwd
 
     def step():
-        loss, _, _ = model(imgs, target)
+        loss, _, _ = model(imgs, target, cls_target=cls_target)
         loss.backward()
 
     # Backward = 2x forward, except that the images need no gradient: the patch embedding's

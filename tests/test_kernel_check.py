@@ -30,6 +30,8 @@ def test_shapes_of_a_run_cover_encoder_decoder_and_teacher_attention():
     assert (shapes.N, shapes.K, shapes.D) == (196, 49, 768)
     assert shapes.attention == ((50, 12, 64), (197, 16, 48), (197, 12, 64))
     assert (shapes.B, shapes.micro_batch) == (4, 256)  # correctness at 4, attention speed at the run's batch
+    # the prompting decoder's cross-attention runs on SDPA: no decoder shape to check or time
+    assert Shapes.of_run(URFMConfig(decoder="prompting")).attention == ((50, 12, 64), (197, 12, 64))
 
 
 def test_a_wrong_kernel_falls_back_to_torch(kernel_device, kernel_dtype, monkeypatch, caplog):

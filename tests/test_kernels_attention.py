@@ -87,6 +87,25 @@ def test_attention_on_packed_qkv_views(kernel_device):
     torch.testing.assert_close(ops.attention(q, k, v), A.attention_math_ref(q, k, v), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("B,H,Lq,Lk,Dh", [(2, 2, 7, 19, 32), (1, 3, 147, 197, 64), (1, 1, 1, 50, 16),
+                                          (2, 1, 33, 5, 80)])
+def test_cross_attention_runs_on_sdpa_and_matches(B, H, Lq, Lk, Dh, monkeypatch, kernel_device, kernel_dtype,
+                                                  close_to_fp32):
+    """Lq != Lk (the prompting decoder) leaves the Triton kernel for SDPA even with URFM_KERNELS=triton;
+    forward and gradients within the same tolerance rule as the kernel (on a GPU: bf16 SDPA)."""
+    monkeypatch.setattr(A, "attention", lambda *a: pytest.fail("the self-attention kernel got Lq != Lk"))
+    torch.manual_seed(0)
+    q = torch.randn(B, H, Lq, Dh, device=kernel_device, dtype=kernel_dtype)
+    k, v = (torch.randn(B, H, Lk, Dh, device=kernel_device, dtype=kernel_dtype) for _ in range(2))
+    g = torch.randn_like(q)
+    got = _run(ops.attention, q, k, v, g)
+    same = _run(lambda *a: A.attention_math_ref(*a, upcast=False), q, k, v, g)
+    ref32 = _run(lambda *a: A.attention_math_ref(*a, upcast=True), q.float(), k.float(), v.float(), g.float())
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, same, ref32, strict=True):
+        assert a.dtype == kernel_dtype and a.shape == b.shape, name
+        close_to_fp32(a, b, c, ATOL[kernel_dtype] * max(1.0, c.abs().max().item()), name)
+
+
 def test_attention_launcher_errors(kernel_device):
     q = torch.randn(1, 1, 4, 32, device=kernel_device)
     with pytest.raises(ValueError, match="one shape"):

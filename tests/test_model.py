@@ -149,7 +149,8 @@ def test_param_groups_exclude_norms_biases_and_tokens():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("bad", [dict(img_size=30), dict(mask_ratio=1.0), dict(mask_type="grid"), dict(loss_on="x")])
+@pytest.mark.parametrize("bad", [dict(img_size=30), dict(mask_ratio=1.0), dict(mask_type="grid"), dict(loss_on="x"),
+                                 dict(decoder="cross")])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         tiny_cfg(**bad)
@@ -165,3 +166,86 @@ def test_split_ids_roundtrip():
     keep, masked, restore = split_ids(ids, 3)
     assert torch.equal(torch.gather(ids, 1, restore), torch.arange(10).expand(4, 10))
     assert keep.shape == (4, 3) and masked.shape == (4, 7)
+
+
+def test_prompting_decoder_updates_only_the_mask_tokens():
+    """MILAN's prompting decoder: CLS and visible rows leave the blocks as they entered (only decoder_norm
+    applies), the mask rows are updated; same parameter names as the standard decoder."""
+    cfg = tiny_cfg(decoder="prompting")
+    torch.manual_seed(0)
+    model = URFM(cfg)
+    assert shapes(model.state_dict()) == shapes(URFM(tiny_cfg()).state_dict())
+    B, K = 3, cfg.num_visible
+    ids = model.sample_ids(B)
+    ids_keep, ids_mask, ids_restore = split_ids(ids, K)
+    latent = model.forward_encoder(torch.randn(B, 3, 32, 32), ids_keep)
+    out = model.forward_decoder(latent, ids_restore, ids)  # (B, 1+N, Dd)
+    x = model.decoder_embed(latent)  # (B, 1+K, Dd)
+    pos = model.decoder_pos_embed[0]
+    entered = torch.cat([x[:, :1] + pos[0], x[:, 1:] + pos[1:][ids_keep]], dim=1)  # CLS + visible, with pos
+    left = torch.cat([out[:, :1], torch.gather(out[:, 1:], 1, ids_keep[..., None].expand(-1, -1, out.shape[-1]))], 1)
+    torch.testing.assert_close(left, model.decoder_norm(entered))
+    masked_in = model.decoder_norm(model.mask_token + pos[1:][ids_mask])
+    masked_out = torch.gather(out[:, 1:], 1, ids_mask[..., None].expand(-1, -1, out.shape[-1]))
+    assert (masked_out - masked_in).abs().amax(-1).min() > 1e-3  # every mask row was updated
+    # without ids_shuffle the decoder derives it from ids_restore
+    torch.testing.assert_close(model.forward_decoder(latent, ids_restore), out)
+
+
+def test_prompting_decoder_attention_over_all_tokens():
+    """One prompting block against the explicit math: queries = mask tokens, keys/values = CLS, visible, masks."""
+    from urfm_fast.vit import Block
+
+    torch.manual_seed(0)
+    blk, heads = Block(32, 4), 4
+    prompts, queries = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    got = blk(queries, prompts=prompts)
+    h = blk.norm1(torch.cat([prompts, queries], 1))
+    q, k, v = blk.attn.qkv(h).reshape(2, 12, 3, heads, 8).permute(2, 0, 3, 1, 4)
+    att = ((q[:, :, 5:] @ k.transpose(-2, -1)) / 8**0.5).softmax(-1) @ v  # (2, 4, 7, 8)
+    y = queries + blk.attn.proj(att.transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(got, y + blk.mlp(blk.norm2(y)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["standard", "prompting"])
+def test_loss_on_all_cls_includes_the_cls_row(decoder):
+    cfg = tiny_cfg(loss_on="all_cls", decoder=decoder)
+    torch.manual_seed(0)
+    model = URFM(cfg)
+    B, N, T = 2, cfg.num_patches, cfg.target_dim
+    imgs, target, cls_target = torch.randn(B, 3, 32, 32), torch.randn(B, N, T), torch.randn(B, T)
+    ids = model.sample_ids(B)
+    loss, pred, _ = model(imgs, target, ids, cls_target)
+    assert pred.shape == (B, 1 + N, T)
+    pred.retain_grad()
+    loss.backward()
+    assert pred.grad[:, 0].abs().sum() > 0  # the CLS row is in the loss
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    cos = torch.nn.functional.cosine_similarity
+    want = (1 - cos(pred.detach(), torch.cat([cls_target[:, None], target], 1), dim=-1)).mean()
+    torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-5)
+    model.cfg.loss_on = "all"  # the same weights on patches only: the CLS term is what differs
+    loss_all, _, _ = model(imgs, target, ids)
+    cls_term = (1 - cos(pred.detach()[:, 0], cls_target, dim=-1)).mean()
+    torch.testing.assert_close(loss.detach(), (N * loss_all.detach() + cls_term) / (N + 1), atol=1e-5, rtol=1e-5)
+    model.cfg.loss_on = "all_cls"
+    with pytest.raises(ValueError, match="cls_target"):
+        model(imgs, target, ids)
+
+
+def test_milan_recipe_trains_with_attention_masks():
+    cfg = tiny_cfg(mask_type="attention", decoder="prompting", loss_on="all_cls")
+    torch.manual_seed(0)
+    model = URFM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    imgs, target, cls_target = torch.randn(4, 3, 32, 32), torch.randn(4, 4, 48), torch.randn(4, 48)
+    keep_prob = torch.tensor([0.7, 0.1, 0.1, 0.1]).expand(4, -1)
+    losses = []
+    for _ in range(15):
+        ids = model.sample_ids(4, keep_prob=keep_prob)
+        loss, _, _ = model(imgs, target, ids, cls_target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

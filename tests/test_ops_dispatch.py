@@ -123,3 +123,22 @@ def test_first_op_call_inside_compile_does_not_break_the_graph(monkeypatch):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(Block(32, 2))(torch.randn(2, 5, 32))
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("B,H,Lq,Lk,Dh", [(2, 3, 5, 17, 16), (1, 2, 147, 197, 32), (3, 1, 13, 4, 8)])
+def test_cross_attention_cpu_fallback_forward_and_backward(backend, B, H, Lq, Lk, Dh):
+    """Queries and keys of different lengths (the prompting decoder) on CPU, against the fp64 math."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, Dh, requires_grad=True) for n in (Lq, Lk, Lk))
+    g = torch.randn(B, H, Lq, Dh)
+    with ops.use_backend(backend):
+        out = ops.attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = A.attention_math_ref(q64, k64, v64, upcast=False)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    assert out.shape == (B, H, Lq, Dh)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=f"d{name}")

@@ -132,7 +132,8 @@ def test_help_lists_every_flag():
                  "--dist", "--shard", "--compile", "--ac", "--deterministic", "--micro-batch"):
         assert flag in help_text
     # flags with a fixed set of values name them
-    for values in ("vit_base,vit_huge,vit_large,vit_small,vit_tiny", "random,block", "tokens,proj", "fsdp,ddp"):
+    for values in ("vit_base,vit_huge,vit_large,vit_small,vit_tiny", "random,block,attention", "standard,prompting",
+                   "masked,all,all_cls", "tokens,proj", "fsdp,ddp"):
         assert "{" + values + "}" in help_text, values
 
 
@@ -397,3 +398,26 @@ def test_run_plan_resolves_the_derived_values_once():
     assert saved["train"] == dataclasses.asdict(cfg) and saved["accumulation"] == 4 and saved["total_steps"] == 10
     with pytest.raises(pretrain.DataError, match="fewer than one global batch"):
         plan.with_data(batches_per_epoch=3, num_images=6)
+
+
+def test_milan_recipe_runs_and_is_saved_then_checked_on_resume(tmp_path, capsys):
+    """--mask-type attention --decoder prompting --loss-on all_cls trains (deterministic masks: the noise
+    path), lands in config.json and the .pth args, reloads; a config.json edited to an unknown value is refused."""
+    from urfm_fast.checkpoint_io import load_checkpoint
+
+    out = tmp_path / "run"
+    milan = ["--mask-type", "attention", "--decoder", "prompting", "--loss-on", "all_cls"]
+    assert pretrain.main([*TINY, *SYNTH, *milan, "--deterministic", "--batch-size", "4", "--steps", "2",
+                          "--log-every", "1", "--out", str(out)]) == 0
+    assert all(np.isfinite(m["loss"]) for m in metrics(out))
+    run_cfg = json.loads((out / "config.json").read_text())
+    for where in (run_cfg["train"], run_cfg["model"]):
+        assert (where["mask_type"], where["decoder"], where["loss_on"]) == ("attention", "prompting", "all_cls")
+    c = load_checkpoint(out / "checkpoint-00000002.pth").config
+    assert (c.mask_type, c.decoder, c.loss_on) == ("attention", "prompting", "all_cls")
+    run_cfg["train"]["decoder"] = "cross"
+    (out / "config.json").write_text(json.dumps(run_cfg))
+    capsys.readouterr()
+    assert pretrain.main(["--resume", "--out", str(out), "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--decoder cross" in err and len(err.splitlines()) == 1, err

@@ -233,22 +233,30 @@ def test_timm_teacher_from_a_local_file(tmp_path, name, dim):
         load_teacher(f"timm:{name}={tmp_path / 'nothing.pth'}")
 
 
-def test_open_clip_tower_from_a_local_file(tmp_path):
-    """An open_clip model (a tiny registered config) from its weights file: the tower's own final patch
-    tokens as a map, its image size and normalisation; a file of another model does not load."""
+def _tiny_open_clip(tmp_path, name):
+    """A tiny open_clip model registered as ``name``, its weights saved to tmp_path / 'w.bin'."""
     import json
 
     import open_clip
 
-    from urfm_fast.teacher import load_teacher
-
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "urfm-test-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "urfm-test-tiny-clip.json")
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
     torch.manual_seed(0)
-    ref = open_clip.create_model("urfm-test-tiny-clip").eval()
+    ref = open_clip.create_model(name).eval()
     torch.save(ref.state_dict(), tmp_path / "w.bin")
+    return ref
+
+
+def test_open_clip_tower_from_a_local_file(tmp_path):
+    """An open_clip model (a tiny registered config) from its weights file: the tower's own final patch
+    tokens as a map, its image size and normalisation; a file of another model does not load."""
+
+
+    from urfm_fast.teacher import load_teacher
+
+    ref = _tiny_open_clip(tmp_path, "urfm-test-tiny-clip")
     t = load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'w.bin'}", grid=1)
     assert t.out_dim == 64 and t.input_size == 32
     torch.testing.assert_close(t.mean.flatten(), torch.tensor(OPENAI_DATASET_MEAN))
@@ -262,3 +270,125 @@ def test_open_clip_tower_from_a_local_file(tmp_path):
     torch.save(bad, tmp_path / "bad.bin")
     with pytest.raises(TeacherUnavailable):
         load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'bad.bin'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# MILAN: the teacher's CLS and keep-probabilities, from the same forward
+
+
+def _attending_teacher(monkeypatch, chosen, side=4):
+    """A BiomedCLIP teacher (shrunk to width 64, 2 blocks) whose last-block CLS query attends only to the
+    patches in ``chosen``: the first block is the identity, patch pixels are ignored (zero patch embedding),
+    the position embedding marks chosen patches on channel 0, and the last block's CLS query reads channel 0."""
+    import urfm_fast.teacher as T
+    from urfm_fast.vit import ViTEncoder
+
+    monkeypatch.setattr(T, "ViTEncoder", lambda img_size, embed_dim, depth, num_heads: ViTEncoder(16 * side, 16, 3,
+                                                                                                 64, 2, 2))
+    t = BiomedCLIPTeacher()
+    tr, D, Dh = t.trunk, 64, 32
+    with torch.no_grad():
+        for p in [tr.patch_embed.proj.weight, tr.patch_embed.proj.bias, tr.pos_embed, tr.cls_token]:
+            p.zero_()
+        first = tr.blocks[0]
+        for p in [first.attn.proj.weight, first.attn.proj.bias, first.mlp.fc2.weight, first.mlp.fc2.bias]:
+            p.zero_()  # residual branches add nothing
+        for i in range(side * side):
+            c = 0 if i in chosen else 2
+            tr.pos_embed[0, 1 + i, c], tr.pos_embed[0, 1 + i, c + 1] = 1.0, -1.0
+        tr.cls_token[0, 0, 4], tr.cls_token[0, 0, 5] = 1.0, -1.0
+        qkv = tr.blocks[1].attn.qkv
+        qkv.weight.zero_()
+        qkv.bias.zero_()
+        for h in range(2):
+            qkv.bias[h * Dh] = 20.0  # the same query everywhere, on channel 0 of each head
+            qkv.weight[D + h * Dh, 0] = 1.0  # keys: channel 0 of the normalised token (about 5.7 on chosen)
+    return t.freeze()
+
+
+def test_constructed_attention_drives_the_masking(monkeypatch):
+    from urfm_fast import URFM, URFMConfig
+
+    chosen = {1, 6, 11}
+    t = _attending_teacher(monkeypatch, chosen)
+    calls = []
+    t.trunk.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(2, 3, 64, 64)
+    out = t(x, cls=True, saliency=True)
+    assert len(calls) == 1  # one teacher pass gives targets, CLS and attention
+    assert torch.equal(out.tokens, t(x)) and not out.tokens.is_inference() and not out.saliency.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(out.cls, t.trunk.forward_features((x - t.mean) / t.std)[:, 0])
+    want = torch.zeros(16)
+    want[list(chosen)] = 1 / 3
+    torch.testing.assert_close(out.saliency, want.expand(2, -1), atol=1e-6, rtol=0)
+    # resampled to a coarser student grid (2 x 2): the mass moves to the cells holding the chosen patches
+    torch.testing.assert_close(t(x, grid=2, saliency=True).saliency, torch.tensor([[1, 1, 0, 1.0]]).expand(2, -1) / 3)
+
+    cfg = URFMConfig.preset("vit_tiny", img_size=64, depth=1, decoder_depth=1, decoder_embed_dim=32,
+                            decoder_num_heads=2, mask_type="attention")  # 4 of 16 patches visible
+    ids = URFM(cfg).sample_ids(400, keep_prob=out.saliency[:1].expand(400, -1),
+                               generator=torch.Generator().manual_seed(0))
+    kept = torch.zeros(16).index_add_(0, ids[:, : cfg.num_visible].flatten(), torch.ones(400 * 4)) / 400
+    others = [i for i in range(16) if i not in chosen]
+    assert kept[list(chosen)].min() > 0.95 and kept[others].max() < 0.25, kept  # random masking: 0.25 each
+    assert kept[others].sum() == pytest.approx(1.0)  # the fourth visible patch: one of the others each time
+
+
+def test_timm_vit_teacher_cls_and_attention_match_timm(tmp_path):
+    import timm
+
+    from urfm_fast.teacher import timm_teacher
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    t = timm_teacher("vit_tiny_patch16_224", None, grid=2, input_size=64, model=model)
+    x = torch.rand(2, 3, 64, 64)
+    out = t(x, cls=True, saliency=True)
+    assert out.tokens.shape == (2, 4, 192) and torch.equal(out.tokens, t(x))
+    last = model.blocks[-1].attn
+    last.fused_attn = False  # timm's explicit path passes the attention matrix through attn_drop
+    seen = []
+    handle = last.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        feats = model.forward_features((x - t.mean) / t.std)
+    handle.remove()
+    probs = seen[0][:, :, 0, 1:].mean(1)  # (2, 16) CLS row over the patches
+    probs = (probs / probs.sum(-1, keepdim=True)).view(2, 1, 4, 4)
+    want = torch.nn.functional.adaptive_avg_pool2d(probs, 2).flatten(1)
+    torch.testing.assert_close(out.saliency, want / want.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.cls, feats[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_cnn_teacher_cls_is_the_pooled_map_and_saliency_its_norm():
+    import timm
+
+    from urfm_fast.teacher import feature_saliency, timm_teacher
+
+    torch.manual_seed(0)
+    t = timm_teacher("resnet18", None, grid=4, input_size=64, model=timm.create_model("resnet18", pretrained=False))
+    x = torch.rand(2, 3, 64, 64)
+    out = t(x, cls=True, saliency=True)
+    fmap = t.feature_map(x)  # (2, 256, 4, 4)
+    torch.testing.assert_close(out.cls, fmap.mean((2, 3)))
+    norm = fmap.norm(dim=1).flatten(1)
+    torch.testing.assert_close(out.saliency, norm / norm.sum(-1, keepdim=True))
+    torch.testing.assert_close(feature_saliency(fmap), out.saliency)
+    assert out.saliency.min() > 0 and t(x, saliency=True).cls is None
+
+
+def test_open_clip_tower_cls_and_attention(tmp_path):
+
+
+    from urfm_fast.teacher import load_teacher
+
+    ref = _tiny_open_clip(tmp_path, "urfm-test-tiny-clip2")
+    t = load_teacher(f"open_clip:urfm-test-tiny-clip2={tmp_path / 'w.bin'}", grid=2)
+    x = torch.rand(2, 3, 32, 32)
+    out = t(x, cls=True, saliency=True)
+    torch.testing.assert_close(out.tokens, t(x))
+    with torch.no_grad():
+        embedding = ref.visual(clip_normalise(x))
+        embedding = embedding[0] if isinstance(embedding, tuple) else embedding
+    torch.testing.assert_close(out.cls @ ref.visual.proj, embedding, atol=1e-5, rtol=1e-5)  # CLS before its proj
+    assert out.saliency.shape == (2, 4) and torch.allclose(out.saliency.sum(-1), torch.ones(2))

@@ -351,7 +351,7 @@ def infer_config(sd: dict[str, torch.Tensor], args: dict | None = None, origin: 
             decoder_num_heads=default_dec_heads if dec_dim % default_dec_heads == 0 else max(1, dec_dim // 64),
             target_dim=int(sd["decoder_pred.weight"].shape[0]) if "decoder_pred.weight" in sd else 768,
         )
-    for name in ("mask_ratio", "mask_type", "loss_on", "target_norm"):
+    for name in ("mask_ratio", "mask_type", "decoder", "loss_on", "target_norm"):
         if name in args:
             fields[name] = args[name]
     try:

@@ -17,6 +17,14 @@ VIT_PRESETS: dict[str, tuple[int, int, int]] = {
     "vit_huge": (1280, 32, 16),
 }
 
+# The recipe switches and their values; the first is the default. Checkpoints carry them and loading
+# refuses any other value (URFMConfig raises), so a file from a newer recipe never runs as another one.
+RECIPE_CHOICES: dict[str, tuple[str, ...]] = {
+    "mask_type": ("random", "block", "attention"),
+    "decoder": ("standard", "prompting"),
+    "loss_on": ("masked", "all", "all_cls"),
+}
+
 
 # Input normalisation of the student (ImageNet, as timm ViTs) and of the CLIP-family teachers.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,8 +63,9 @@ class URFMConfig:
     decoder_num_heads: int = 16
     target_dim: int = 768  # BiomedCLIP trunk width; 512 for the projected target
     mask_ratio: float = 0.75
-    mask_type: str = "random"  # random | block (BEiT's block-wise generator)
-    loss_on: str = "masked"  # masked | all (MILAN)
+    mask_type: str = "random"  # random | block (BEiT's block-wise) | attention (MILAN: the teacher's CLS attention)
+    decoder: str = "standard"  # standard (MAE: every token updated) | prompting (MILAN: only mask tokens updated)
+    loss_on: str = "masked"  # masked | all (every patch) | all_cls (every patch and CLS, MILAN)
     target_norm: bool = False  # LayerNorm (no affine) of targets before the cosine (MaskDistill)
 
     def __post_init__(self):
@@ -66,10 +75,9 @@ class URFMConfig:
             raise ValueError("embed dims must be divisible by their head counts")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.mask_type not in ("random", "block"):
-            raise ValueError(f"mask_type must be 'random' or 'block', got {self.mask_type!r}")
-        if self.loss_on not in ("masked", "all"):
-            raise ValueError(f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
+        for name, allowed in RECIPE_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> URFMConfig:

@@ -54,6 +54,19 @@ def block_forward_flops(embed_dim: int, tokens: int, mlp_ratio: float = 4.0) -> 
     return qkv + attn + proj + mlp
 
 
+def prompted_block_forward_flops(embed_dim: int, queries: int, prompts: int, mlp_ratio: float = 4.0) -> int:
+    """One prompting-decoder block: M = ``queries`` tokens updated, P = ``prompts`` fixed keys/values.
+
+    q, k, v of the queries 3 D^2 M + k, v of the prompts 2 D^2 P + scores and AV 2 M (P+M) D + proj
+    D^2 M + MLP 2 D H M MACs: the prompts pay only their key/value projections.
+    """
+    D, M, P = embed_dim, queries, prompts
+    hidden = int(D * mlp_ratio)
+    qkv = linear_flops(M, D, 3 * D) + linear_flops(P, D, 2 * D)
+    attn = 2 * (2 * M * (P + M) * D)  # scores + AV
+    return qkv + attn + linear_flops(M, D, D) + linear_flops(M, D, hidden) + linear_flops(M, hidden, D)
+
+
 def vit_forward_flops(
     embed_dim: int,
     depth: int,
@@ -90,10 +103,14 @@ def student_forward_flops(cfg: URFMConfig) -> dict[str, int]:
     n, k = cfg.num_patches, cfg.num_visible
     encoder = vit_forward_flops(cfg.embed_dim, cfg.depth, 1 + k, cfg.mlp_ratio, cfg.num_heads, patches=n,
                                 patch_size=cfg.patch_size, in_chans=cfg.in_chans)
-    decoder = linear_flops(1 + k, cfg.embed_dim, cfg.decoder_embed_dim) + vit_forward_flops(
-        cfg.decoder_embed_dim, cfg.decoder_depth, 1 + n, cfg.mlp_ratio, cfg.decoder_num_heads
-    )
-    pred_rows = n - k if cfg.loss_on == "masked" else n  # model.py predicts only the rows in the loss
+    decoder = linear_flops(1 + k, cfg.embed_dim, cfg.decoder_embed_dim)
+    if cfg.decoder == "prompting":
+        decoder += cfg.decoder_depth * prompted_block_forward_flops(cfg.decoder_embed_dim, n - k, 1 + k, cfg.mlp_ratio)
+    else:
+        decoder += vit_forward_flops(cfg.decoder_embed_dim, cfg.decoder_depth, 1 + n, cfg.mlp_ratio,
+                                     cfg.decoder_num_heads)
+    # model.py predicts only the rows in the loss
+    pred_rows = {"masked": n - k, "all": n, "all_cls": 1 + n}[cfg.loss_on]
     pred = linear_flops(pred_rows, cfg.decoder_embed_dim, cfg.target_dim)
     return {"encoder": encoder, "decoder": decoder, "pred": pred}
 

@@ -57,6 +57,8 @@ class Shapes:
             (1 + n, cfg.decoder_num_heads, cfg.decoder_embed_dim // cfg.decoder_num_heads),
             (1 + n, teacher_heads, teacher_dim // teacher_heads),
         )
+        if cfg.decoder == "prompting":  # its queries and keys differ in length: SDPA's (ops.attention), not ours
+            attention = attention[::2]
         return cls(batch, n, k, cfg.decoder_embed_dim, tuple(dict.fromkeys(attention)), micro_batch)
 
 

@@ -75,6 +75,34 @@ def block_masking(
     return order.flip(1)  # visible first
 
 
+def attention_masking(
+    keep_prob: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MILAN's semantic-aware masking: visible patches sampled without replacement, in proportion to
+    ``keep_prob`` [B, N] (the teacher's CLS->patch attention, or a CNN teacher's saliency).
+
+    Gumbel-top-k: adding Gumbel noise to log-probabilities and sorting in descending order draws the
+    whole permutation as successive draws without replacement (the law of ``torch.multinomial(p, N)``,
+    which MILAN calls), but vectorised and with the same kernels as ``random_masking``; the first K
+    entries are the visible ones whatever K is, so every image keeps exactly ``num_visible``. Sampling,
+    not arg-max: a low-attention patch is still visible now and then, and the masks vary per epoch.
+    ``noise`` [B, N] uniform in [0, 1) may be given (``--deterministic``), else drawn from ``generator``.
+    """
+    if keep_prob.ndim != 2:
+        raise ValueError(f"keep_prob must be [B, N], got {tuple(keep_prob.shape)}")
+    if noise is None:
+        noise = torch.rand(keep_prob.shape, device=keep_prob.device, generator=generator)
+    elif noise.shape != keep_prob.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != {tuple(keep_prob.shape)}")
+    tiny = torch.finfo(torch.float32).tiny
+    # clamp: a zero probability gets a very low score (sorted last), never -inf - a NaN in argsort
+    log_p = keep_prob.float().clamp_min(tiny).log()
+    gumbel = -(-noise.float().clamp(tiny, 1.0 - 1e-7).log()).log()  # (B, N)
+    return torch.argsort(log_p + gumbel, dim=1, descending=True)  # visible first
+
+
 def split_ids(ids_shuffle: torch.Tensor, num_visible: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids_shuffle [B,N] -> ids_keep [B,K], ids_mask [B,N-K], ids_restore [B,N] (inverse permutation)."""
     B, N = ids_shuffle.shape

@@ -167,7 +167,15 @@ def attention_on_sdpa(device_type: str, dtype: torch.dtype, shape: tuple) -> boo
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[B,H,N,Dh] each -> softmax(q k^T / sqrt(Dh)) v."""
+    """q [B,H,Lq,Dh], k and v [B,H,Lk,Dh] -> softmax(q k^T / sqrt(Dh)) v, [B,H,Lq,Dh].
+
+    Lq != Lk (the prompting decoder: mask-token queries over all tokens) always runs on SDPA: the
+    Triton kernel is self-attention only, and that call is the small part of a step (N-K queries in
+    the decoder, none in the encoder), so a second kernel family would add autotuning and test surface
+    for little time; SDPA's flash/efficient backends handle the unequal lengths on the GPU.
+    """
+    if q.shape[2] != k.shape[2]:
+        return attention_ref(q, k, v)
     if use_triton(q, "attention") and not attention_on_sdpa(q.device.type, q.dtype, tuple(q.shape)):
         return _attention.attention(q, k, v)
     return attention_ref(q, k, v)

@@ -58,6 +58,7 @@ class RunPlan:
     def model_config(self, target_dim: int) -> URFMConfig:
         cfg = self.train
         overrides = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
+                         decoder=cfg.decoder, loss_on=cfg.loss_on,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
                          decoder_num_heads=cfg.decoder_heads, target_dim=target_dim)
         if cfg.depth:

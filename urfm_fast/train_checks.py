@@ -12,10 +12,11 @@ import os
 import re
 from pathlib import Path
 
-from urfm_fast.cli_checks import FlagError, existing, float_in, int_in, writable_dir
+from urfm_fast.cli_checks import FlagError, existing, flag, float_in, int_in, writable_dir
+from urfm_fast.config import RECIPE_CHOICES
 
 # Fields argparse already restricts (choices, booleans) or whose loader says what is wrong (--teacher).
-CHECKED_ELSEWHERE = {"model", "mask_type", "target", "dist", "shard", "precision", "teacher", "deterministic",
+CHECKED_ELSEWHERE = {"model", "target", "dist", "shard", "precision", "teacher", "deterministic",
                      "async_save", "compile", "ac", "ema_warmup"}
 BIG = 10**9  # upper bound of counts (steps, intervals): far beyond any run, small enough for any int type
 PATCH = 16  # every preset is patch 16
@@ -41,6 +42,15 @@ def _sizes(cfg) -> None:
     if cfg.num_workers is not None:
         int_in("num_workers", cfg.num_workers, 0, 256)
     int_in("synthetic_images", cfg.synthetic_images, 1, 10**7)
+
+
+def _recipe(cfg) -> None:
+    """The recipe switches (argparse restricts them on the command line; a resumed run's config.json
+    does not pass through argparse, so an unknown value there is refused here)."""
+    for name in ("mask_type", "decoder", "loss_on"):
+        value, allowed = getattr(cfg, name), RECIPE_CHOICES[name]
+        if value not in allowed:
+            raise FlagError(f"{flag(name)} {value}: must be one of {', '.join(allowed)}")
 
 
 def _schedule(cfg) -> None:
@@ -95,6 +105,7 @@ def _paths(cfg) -> None:
 def check_train_config(cfg) -> None:
     """Raise FlagError (one line: the flag, its value, the allowed range) for the first bad value."""
     _sizes(cfg)
+    _recipe(cfg)
     _schedule(cfg)
     _run(cfg)
     _paths(cfg)

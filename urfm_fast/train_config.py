@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from urfm_fast.cli_checks import FlagError, OneLineParser, existing
-from urfm_fast.config import HF_HUB_ID, TEACHER_HELP, VIT_PRESETS
+from urfm_fast.config import HF_HUB_ID, RECIPE_CHOICES, TEACHER_HELP, VIT_PRESETS
 from urfm_fast.train_checks import check_train_config, train_warnings
 
 
@@ -34,7 +34,14 @@ class TrainConfig:
     decoder_depth: int = _f(8, "decoder blocks (URFM: 8)")
     decoder_heads: int = _f(16, "decoder attention heads")
     mask_ratio: float = _f(0.75, "fraction of patches masked")
-    mask_type: str = _f("random", "masking generator", choices=["random", "block"])
+    mask_type: str = _f("random", "masking generator: random (MAE), block (BEiT) or attention (MILAN: visible "
+                                  "patches sampled by the teacher's CLS attention, a CNN teacher's feature norm)",
+                        choices=list(RECIPE_CHOICES["mask_type"]))
+    decoder: str = _f("standard", "decoder: standard (MAE, every token updated) or prompting (MILAN: only the mask "
+                                  "tokens are updated, the encoder's tokens are fixed keys/values)",
+                      choices=list(RECIPE_CHOICES["decoder"]))
+    loss_on: str = _f("masked", "tokens in the loss: masked patches, all patches, or all_cls (all patches and "
+                                "CLS against the teacher's CLS, MILAN)", choices=list(RECIPE_CHOICES["loss_on"]))
     # teacher
     teacher: str = _f(HF_HUB_ID, TEACHER_HELP)
     target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",

@@ -250,21 +250,21 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.d.device)
         for k in range(accum):
             images01, index = next(self.batches)  # (B, 3, S, S) in [0, 1], (B,)
-            target = self.teacher(images01)  # (B, N, T) fp32, a normal tensor (copied out of inference mode)
+            target, cls_target, keep_prob = self._targets(images01)  # (B, N, T) fp32, normal tensors
             imgs = normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
             if plan.mode == "fsdp" and plan.bf16:
                 imgs = imgs.to(torch.bfloat16)
             if plan.train.deterministic:
                 noise = self.stream.mask_noise(index, self.model_cfg.num_patches, device=self.d.device)
-                ids = student.sample_ids(imgs.shape[0], self.d.device, noise=noise)
+                ids = student.sample_ids(imgs.shape[0], self.d.device, noise=noise, keep_prob=keep_prob)
             else:
-                ids = student.sample_ids(imgs.shape[0], self.d.device, generator=self.mask_gen)
+                ids = student.sample_ids(imgs.shape[0], self.d.device, generator=self.mask_gen, keep_prob=keep_prob)
             last = k == accum - 1
             if plan.mode == "fsdp":
                 student.set_requires_gradient_sync(last)
             sync = self.model.no_sync() if plan.mode == "ddp" and not last else contextlib.nullcontext()
             with sync, self.autocast:
-                loss, _, _ = self.model(imgs, target, ids)
+                loss, _, _ = self.model(imgs, target, ids, cls_target)
             if step in self.faults.get("nan", ()):
                 loss = loss * float("nan")
             (loss / accum).backward()
@@ -273,6 +273,14 @@ class Trainer:
         self._update(step, norm, loss_sum / accum)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _targets(self, images01: torch.Tensor):
+        """The teacher's patch targets, plus its CLS (loss_on all_cls) and keep-probabilities (mask_type
+        attention) from the same forward, only where the recipe uses them."""
+        cls, saliency = self.model_cfg.loss_on == "all_cls", self.model_cfg.mask_type == "attention"
+        if not (cls or saliency):
+            return self.teacher(images01), None, None
+        return tuple(self.teacher(images01, cls=cls, saliency=saliency))
 
     def _grad_norm(self) -> torch.Tensor:
         clip = self.plan.train.clip_grad

@@ -28,6 +28,15 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """q_cls [B,H,1,Dh], k [B,H,L,Dh] -> the CLS query's attention over the patch keys, [B, L - prefix]:
+    softmax(q k^T / sqrt(Dh)) averaged over heads, the ``prefix`` columns (CLS, registers) dropped and
+    the rest renormalised to sum to 1. fp32; one query row, so it costs 1/L of the block's attention."""
+    scores = (q_cls.float() @ k.float().transpose(-2, -1)) * q_cls.shape[-1] ** -0.5  # (B, H, 1, L)
+    probs = scores.softmax(-1).mean(1)[:, 0, prefix:]  # (B, L - prefix)
+    return probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -35,12 +44,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cls_attn: bool = False):
+        """x [B,N,C] -> [B,N,C]; with ``cls_attn`` also the CLS row's attention over the rest, [B, N-1]."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
-        x = ops.attention(q, k, v)  # (B, H, N, Dh)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        out = self.proj(ops.attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return (out, cls_attention(q[:, :, :1], k)) if cls_attn else out
+
+    def forward_prompted(self, queries: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """queries [B,M,C] attend over prompts [B,P,C] and themselves -> [B,M,C] (MILAN's prompting decoder:
+        the prompts give keys and values only, so their queries are never computed)."""
+        B, M, C = queries.shape
+        H, Dh = self.num_heads, C // self.num_heads
+        q, kq, vq = self.qkv(queries).reshape(B, M, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, M, Dh)
+        kv = F.linear(prompts, self.qkv.weight[C:], self.qkv.bias[C:])  # (B, P, 2C): k and v rows of qkv
+        kp, vp = kv.reshape(B, -1, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, P, Dh)
+        out = ops.attention(q, torch.cat([kp, kq], 2), torch.cat([vp, vq], 2))  # (B, H, M, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, M, C))
 
 
 class Mlp(nn.Module):
@@ -71,9 +92,18 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+    def forward(self, x: torch.Tensor, cls_attn: bool = False, prompts: torch.Tensor | None = None):
+        """x [B,N,C] -> [B,N,C]; with ``cls_attn`` also the CLS attention map (``cls_attention``). With
+        ``prompts`` [B,P,C] (the prompting decoder) only x is updated; the prompts are keys/values and come
+        out unchanged. One entry point, so FSDP's and torch.compile's module hooks see every call."""
+        if prompts is not None:
+            a, probs = self.attn.forward_prompted(self.norm1(x), self.norm1(prompts)), None
+        else:
+            a = self.attn(self.norm1(x), cls_attn)
+            a, probs = a if cls_attn else (a, None)
+        x = x + drop_path(a, self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return (x, probs) if cls_attn else x
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -141,8 +171,9 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens: [B,3,H,W] -> [B, 1+N, D] after the final LayerNorm (timm's forward_features)."""
+    def forward_features(self, x: torch.Tensor, cls_attn: bool = False):
+        """All tokens: [B,3,H,W] -> [B, 1+N, D] after the final LayerNorm (timm's forward_features); with
+        ``cls_attn`` also the last block's CLS->patch attention [B, N], from the same forward."""
         grid = x.shape[-1] // self.patch_size
         if x.shape[-2] != x.shape[-1]:
             raise ValueError(f"square images expected, got {tuple(x.shape[-2:])}")
@@ -150,9 +181,12 @@ class ViTEncoder(nn.Module):
         tokens = self.patch_embed(x) + pos[:, 1:]  # (B, N, D)
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, tokens], dim=1)
-        for blk in self.blocks:
+        for blk in self.blocks[:-1] if cls_attn else self.blocks:
             x = blk(x)
-        return self.norm(x)
+        if not cls_attn:
+            return self.norm(x)
+        x, probs = self.blocks[-1](x, cls_attn=True)
+        return self.norm(x), probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLS feature after the final norm (timm's pooled output with num_classes=0)."""
