@@ -24,7 +24,8 @@ from urfm_fast import prepare as P  # noqa: E402
 from urfm_fast.cli_checks import FlagError  # noqa: E402
 
 SPECIAL = ["0", "-1", "-5", "1", "1.0", "0.5", "nan", "inf", "-inf", "1e309", "", " ", "x", "1,2", "9" * 30,
-           "/nonexistent/path", ".", "/dev/null", "synthetic", "latest", "random", "\x00", "-0.1", "1e-300"]
+           "/nonexistent/path", ".", "/dev/null", "synthetic", "latest", "random", "\x00", "-0.1", "1e-300",
+           "\n", "0\n1", "cuda\r"]
 VALUES = st.one_of(
     st.sampled_from(SPECIAL),
     st.integers(-(2**70), 2**70).map(str),
@@ -67,6 +68,18 @@ def _refused_in_one_line(capsys, code=None) -> None:
 
 
 PRETRAIN_FLAGS = _flags(pretrain.build_parser())
+
+
+@pytest.mark.parametrize("argv", [["--device", "cuda\nrm"], ["--config", "0\n"], ["--model", "\n"]])
+def test_a_value_with_a_newline_is_refused_in_one_line(capsys, argv):
+    try:
+        pretrain.parse_config(argv)
+    except SystemExit as e:
+        return _refused_in_one_line(capsys, e.code)
+    except FlagError as e:
+        assert "\n" not in str(e) and "\\n" in str(e)
+        return
+    raise AssertionError("accepted")
 
 
 @FAST

@@ -11,19 +11,31 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline or NUL inside a value the user gave) written as
+    escapes, so an error message stays one line whatever the value held."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class FlagError(ValueError):
     """A command-line value outside its allowed range; the message names the flag and the range."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (``error: ...``) and exit 2, not a usage block."""
 
     def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
