@@ -88,6 +88,22 @@ def teacher_targets(teacher, images01: torch.Tensor, grid: int, batch: int = 64)
     return torch.cat([teacher(images01[i : i + batch], grid) for i in range(0, len(images01), batch)])
 
 
+def target_stats(targets: torch.Tensor, center: bool, std: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(shift, scale) for the teacher targets [N, n, D] of the pretraining images, or None (raw targets).
+
+    ``center``: subtract each grid position's mean target, so the layout every image shares does not
+    dominate the cosine loss; ``std``: standardise each channel (after centring, if asked)."""
+    if not (center or std):
+        return None
+    shift = targets.mean(0) if center else targets.mean((0, 1))  # (n, D) or (D,)
+    scale = (targets - shift).std((0, 1)) + 1e-6 if std else torch.ones(targets.shape[-1])
+    return shift, scale
+
+
+def apply_stats(targets: torch.Tensor, stats) -> torch.Tensor:
+    return targets if stats is None else (targets - stats[0]) / stats[1]
+
+
 class PooledTeacher(nn.Module):
     """The teacher as a backbone for the probes: its feature map averaged over space."""
 
@@ -245,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-std", action="store_true",
                    help="standardise each target channel over the pretraining set (removes the component all "
                         "images share, which dominates a cosine loss on non-negative CNN features)")
+    p.add_argument("--target-center", action="store_true",
+                   help="subtract each grid position's mean target over the pretraining images (the layout all "
+                        "images share) before the loss; held-out losses use the same shift")
     p.add_argument("--loss-on", default="masked", choices=["masked", "all"])
     p.add_argument("--pretrain-images", type=int, default=1024)
     p.add_argument("--steps", type=int, default=200)
@@ -312,7 +331,7 @@ def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth:
         for name, imgs in (("synthetic", held_synth), ("real", real)):
             if not len(imgs):
                 continue
-            tg = teacher_targets(t, imgs, cfg.grid_size)
+            tg = apply_stats(teacher_targets(t, imgs, cfg.grid_size), teachers.get(f"{arm}_stats"))
             res[f"{arm}/{name}"] = dict(trained=held_out_loss(arms[arm]["model"], imgs, tg),
                                         init=held_out_loss(start, imgs, tg))
     return res
@@ -369,7 +388,8 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         f"Pretraining: {a.pretrain_images} synthetic images (no augmentation; teacher targets cached), "
         f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, mask {a.mask_ratio}, ViT-Ti width 192 x {a.depth} blocks, "
         f"{a.img_size}px, patch {a.patch} ({cfg.num_patches} tokens), decoder {a.decoder_dim}d{a.decoder_depth}b, "
-        f"target norm {a.target_norm}, loss on {a.loss_on}. Teacher input {teacher.input_size}px, "
+        f"target norm {a.target_norm}, centred {a.target_center}, standardised {a.target_std}, loss on {a.loss_on}. "
+        f"Teacher input {teacher.input_size}px, "
         f"{teacher.out_dim}-d map resampled to {cfg.grid_size}x{cfg.grid_size}. "
         f"Loss (first step -> mean of the last 50): {curve}.\n\n"
         f"Evaluation on the `{a.eval_split}` split: {a.eval_train} labelled train / {a.eval_n} images, "
@@ -414,12 +434,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
-    if not a.reuse:
+    if not a.reuse or a.target_center or a.target_std:  # --reuse still needs the statistics
         for arm in (x for x in URFM_ARMS if x in a.arms.split(",")):
             tg = teacher_targets(teachers[arm], images01, cfg.grid_size)  # (N, n, D)
-            if a.target_std:
-                tg = (tg - tg.mean((0, 1))) / (tg.std((0, 1)) + 1e-6)
-            teachers[f"{arm}_targets"] = tg
+            teachers[f"{arm}_stats"] = stats = target_stats(tg, a.target_center, a.target_std)
+            teachers[f"{arm}_targets"] = apply_stats(tg, stats)
         print(f"{len(images01)} pretraining images, teacher targets in {time.perf_counter() - t0:.0f}s", flush=True)
 
     arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir)
