@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-size", type=int, default=128,
                    help="teacher input size (0: the teacher's own; 128 keeps EfficientNet-Lite0 cheap on CPU)")
     p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--patch", type=int, default=16, help="student patch size")
+    p.add_argument("--patch", type=int, default=8, help="student patch size (8: the teacher's own 8x8 grid at 128px)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--decoder-dim", type=int, default=128)
     p.add_argument("--decoder-depth", type=int, default=2)
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-std", action="store_true",
                    help="standardise each target channel over the pretraining set (removes the component all "
                         "images share, which dominates a cosine loss on non-negative CNN features)")
-    p.add_argument("--target-center", action="store_true",
+    p.add_argument("--target-center", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract each grid position's mean target over the pretraining images (the layout all "
                         "images share) before the loss; held-out losses use the same shift")
     p.add_argument("--loss-on", default="masked", choices=["masked", "all"])
