@@ -1,7 +1,7 @@
 """Does URFM pretraining buy label efficiency? Five arms, one ViT, one budget, on CPU.
 
     pip install -e ".[experiments]"
-    python experiments/label_efficiency.py --out docs --no-finetune   # the committed run (docs/label_efficiency.md)
+    python experiments/label_efficiency.py --out docs   # the committed run (docs/label_efficiency.md)
     python experiments/label_efficiency.py --teacher /path/to/BiomedCLIP --out runs/le   # BiomedCLIP teacher
 
 Arms (same ViT, initial weights, images, batches, masks, optimizer and number of steps):
@@ -23,9 +23,10 @@ Real scans: each URFM arm's pretraining loss on held-out real ultrasound frames 
 pydicom-data and deid-data, run through ``urfm_fast.prepare``), against its initial weights.
 Writes ``label_efficiency.{md,png,json}`` to ``--out``.
 
-Time on a 2-core CPU shared with other jobs (upper bounds): teacher targets 2.5 min, pretraining the three
-arms 25 min, linear and k-NN probes 11 min; fine-tuning (on unless ``--no-finetune``) adds roughly 2-3 min
-per arm and label fraction there. ``--reuse`` evaluates the checkpoints of an earlier run again.
+Time of the committed run (34.5 min, 31 CPU-minutes) on a 2-core CPU shared with other jobs (upper
+bounds): teacher targets 3 min, pretraining the three arms 11 min, linear and k-NN probes 5 min,
+fine-tuning (off with ``--no-finetune``) about 1.3 min per arm and label fraction. ``--reuse``
+evaluates the checkpoints of an earlier run again.
 """
 
 from __future__ import annotations
@@ -371,7 +372,8 @@ def target_check(summary: list[dict]) -> list[dict]:
     return rows
 
 
-def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summary, minutes) -> None:
+def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summary, minutes,
+                  cpu_minutes: float = 0.0) -> None:
     cmd = "python experiments/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     checks = target_check(summary)
     curve = ", ".join(f"{k} {v['curve'][0]:.3f} -> {sum(v['curve'][-50:]) / len(v['curve'][-50:]):.3f}"
@@ -384,7 +386,8 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
     plot(summary, out / "label_efficiency.png", title=title)
     (out / "label_efficiency.md").write_text(
         f"# Label efficiency on synthetic lesions (teacher: {teacher.source})\n\n"
-        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads.\n\n"
+        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads ({cpu_minutes:.1f} CPU-minutes, user + "
+        f"system; load average {os.getloadavg()[1]:.1f} over the last 5 minutes of the run).\n\n"
         f"Pretraining: {a.pretrain_images} synthetic images (no augmentation; teacher targets cached), "
         f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, mask {a.mask_ratio}, ViT-Ti width 192 x {a.depth} blocks, "
         f"{a.img_size}px, patch {a.patch} ({cfg.num_patches} tokens), decoder {a.decoder_dim}d{a.decoder_depth}b, "
@@ -408,6 +411,7 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         + loss_rows + "\n")
     (out / "label_efficiency.json").write_text(json.dumps(dict(
         command=cmd.strip(), args=vars(a), teacher=teacher.source, minutes=round(minutes, 2),
+        cpu_minutes=round(cpu_minutes, 2), load_average=[round(x, 2) for x in os.getloadavg()],
         threads=a.threads, summary=summary, target_check=checks, held_out_loss=losses, runs=records,
         pretrain_seconds={k: round(v["seconds"], 1) for k, v in arms.items()},
         pretrain_loss={k: v["curve"][::10] for k, v in arms.items()}), indent=1) + "\n")
@@ -452,7 +456,8 @@ def main(argv=None) -> int:
     summary = summarize(records)
     print(f"evaluation: {time.perf_counter() - t0:.0f}s", flush=True)
     minutes = (time.perf_counter() - t_start) / 60
-    write_outputs(a, argv, out, cfg, teacher, arms, losses, records, summary, minutes)
+    cpu_minutes = sum(os.times()[:2]) / 60  # this process's user + system time, every thread
+    write_outputs(a, argv, out, cfg, teacher, arms, losses, records, summary, minutes, cpu_minutes)
     return 0
 
 
