@@ -1,7 +1,7 @@
 """Does URFM pretraining buy label efficiency? Five arms, one ViT, one budget, on CPU.
 
     pip install -e ".[experiments]"
-    python experiments/label_efficiency.py --out docs --no-finetune   # the committed run (docs/label_efficiency.md)
+    python experiments/label_efficiency.py --out docs   # the committed run (docs/label_efficiency.md)
     python experiments/label_efficiency.py --teacher /path/to/BiomedCLIP --out runs/le   # BiomedCLIP teacher
 
 Arms (same ViT, initial weights, images, batches, masks, optimizer and number of steps):
@@ -23,9 +23,10 @@ Real scans: each URFM arm's pretraining loss on held-out real ultrasound frames 
 pydicom-data and deid-data, run through ``urfm_fast.prepare``), against its initial weights.
 Writes ``label_efficiency.{md,png,json}`` to ``--out``.
 
-Time on a 2-core CPU shared with other jobs (upper bounds): teacher targets 2.5 min, pretraining the three
-arms 25 min, linear and k-NN probes 11 min; fine-tuning (on unless ``--no-finetune``) adds roughly 2-3 min
-per arm and label fraction there. ``--reuse`` evaluates the checkpoints of an earlier run again.
+Time of the committed run (34.5 min, 31 CPU-minutes) on a 2-core CPU shared with other jobs (upper
+bounds): teacher targets 3 min, pretraining the three arms 11 min, linear and k-NN probes 5 min,
+fine-tuning (off with ``--no-finetune``) about 1.3 min per arm and label fraction. ``--reuse``
+evaluates the checkpoints of an earlier run again.
 """
 
 from __future__ import annotations
@@ -96,13 +97,30 @@ def teacher_targets(teacher, images01: torch.Tensor, grid: int, batch: int = 64,
     return Targets(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
 
 
-def standardise(tg):
-    """Each target channel to mean 0, std 1 over the pretraining set (the CLS row with the patches' statistics)."""
-    tokens = tg.tokens if isinstance(tg, Targets) else tg
-    mean, std = tokens.mean((0, 1)), tokens.std((0, 1)) + 1e-6
-    if not isinstance(tg, Targets):
-        return (tg - mean) / std
-    return tg._replace(tokens=(tokens - mean) / std, cls=None if tg.cls is None else (tg.cls - mean) / std)
+def target_stats(targets, center: bool, std: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(shift, scale) for the teacher targets of the pretraining images ([N, n, D], or ``Targets``: from
+    its patch tokens), or None (raw targets).
+
+    ``center``: subtract each grid position's mean target, so the layout every image shares does not
+    dominate the cosine loss; ``std``: standardise each channel (after centring, if asked)."""
+    tokens = targets.tokens if isinstance(targets, Targets) else targets
+    if not (center or std):
+        return None
+    shift = tokens.mean(0) if center else tokens.mean((0, 1))  # (n, D) or (D,)
+    scale = (tokens - shift).std((0, 1)) + 1e-6 if std else torch.ones(tokens.shape[-1])
+    return shift, scale
+
+
+def apply_stats(targets, stats):
+    """Targets shifted and scaled by ``target_stats``. A CLS row (a CNN teacher's spatially pooled map) is
+    shifted by the positions' mean shift: the pooled map's mean over the same images."""
+    if stats is None:
+        return targets
+    shift, scale = stats
+    if not isinstance(targets, Targets):
+        return (targets - shift) / scale
+    cls = None if targets.cls is None else (targets.cls - (shift.mean(0) if shift.dim() == 2 else shift)) / scale
+    return targets._replace(tokens=(targets.tokens - shift) / scale, cls=cls)
 
 
 class PooledTeacher(nn.Module):
@@ -257,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-size", type=int, default=128,
                    help="teacher input size (0: the teacher's own; 128 keeps EfficientNet-Lite0 cheap on CPU)")
     p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--patch", type=int, default=16, help="student patch size")
+    p.add_argument("--patch", type=int, default=8, help="student patch size (8: the teacher's own 8x8 grid at 128px)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--decoder-dim", type=int, default=128)
     p.add_argument("--decoder-depth", type=int, default=2)
@@ -266,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-std", action="store_true",
                    help="standardise each target channel over the pretraining set (removes the component all "
                         "images share, which dominates a cosine loss on non-negative CNN features)")
+    p.add_argument("--target-center", action=argparse.BooleanOptionalAction, default=True,
+                   help="subtract each grid position's mean target over the pretraining images (the layout all "
+                        "images share) before the loss; held-out losses use the same shift")
     p.add_argument("--loss-on", default="masked", choices=list(RECIPE_CHOICES["loss_on"]),
                    help="all_cls: every patch and the CLS token, against the teacher's CLS (MILAN)")
     p.add_argument("--mask-type", default="random", choices=["random", "attention"],
@@ -339,7 +360,8 @@ def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth:
         for name, imgs in (("synthetic", held_synth), ("real", real)):
             if not len(imgs):
                 continue
-            tg = teacher_targets(t, imgs, cfg.grid_size, cls=cfg.loss_on == "all_cls")
+            tg = apply_stats(teacher_targets(t, imgs, cfg.grid_size, cls=cfg.loss_on == "all_cls"),
+                             teachers.get(f"{arm}_stats"))
             res[f"{arm}/{name}"] = dict(trained=held_out_loss(arms[arm]["model"], imgs, tg),
                                         init=held_out_loss(start, imgs, tg))
     return res
@@ -379,7 +401,8 @@ def target_check(summary: list[dict]) -> list[dict]:
     return rows
 
 
-def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summary, minutes) -> None:
+def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summary, minutes,
+                  cpu_minutes: float = 0.0) -> None:
     cmd = "python experiments/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     checks = target_check(summary)
     curve = ", ".join(f"{k} {v['curve'][0]:.3f} -> {sum(v['curve'][-50:]) / len(v['curve'][-50:]):.3f}"
@@ -392,11 +415,13 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
     plot(summary, out / "label_efficiency.png", title=title)
     (out / "label_efficiency.md").write_text(
         f"# Label efficiency on synthetic lesions (teacher: {teacher.source})\n\n"
-        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads.\n\n"
+        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads ({cpu_minutes:.1f} CPU-minutes, user + "
+        f"system; load average {os.getloadavg()[1]:.1f} over the last 5 minutes of the run).\n\n"
         f"Pretraining: {a.pretrain_images} synthetic images (no augmentation; teacher targets cached), "
         f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, mask {a.mask_ratio}, ViT-Ti width 192 x {a.depth} blocks, "
         f"{a.img_size}px, patch {a.patch} ({cfg.num_patches} tokens), decoder {a.decoder_dim}d{a.decoder_depth}b, "
-        f"target norm {a.target_norm}, loss on {a.loss_on}, masking {a.mask_type}, decoder {a.decoder}. "
+        f"target norm {a.target_norm}, centred {a.target_center}, standardised {a.target_std}, loss on {a.loss_on}, "
+        f"masking {a.mask_type}, decoder {a.decoder}. "
         f"Teacher input {teacher.input_size}px, "
         f"{teacher.out_dim}-d map resampled to {cfg.grid_size}x{cfg.grid_size}. "
         f"Loss (first step -> mean of the last 50): {curve}.\n\n"
@@ -416,6 +441,7 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         + loss_rows + "\n")
     (out / "label_efficiency.json").write_text(json.dumps(dict(
         command=cmd.strip(), args=vars(a), teacher=teacher.source, minutes=round(minutes, 2),
+        cpu_minutes=round(cpu_minutes, 2), load_average=[round(x, 2) for x in os.getloadavg()],
         threads=a.threads, summary=summary, target_check=checks, held_out_loss=losses, runs=records,
         pretrain_seconds={k: round(v["seconds"], 1) for k, v in arms.items()},
         pretrain_loss={k: v["curve"][::10] for k, v in arms.items()}), indent=1) + "\n")
@@ -455,13 +481,12 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
-    if not a.reuse:
+    if not a.reuse or a.target_center or a.target_std:  # --reuse still needs the statistics
         for arm in (x for x in URFM_ARMS if x in a.arms.split(",")):
             tg = teacher_targets(teachers[arm], images01, cfg.grid_size, cls=cfg.loss_on == "all_cls",
                                  saliency=cfg.mask_type == "attention")  # (N, n, D) or Targets
-            if a.target_std:
-                tg = standardise(tg)
-            teachers[f"{arm}_targets"] = tg
+            teachers[f"{arm}_stats"] = stats = target_stats(tg, a.target_center, a.target_std)
+            teachers[f"{arm}_targets"] = apply_stats(tg, stats)
         print(f"{len(images01)} pretraining images, teacher targets in {time.perf_counter() - t0:.0f}s", flush=True)
 
     arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir)
@@ -475,7 +500,8 @@ def main(argv=None) -> int:
     summary = summarize(records)
     print(f"evaluation: {time.perf_counter() - t0:.0f}s", flush=True)
     minutes = (time.perf_counter() - t_start) / 60
-    write_outputs(a, argv, out, cfg, teacher, arms, losses, records, summary, minutes)
+    cpu_minutes = sum(os.times()[:2]) / 60  # this process's user + system time, every thread
+    write_outputs(a, argv, out, cfg, teacher, arms, losses, records, summary, minutes, cpu_minutes)
     return 0
 
 

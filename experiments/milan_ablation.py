@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     images01, _ = le.synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
     t0 = time.perf_counter()
     targets = le.teacher_targets(teacher, images01, base.grid_size, cls=True, saliency=True)
-    if a.target_std:
-        targets = le.standardise(targets)
+    targets = le.apply_stats(targets, le.target_stats(targets, a.target_center, a.target_std))
     print(f"{len(images01)} images, teacher targets, CLS and saliency in {time.perf_counter() - t0:.0f}s", flush=True)
     variants = pretrain_variants(a, base, targets, images01, ckpt_dir)
     records = evaluate_variants(a, variants, [int(s) for s in a.seeds.split(",")])
