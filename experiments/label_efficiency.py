@@ -23,10 +23,9 @@ Real scans: each URFM arm's pretraining loss on held-out real ultrasound frames 
 pydicom-data and deid-data, run through ``urfm_fast.prepare``), against its initial weights.
 Writes ``label_efficiency.{md,png,json}`` to ``--out``.
 
-Time of the committed run (34.5 min, 31 CPU-minutes) on a 2-core CPU shared with other jobs (upper
-bounds): teacher targets 3 min, pretraining the three arms 11 min, linear and k-NN probes 5 min,
-fine-tuning (off with ``--no-finetune``) about 1.3 min per arm and label fraction. ``--reuse``
-evaluates the checkpoints of an earlier run again.
+Time of the committed run on an idle 2-core CPU: 6.2 min (12 CPU-minutes): teacher targets 21 s, each
+pretrained arm 30 s, probes and fine-tuning (off with ``--no-finetune``) 4.2 min; 34.5 min when the
+machine was shared with other jobs. ``--reuse`` evaluates the checkpoints of an earlier run again.
 """
 
 from __future__ import annotations
