@@ -24,9 +24,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from urfm_fast import prepare, shard_index, shards
-from urfm_fast.augment import batch_augment
-from urfm_fast.data import ImageFolderDataset, ShardDataset, build_train_stream, epoch_permutation
+from urfm_fast import prepare
+from urfm_fast.data import shards
+from urfm_fast.data.augment import batch_augment
+from urfm_fast.data.stream import ImageFolderDataset, ShardDataset, build_train_stream, epoch_permutation
 
 N_IMAGES = 128
 SIDE = 256
@@ -111,7 +112,7 @@ def big_index(tmp_path_factory):
             k, j = divmod(i, per_shard)
             f.write(f'{{"shard": {k}, "offset": {j * 256 * 320}, "h": 256, "w": 320, "id": "{i % 977:08x}'
                     f'{i // 31:016x}", "frame": {i % 31}, "crop": "regions", "roi": [12, 600, 80, 880]}}\n')
-    shard_index.write_index_bin(root)
+    shards.write_index_bin(root)
     return root
 
 
@@ -143,4 +144,4 @@ def test_index_open_bin(benchmark, measure, big_index):
 
     measure(benchmark, start, items=INDEX_ENTRIES, reference="test_index_open_jsonl")
     benchmark.extra_info["entries"] = INDEX_ENTRIES
-    benchmark.extra_info["bin_bytes"] = os.path.getsize(big_index / shard_index.INDEX_BIN)
+    benchmark.extra_info["bin_bytes"] = os.path.getsize(big_index / shards.INDEX_BIN)

@@ -9,7 +9,7 @@ this process's CPU time, which other load on the machine inflates less than wall
                               768x1024, JPEG baseline/lossless, RGB, palette, greyscale) into a
                               new shard folder: decode, scan-region crop, text and overlay
                               blanking, resize to 256, write.
-    test_text_detector[WxH]   urfm_fast.deid.find_text on one real frame of that size (two passes
+    test_text_detector[WxH]   urfm_fast.data.deid.find_text on one real frame of that size (two passes
                               of the PP-OCRv4 detector, one thread): ms per frame it looks at
 One worker is one core: the per-core rate times the cores a machine gives prepare is its rate.
 """
@@ -20,7 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from urfm_fast import deid, prepare
+from urfm_fast import prepare
+from urfm_fast.data import deid
 
 PYDICOM_US = ("US1_UNCR.dcm", "color3d_jpeg_baseline.dcm", "gdcm-US-ALOKA-16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 

@@ -13,7 +13,7 @@ Rows (group ``step``), all measured in one process on the same images:
 Compile rows run on GPU; on CPU they are skipped (inductor needs minutes on 2 cores) unless
 ``URFM_BENCH_COMPILE=1``. Compile time is measured apart (``extra_info['compile_s']``).
 
-Physics per row: images/s, TFLOP/s from ``urfm_fast.flops.train_flops_per_image`` (teacher forward
+Physics per row: images/s, TFLOP/s from ``urfm_fast.model.flops.train_flops_per_image`` (teacher forward
 + 3x student forward, attention included), MFU against the device's datasheet peak, and the ratio
 to the reference row (reference time / row time; > 1 = faster).
 """
@@ -31,8 +31,8 @@ import torch
 from bench.conftest import fill_extra_info, synchronize
 from bench.reference import ReferenceStep
 from bench.train_step import OurStep
-from urfm_fast import ops
-from urfm_fast.flops import train_flops_per_image
+from urfm_fast.model import ops
+from urfm_fast.model.flops import train_flops_per_image
 
 REFERENCE = "test_step_reference"
 

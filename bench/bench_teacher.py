@@ -5,10 +5,10 @@ Rows (group ``teacher``):
                       ``vit_base_patch16_224``; built directly with timm at image sizes other than 224,
                       or where open_clip is not installed), ``forward_features[:, 1:]`` under
                       ``torch.no_grad`` and bf16 autocast on GPU, CLIP normalisation included
-    ours_torch        urfm_fast.teacher.BiomedCLIPTeacher, kernels off
+    ours_torch        urfm_fast.model.teacher.BiomedCLIPTeacher, kernels off
     ours_kernels      the same, kernels on (GPU only: on CPU ``auto`` is the torch path)
     ours_compiled     kernels on + torch.compile of the teacher (GPU, or URFM_BENCH_COMPILE=1)
-Physics: images/s and TFLOP/s from ``urfm_fast.flops.teacher_forward_flops`` (forward only).
+Physics: images/s and TFLOP/s from ``urfm_fast.model.flops.teacher_forward_flops`` (forward only).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import timm
 import torch
 
 from bench.reference import CLIP_MEAN, CLIP_STD, _normalize
-from urfm_fast import ops
-from urfm_fast.flops import teacher_forward_flops
-from urfm_fast.teacher import BiomedCLIPTeacher
+from urfm_fast.model import ops
+from urfm_fast.model.flops import teacher_forward_flops
+from urfm_fast.model.teacher import BiomedCLIPTeacher
 
 REFERENCE = "test_teacher_reference"
 

@@ -1,4 +1,4 @@
-"""Correctness of every urfm_fast.ops kernel against its torch reference, forward and gradients.
+"""Correctness of every urfm_fast.model.ops kernel against its torch reference, forward and gradients.
 
     python bench/check_kernels.py [--dtype bfloat16] [--scale vitb|small] [-o kernels.md]
 
@@ -7,7 +7,7 @@ are compared with an fp32 ground truth (the torch reference on the same values u
 flash-attention's rule: ``max|kernel - ref32| <= 2 * max|torch_same_dtype - ref32| + atol``.
 On a GPU this checks the compiled kernels in bf16 at ViT-B shapes; on CPU run it with
 ``TRITON_INTERPRET=1 --dtype float32 --scale small`` (the interpreter's bf16 ``tl.dot`` is wrong).
-Writes a markdown table; exits 1 if any check fails. The checks live in ``urfm_fast.kernel_check``,
+Writes a markdown table; exits 1 if any check fails. The checks live in ``urfm_fast.model.kernel_check``,
 which training also runs once at start-up on a GPU.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from urfm_fast.kernel_check import Shapes, check, markdown
+from urfm_fast.model.kernel_check import Shapes, check, markdown
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,7 @@ import pytest
 import torch
 
 from urfm_fast import URFMConfig
-from urfm_fast.flops import mfu, peak_flops
+from urfm_fast.model.flops import mfu, peak_flops
 
 # On CPU one intra-op thread by default (URFM_BENCH_THREADS to change): on a small machine shared
 # with other work, a 2-thread OpenMP region stalls at every barrier whenever one thread is

@@ -8,7 +8,7 @@ Phases, in the order of what they are worth:
     env           versions, device, datasheet and measured bf16 peak; exits 3 without CUDA
     correctness   attention in bf16 against an fp32 reference, forward and dQ/dK/dV, for EVERY
                   tile config the autotuner may pick at N=50 and 197 (ViT-B encoder, decoder,
-                  teacher shapes); then every other kernel (urfm_fast.kernel_check, ViT-B shapes)
+                  teacher shapes); then every other kernel (urfm_fast.model.kernel_check, ViT-B shapes)
     kernel_speed  attention forward + backward at batch 256: Triton against SDPA's default and
                   each SDPA backend; gather / un-shuffle / cosine loss against torch
     e2e_eager     the ViT-B/16 recipe's full step at batch 256 in bf16 (teacher, student fwd/bwd,
@@ -112,7 +112,7 @@ def phase_env(res: Results, smoke: bool) -> int:
 
     import torch
 
-    from urfm_fast.flops import measured_matmul_flops, peak_flops
+    from urfm_fast.model.flops import measured_matmul_flops, peak_flops
 
     def version(name):
         try:
@@ -155,8 +155,8 @@ def _attention_config_rows(device, dtype, smoke: bool):
     """One row per (shape, tile config): max error of out/dq/dk/dv against fp32, flash-attention's rule."""
     import torch
 
-    from urfm_fast.kernel_check import ATOL
     from urfm_fast.kernels import attention as A
+    from urfm_fast.model.kernel_check import ATOL
 
     batch = 2 if smoke else 8
     for tokens, heads, head_dim in _attention_shapes(smoke):
@@ -188,8 +188,8 @@ def _attention_config_rows(device, dtype, smoke: bool):
 def phase_correctness(res: Results, smoke: bool) -> int:
     import torch
 
-    from urfm_fast import ops
-    from urfm_fast.kernel_check import Shapes, check
+    from urfm_fast.model import ops
+    from urfm_fast.model.kernel_check import Shapes, check
 
     device, dtype = _device_and_dtype(smoke)
     failed = 0
@@ -211,8 +211,8 @@ def phase_kernel_speed(res: Results, smoke: bool) -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from urfm_fast.kernel_check import time_fwd_bwd
     from urfm_fast.kernels import attention as A
+    from urfm_fast.model.kernel_check import time_fwd_bwd
 
     device, dtype = _device_and_dtype(smoke)
     batch, reps = (2, 2) if smoke else (256, 10)
@@ -249,9 +249,9 @@ def _row_kernel_speed(res: Results, device, dtype, batch: int, reps: int, smoke:
     """gather_visible / unshuffle / cosine loss, forward + backward: Triton against torch."""
     import torch
 
-    from urfm_fast.kernel_check import time_fwd_bwd
     from urfm_fast.kernels import cosine_loss as C
     from urfm_fast.kernels import gather as G
+    from urfm_fast.model.kernel_check import time_fwd_bwd
 
     N, K, D = (16, 4, 32) if smoke else (196, 49, 768)
     g = torch.Generator().manual_seed(0)
@@ -282,9 +282,10 @@ def _step_rows(res: Results, phase: str, smoke: bool, compile_mode: str | None) 
 
     from bench.reference import ReferenceStep
     from bench.train_step import OurStep
-    from urfm_fast import URFMConfig, ops
-    from urfm_fast.flops import peak_flops, train_flops_per_image
-    from urfm_fast.kernel_check import Shapes, choose_attention
+    from urfm_fast import URFMConfig
+    from urfm_fast.model import ops
+    from urfm_fast.model.flops import peak_flops, train_flops_per_image
+    from urfm_fast.model.kernel_check import Shapes, choose_attention
 
     device, dtype = _device_and_dtype(smoke)
     tiny = dict(img_size=32, depth=1, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)

@@ -11,13 +11,13 @@ import contextlib
 import torch
 
 from urfm_fast import URFM
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from urfm_fast.ema import EMA
-from urfm_fast.teacher import BiomedCLIPTeacher
+from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.model.teacher import BiomedCLIPTeacher
+from urfm_fast.train.ema import EMA
 
 
 class OurStep:
-    """One urfm_fast training iteration, as ``urfm_fast.trainer.Trainer.train_step`` runs it (without data loading):
+    """One urfm_fast training iteration as Trainer.train_step (urfm_fast.train.trainer) runs it, without data loading:
     teacher targets, student forward/backward under bf16 autocast, fused AdamW on CUDA, foreach EMA.
     """
 

@@ -43,12 +43,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast import URFM, URFMConfig, synthetic
-from urfm_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast import URFM, URFMConfig
 from urfm_fast.config import RECIPE_CHOICES
+from urfm_fast.data import synthetic
+from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from urfm_fast.evaluate import Backbone, Split, format_table, plot, resolve_backbone, run, summarize
-from urfm_fast.masking import attention_masking, split_ids
-from urfm_fast.teacher import (
+from urfm_fast.model.masking import attention_masking, split_ids
+from urfm_fast.model.teacher import (
     EFFICIENTNET_LITE0,
     Targets,
     TeacherUnavailable,
@@ -225,7 +226,7 @@ def real_frames(size: int, workdir: Path) -> tuple[torch.Tensor, int]:
     """Held-out real ultrasound frames: pydicom-data/deid-data DICOM test files -> urfm_fast.prepare ->
     centre square crops at ``size`` px, [N, 3, S, S] in [0, 1]. Empty when neither package is installed."""
     from urfm_fast import prepare
-    from urfm_fast.data import ShardDataset
+    from urfm_fast.data.stream import ShardDataset
 
     files = []
     try:

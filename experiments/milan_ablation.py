@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import label_efficiency as le  # noqa: E402  (the harness this ablation runs in)
 
-from urfm_fast import URFM, URFMConfig, synthetic  # noqa: E402
+from urfm_fast import URFM, URFMConfig
+from urfm_fast.data import synthetic  # noqa: E402
 from urfm_fast.evaluate import Split, format_table, resolve_backbone, run, summarize  # noqa: E402
 
 VARIANTS = {

@@ -2,7 +2,7 @@
 
 ``triton`` is imported here and nowhere else. Where it is missing, ``triton.jit`` becomes a no-op
 so the kernel files still import (their torch references stay usable) and ``HAS_TRITON`` is False;
-``urfm_fast.ops`` then never calls a kernel. Whether the kernels run under the interpreter is
+``urfm_fast.model.ops`` then never calls a kernel. Whether the kernels run under the interpreter is
 decided by triton when the kernel files are imported, so ``TRITON_INTERPRET=1`` must be set before
 the first ``import urfm_fast``.
 

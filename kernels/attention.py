@@ -10,14 +10,14 @@ saves the per-row log-sum-exp; backward recomputes the probabilities from it in 
 one owning key tiles (dK, dV) and one owning query tiles (dQ), so nothing needs atomics and the
 result is deterministic. All accumulation is fp32.
 
-Limits: self-attention only (q, k, v of one shape; ``urfm_fast.ops.attention`` sends queries and
+Limits: self-attention only (q, k, v of one shape; ``urfm_fast.model.ops.attention`` sends queries and
 keys of different lengths, the prompting decoder's, to ``F.scaled_dot_product_attention``); head
 size Dh <= 128 (32/64/128 are the fast cases; others are padded to the next power of two); fp16,
 bf16 or fp32 inputs with a unit stride along Dh (other strides free, so q/k/v views of a packed
 qkv tensor need no copy; an input without it is copied). Outputs and gradients come back in the input dtype, contiguous.
 fp32 inputs use full-precision (ieee, not tf32) dots, exact, under the interpreter only: on a GPU
 those tiles spill registers and overflow shared memory, so the launcher refuses fp32 CUDA tensors
-and ``urfm_fast.ops.attention`` sends fp32 to ``F.scaled_dot_product_attention``.
+and ``urfm_fast.model.ops.attention`` sends fp32 to ``F.scaled_dot_product_attention``.
 
 Caution: autotuning compiles and runs the first call of each (N, Dh, dtype, B*H bucket) several times; the
 kernels only write their outputs, so this is safe, but time the second call, and do not make
@@ -391,7 +391,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         raise ValueError(f"head size {q.shape[-1]} must lie in [1, {MAX_HEAD_DIM}]")
     if q.dtype == torch.float32 and q.is_cuda:
         # exact fp32 (ieee) dots need 2-3x the registers and shared memory of bf16 tiles: the
-        # kernels spill and several tiles exceed sm_90's 227 KB; urfm_fast.ops sends fp32 to SDPA
+        # kernels spill and several tiles exceed sm_90's 227 KB; urfm_fast.model.ops sends fp32 to SDPA
         raise ValueError("fp32 attention on a GPU runs on F.scaled_dot_product_attention; use bf16/fp16 here")
     # in-head offsets (row * stride along N) are int32 in the kernels; the (b, h) offsets are int64
     N = q.shape[2]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from urfm_fast.augment import (
+from urfm_fast.data.augment import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from urfm_fast import URFM, URFMConfig, ops
-from urfm_fast.flops import linear_flops, student_forward_flops
+from urfm_fast import URFM, URFMConfig
 from urfm_fast.kernels.attention import attention_math_ref
+from urfm_fast.model import ops
+from urfm_fast.model.flops import linear_flops, student_forward_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 

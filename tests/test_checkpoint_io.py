@@ -15,8 +15,8 @@ from timm.models.vision_transformer import Block, PatchEmbed
 
 import urfm_fast
 from urfm_fast import URFM, URFMConfig
-from urfm_fast.checkpoint_io import CheckpointError, load_checkpoint
-from urfm_fast.vit import sincos_pos_embed_2d
+from urfm_fast.checkpoints.formats import CheckpointError, load_checkpoint
+from urfm_fast.model.vit import sincos_pos_embed_2d
 
 TINY = dict(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3, dec_dim=64, dec_depth=1, dec_heads=4)
 

@@ -244,12 +244,13 @@ def test_clis_print_one_line_and_exit_2(tmp_path):
 
 def test_every_pretrain_field_is_checked():
     """A new TrainConfig field without a range check would slip through: name each one here."""
-    from urfm_fast.train_checks import CHECKED_ELSEWHERE
+    from urfm_fast.train import checks
+    from urfm_fast.train.checks import CHECKED_ELSEWHERE
 
-    source = Path(pretrain.__file__).with_name("train_checks.py").read_text()
+    source = Path(checks.__file__).read_text()
     unchecked = [f.name for f in dataclasses.fields(pretrain.TrainConfig)
                  if f'"{f.name}"' not in source and f"cfg.{f.name}" not in source and f.name not in CHECKED_ELSEWHERE]
-    assert not unchecked, f"TrainConfig fields without a check in train_checks.py: {unchecked}"
+    assert not unchecked, f"TrainConfig fields without a check in urfm_fast/train/checks.py: {unchecked}"
 
 
 def test_single_class_evaluation_split_is_reported_as_null_in_strict_json(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from urfm_fast.data import (
+from urfm_fast.data.stream import (
     DataError,
     ImageFolderDataset,
     build_train_stream,
@@ -145,7 +145,7 @@ def test_bad_sources_raise_one_line_data_error(tmp_path):
 
 
 def test_synthetic_source():
-    pytest.importorskip("urfm_fast.synthetic")
+    pytest.importorskip("urfm_fast.data.synthetic")
     s = build_train_stream("synthetic", img_size=32, batch_size=2, num_workers=0, synthetic_length=4)
     x, idx = next(iter(s))
     assert x.shape == (2, 3, 32, 32) and idx.shape == (2,)
@@ -154,8 +154,8 @@ def test_synthetic_source():
 
 def test_synthetic_source_falls_back_to_lazy_rendering(monkeypatch, caplog):
     # If rendering up front fails (e.g. on a GPU), the demo still runs: workers render lazily.
-    from urfm_fast.data import SyntheticSource
-    from urfm_fast.synthetic import SyntheticUltrasound
+    from urfm_fast.data.stream import SyntheticSource
+    from urfm_fast.data.synthetic import SyntheticUltrasound
 
     def broken(self, device="cpu", batch=256):
         raise RuntimeError("no kernel image is available")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from urfm_fast import deid
 from urfm_fast import prepare as P
-from urfm_fast.data import ShardDataset
+from urfm_fast.data import deid
+from urfm_fast.data.stream import ShardDataset
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("onnxruntime")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from test_prepare import write_dicom
 
-from urfm_fast import sources
-from urfm_fast.scan_region import to_grey8
+from urfm_fast.data import sources
+from urfm_fast.data.scan_region import to_grey8
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -139,7 +139,7 @@ def test_real_file_window_matches_pydicom(name):
 
 
 def test_large_frames_are_mapped_in_row_blocks_with_the_same_result(tmp_path, monkeypatch):
-    from urfm_fast import dicom_grey
+    from urfm_fast.data import dicom_grey
 
     frames = cine12()
     kw = dict(bits=12, WindowCenter=1200, WindowWidth=800)

@@ -17,8 +17,8 @@ import pytest
 from test_pretrain import fast_random_teacher  # noqa: F401 (autouse fixture for in-process runs)
 from test_resume import REF_ARGS, STEPS, losses, reference_run
 
-from urfm_fast import checkpoint as ckpt
 from urfm_fast import pretrain
+from urfm_fast.checkpoints import runs as ckpt
 
 ATOL = 1e-5
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo + torchrun on Linux/macOS")
@@ -80,7 +80,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from urfm_fast.ema import EMA
+from urfm_fast.train.ema import EMA
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from urfm_fast import URFM, URFMConfig
-from urfm_fast.checkpoint_io import CheckpointError, load_checkpoint
-from urfm_fast.ema import EMA, trustworthy, warmup_decay
+from urfm_fast.checkpoints.formats import CheckpointError, load_checkpoint
+from urfm_fast.train.ema import EMA, trustworthy, warmup_decay
 
 
 def _model():

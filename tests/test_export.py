@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_checkpoint_io import make_official_checkpoint
 
 import urfm_fast
-from urfm_fast.checkpoint_io import load_checkpoint
+from urfm_fast.checkpoints.formats import load_checkpoint
 from urfm_fast.export import main
 
 

@@ -1,12 +1,14 @@
-"""The analytic FLOP counts of urfm_fast.flops: the ViT-B budget of docs/architecture.md, and exact agreement with
+"""The analytic FLOP counts of urfm_fast.model.flops: the ViT-B budget of docs/architecture.md, and exact agreement with
 torch's FlopCounterMode (which counts matmuls and convs) on tiny models."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from urfm_fast import URFM, URFMConfig, ops
-from urfm_fast.flops import (
+from urfm_fast import URFM, URFMConfig
+from urfm_fast.kernels.attention import attention_math_ref
+from urfm_fast.model import ops
+from urfm_fast.model.flops import (
     block_forward_flops,
     mfu,
     patch_embed_flops,
@@ -17,8 +19,7 @@ from urfm_fast.flops import (
     train_flops_per_image,
     vit_forward_flops,
 )
-from urfm_fast.kernels.attention import attention_math_ref
-from urfm_fast.vit import Block
+from urfm_fast.model.vit import Block
 
 GMAC = 2e9  # FLOP per giga multiply-accumulate
 
@@ -100,7 +101,7 @@ def test_student_forward_and_backward_are_exact(math_attention, loss_on, decoder
 
 def test_teacher_formula_matches_timm_vit(math_attention):
     """The teacher term counts a full timm-style ViT on 1+N tokens (here a 2-block, 64-px one)."""
-    from urfm_fast.vit import ViTEncoder
+    from urfm_fast.model.vit import ViTEncoder
 
     enc = ViTEncoder(img_size=64, embed_dim=64, depth=2, num_heads=4)
     x = torch.randn(2, 3, 64, 64)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from urfm_fast import ops
+from urfm_fast.model import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"

@@ -17,8 +17,8 @@ import torch
 from test_pretrain import SYNTH, TINY, fast_random_teacher  # noqa: F401 (autouse fixture)
 
 from urfm_fast import URFM, URFMConfig, evaluate, export, pretrain
-from urfm_fast.checkpoint_io import CheckpointError, load_checkpoint
-from urfm_fast.safe_load import UntrustedCheckpoint, read_dcp_metadata, safe_bytes
+from urfm_fast.checkpoints.formats import CheckpointError, load_checkpoint
+from urfm_fast.checkpoints.safe_load import UntrustedCheckpoint, read_dcp_metadata, safe_bytes
 
 
 class _Payload:
@@ -94,7 +94,7 @@ def test_load_checkpoint_refuses_the_attack(attack):
 def test_load_backbone_and_timm_refuse_the_attack(attack):
     import timm
 
-    from urfm_fast.backbone import load_backbone
+    from urfm_fast.checkpoints.backbone import load_backbone
 
     bad, marker = attack
     with pytest.raises(CheckpointError, match="not a trusted checkpoint"):
@@ -225,7 +225,7 @@ def test_a_failed_save_removes_its_temporary_folder(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from urfm_fast import checkpoint as ckpt
+    from urfm_fast.checkpoints import runs as ckpt
 
     def full_disk(*a, **k):  # what DCP raises when a rank's write fails: a BaseException
         raise CheckpointException("write failed", {0: (OSError(28, "No space left on device"), None)})
@@ -339,7 +339,7 @@ def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, m
     import zipfile
 
     from urfm_fast import prepare as P
-    from urfm_fast import sources
+    from urfm_fast.data import sources
 
     pytest.importorskip("pydicom")
     src = tmp_path / "src"

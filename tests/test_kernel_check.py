@@ -4,10 +4,11 @@ run (with a warning) instead of training on wrong numbers. Under the Triton inte
 import pytest
 import torch
 
-from urfm_fast import URFMConfig, kernel_check, ops
-from urfm_fast.kernel_check import Shapes, check, choose_attention, verify_or_fall_back
+from urfm_fast import URFMConfig
 from urfm_fast.kernels import attention as A
 from urfm_fast.kernels import cosine_loss as C
+from urfm_fast.model import kernel_check, ops
+from urfm_fast.model.kernel_check import Shapes, check, choose_attention, verify_or_fall_back
 
 
 @pytest.fixture(autouse=True)

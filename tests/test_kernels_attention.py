@@ -3,15 +3,15 @@
 Tolerance: flash-attention's rule (conftest ``close_to_fp32``): the kernel's error against an fp32
 reference may be at most twice torch's own error in the same dtype, plus a small atol. Runs under
 the interpreter on CPU with tiny B*H; bf16 and the real shapes run only where CUDA is present, and
-there the fp32 cases run in bf16 (fp32 attention on a GPU is SDPA's, see urfm_fast.ops).
+there the fp32 cases run in bf16 (fp32 attention on a GPU is SDPA's, see urfm_fast.model.ops).
 """
 
 import pytest
 import torch
 
-from urfm_fast import ops
 from urfm_fast.kernels import attention as A
 from urfm_fast.kernels._triton import poison_outputs
+from urfm_fast.model import ops
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

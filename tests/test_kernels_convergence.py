@@ -14,7 +14,8 @@ bench/check_kernels.py there).
 import torch
 from conftest import interpreter_only
 
-from urfm_fast import URFM, URFMConfig, ops
+from urfm_fast import URFM, URFMConfig
+from urfm_fast.model import ops
 
 STEPS = 20
 

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from urfm_fast import ops
 from urfm_fast.kernels import cosine_loss as C
 from urfm_fast.kernels._triton import poison_outputs
+from urfm_fast.model import ops
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 # plus, for the gradient, a few roundings of its largest entry (cancellation makes torch exact by luck)

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from urfm_fast import ops
 from urfm_fast.kernels import gather as G
 from urfm_fast.kernels._triton import poison_outputs
+from urfm_fast.model import ops
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # compiled kernels only: the interpreter rounds fp32 -> bf16 differently from the GPU

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from urfm_fast.masking import block_masking, mask_from_ids, random_masking, split_ids
+from urfm_fast.model.masking import block_masking, mask_from_ids, random_masking, split_ids
 
 
 def assert_permutations(ids, n):
@@ -78,7 +78,7 @@ def test_attention_masking_is_a_permutation_with_a_fixed_visible_count():
 def test_attention_masking_samples_without_replacement_in_proportion():
     """Gumbel-top-k draws the first visible patch with probability p_i, the second as a draw without
     replacement from the rest: the law of torch.multinomial(p, N, replacement=False)."""
-    from urfm_fast.masking import attention_masking
+    from urfm_fast.model.masking import attention_masking
 
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     ids = attention_masking(p.expand(40000, -1), generator=torch.Generator().manual_seed(0))
@@ -91,7 +91,7 @@ def test_attention_masking_samples_without_replacement_in_proportion():
 
 
 def test_attention_masking_from_given_noise_is_deterministic_and_checked():
-    from urfm_fast.masking import attention_masking
+    from urfm_fast.model.masking import attention_masking
 
     p = torch.rand(3, 16)
     noise = torch.rand(3, 16)

@@ -9,9 +9,10 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block as TimmBlock
 
-from urfm_fast import URFM, URFMConfig, ops
-from urfm_fast.masking import split_ids
-from urfm_fast.vit import sincos_pos_embed_2d
+from urfm_fast import URFM, URFMConfig
+from urfm_fast.model import ops
+from urfm_fast.model.masking import split_ids
+from urfm_fast.model.vit import sincos_pos_embed_2d
 
 
 def tiny_cfg(**kw):
@@ -194,7 +195,7 @@ def test_prompting_decoder_updates_only_the_mask_tokens():
 
 def test_prompting_decoder_attention_over_all_tokens():
     """One prompting block against the explicit math: queries = mask tokens, keys/values = CLS, visible, masks."""
-    from urfm_fast.vit import Block
+    from urfm_fast.model.vit import Block
 
     torch.manual_seed(0)
     blk, heads = Block(32, 4), 4

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from urfm_fast import ops
 from urfm_fast.kernels import attention as A
 from urfm_fast.kernels import cosine_loss as C
 from urfm_fast.kernels import gather as G
+from urfm_fast.model import ops
 
 
 def test_backend_names_are_checked():
@@ -117,7 +117,7 @@ def test_torch_compile_fullgraph_traces_the_triton_ops(kernel_device, kernel_dty
 def test_first_op_call_inside_compile_does_not_break_the_graph(monkeypatch):
     # The backend is resolved at import and its log line skipped while tracing, so the first
     # ops.* call of a run may happen inside a compiled block without splitting its graph.
-    from urfm_fast.vit import Block
+    from urfm_fast.model.vit import Block
 
     monkeypatch.setattr(ops, "_logged", False)
     torch._dynamo.reset()

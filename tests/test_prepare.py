@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from urfm_fast import prepare as P
-from urfm_fast import sources
-from urfm_fast.data import ShardDataset, build_train_stream
+from urfm_fast.data import sources
+from urfm_fast.data.stream import ShardDataset, build_train_stream
 
 pydicom = pytest.importorskip("pydicom")
 

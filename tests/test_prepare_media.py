@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_prepare import SECRETS, all_output_bytes, named, speckle, write_dicom
 
-from urfm_fast import media
 from urfm_fast import prepare as P
-from urfm_fast.data import ShardDataset, build_train_stream
+from urfm_fast.data import media
+from urfm_fast.data.stream import ShardDataset, build_train_stream
 
 av = pytest.importorskip("av")
 nib = pytest.importorskip("nibabel")

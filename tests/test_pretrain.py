@@ -18,7 +18,8 @@ import torch
 from conftest import interpreter_only
 from PIL import Image
 
-from urfm_fast import URFM, URFMConfig, faults, pretrain
+from urfm_fast import URFM, URFMConfig, pretrain
+from urfm_fast.train import faults
 
 TINY = [
     "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",
@@ -34,7 +35,7 @@ def fast_random_teacher(monkeypatch):
     """In-process runs reuse one random BiomedCLIP instead of re-initialising 86M parameters each
     time. Honest: pretrain seeds the RNG before loading the teacher, so a fresh 'random' teacher has
     exactly these weights (checked below against a fresh build)."""
-    from urfm_fast.teacher import BiomedCLIPTeacher
+    from urfm_fast.model.teacher import BiomedCLIPTeacher
 
     global _REAL_LOAD
     real_load = _REAL_LOAD = _REAL_LOAD or BiomedCLIPTeacher.load.__func__
@@ -96,7 +97,7 @@ def test_checkpoint_format(tmp_path):
     # the resumable checkpoint is complete and the interop reader understands our .pth
     assert (out / "checkpoints" / "step_00000002" / "manifest.json").is_file()
     try:
-        from urfm_fast.checkpoint_io import load_checkpoint
+        from urfm_fast.checkpoints.formats import load_checkpoint
     except ImportError:
         return
     loaded = load_checkpoint(pth)
@@ -115,7 +116,7 @@ def test_cli_demo(tmp_path):
 
 
 def test_cached_random_teacher_is_the_fresh_one():
-    from urfm_fast.teacher import BiomedCLIPTeacher
+    from urfm_fast.model.teacher import BiomedCLIPTeacher
 
     torch.manual_seed(0)
     cached = BiomedCLIPTeacher.load("random")
@@ -219,7 +220,7 @@ def test_nan_steps_skipped_on_the_device(tmp_path, capsys, monkeypatch):
 def test_device_side_skip_leaves_state_unchanged():
     """A skipped step on the device path: parameters, AdamW state (moments and step counts) and EMA are
     bit-identical afterwards; a good step then updates as usual."""
-    from urfm_fast.ema import EMA
+    from urfm_fast.train.ema import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
@@ -322,8 +323,8 @@ def test_init_loads_weights_only(tmp_path):
 def test_a_kernel_failing_its_start_up_check_runs_on_torch(tmp_path, monkeypatch, capsys):
     # What a GPU run does before compiling: every kernel is checked at the run's shapes; a wrong one
     # (here attention, 1 % off) is switched to torch and the run trains on correct numbers.
-    from urfm_fast import ops
     from urfm_fast.kernels import attention as A
+    from urfm_fast.model import ops
 
     real = A.attention
     monkeypatch.setattr(A, "attention", lambda q, k, v: real(q, k, v) * 1.01)
@@ -343,7 +344,7 @@ def test_short_demo_exports_trained_weights_and_resume_restores_the_count(tmp_pa
     from safetensors.torch import load_file
 
     from urfm_fast import load_backbone
-    from urfm_fast.checkpoint_io import load_checkpoint
+    from urfm_fast.checkpoints.formats import load_checkpoint
     from urfm_fast.export import main as export_main
 
     out = tmp_path / "run"
@@ -381,8 +382,8 @@ def test_run_plan_resolves_the_derived_values_once():
     """Micro-batch, accumulation, lr and the schedule come from one frozen plan; the flags stay as given."""
     import dataclasses
 
-    from urfm_fast.distributed import Dist
-    from urfm_fast.run_plan import build_plan
+    from urfm_fast.train.distributed import Dist
+    from urfm_fast.train.plan import build_plan
 
     cfg, _, demo = pretrain.parse_config(["--data", "synthetic", "--model", "vit_tiny", "--batch-size", "16",
                                           "--micro-batch", "2", "--blr", "1e-3", "--out", "somewhere",
@@ -403,7 +404,7 @@ def test_run_plan_resolves_the_derived_values_once():
 def test_milan_recipe_runs_and_is_saved_then_checked_on_resume(tmp_path, capsys):
     """--mask-type attention --decoder prompting --loss-on all_cls trains (deterministic masks: the noise
     path), lands in config.json and the .pth args, reloads; a config.json edited to an unknown value is refused."""
-    from urfm_fast.checkpoint_io import load_checkpoint
+    from urfm_fast.checkpoints.formats import load_checkpoint
 
     out = tmp_path / "run"
     milan = ["--mask-type", "attention", "--decoder", "prompting", "--loss-on", "all_cls"]

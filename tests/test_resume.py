@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from test_pretrain import SYNTH, TINY, fast_random_teacher, metrics, run  # noqa: F401 (autouse fixture)
 
-from urfm_fast import checkpoint as ckpt
 from urfm_fast import pretrain
+from urfm_fast.checkpoints import runs as ckpt
 
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_cpu.json"
 STEPS = 8

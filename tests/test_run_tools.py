@@ -172,7 +172,7 @@ def test_evaluate_progress_bars_only_when_asked(capsys):
 
     import torch
 
-    from urfm_fast.eval_protocols import extract_features
+    from urfm_fast.eval.protocols import extract_features
 
     bb = types.SimpleNamespace(label="tiny", mean=(0.5,) * 3, std=(0.5,) * 3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))

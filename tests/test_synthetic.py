@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from urfm_fast import synthetic
-from urfm_fast.synthetic import CHUNK, CLASSES, SyntheticUltrasound, generate, save_grid, speckle_envelope
+from urfm_fast.data import synthetic
+from urfm_fast.data.synthetic import CHUNK, CLASSES, SyntheticUltrasound, generate, save_grid, speckle_envelope
 
 
 def test_shapes_and_dtypes():
@@ -143,7 +143,7 @@ def test_save_grid(tmp_path):
 
 
 def test_render_all_fills_the_cache_with_the_same_images():
-    from urfm_fast.synthetic import CHUNK, SyntheticUltrasound
+    from urfm_fast.data.synthetic import CHUNK, SyntheticUltrasound
 
     eager = SyntheticUltrasound(CHUNK + 7, size=32, seed=5)
     assert eager.render_all(batch=48)  # rounded to whole chunks

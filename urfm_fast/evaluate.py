@@ -12,7 +12,7 @@ weights, which need a network or a cache).
 
 Data (``--data``): an ImageFolder root with ``train/`` and ``val/`` (and optional ``test/``) class
 sub-folders; a shard folder from ``python -m urfm_fast.prepare`` plus ``--labels CSV`` (format below);
-or ``synthetic`` (urfm_fast.synthetic's four lesion classes, rendered on the fly; train and val come
+or ``synthetic`` (urfm_fast.data.synthetic's four lesion classes, rendered on the fly; train and val come
 from different seeds). Images are read once, converted to 3-channel grey/RGB, resized (short side) and
 centre-cropped to the backbone's input size. Metrics are computed on ``test`` when it exists, else on
 ``val``.
@@ -59,27 +59,26 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.eval.backbones import Backbone, resolve_backbone  # noqa: F401 (re-exported)
 
 # Data and protocols live in eval_data and eval_protocols (both import torch); their public names stay
 # importable from here, bound on first use so --help answers before torch is imported. run() and main()
 # read them as this module's globals (main binds them after parsing and keeps a name already set), so
 # patching evaluate.<name> reaches them.
 _LAZY = {
-    "urfm_fast.eval_data": ("SPLITS", "Split", "_check_classes", "load_data", "load_imagefolder", "load_shards",
+    "urfm_fast.eval.data": ("SPLITS", "Split", "_check_classes", "load_data", "load_imagefolder", "load_shards",
                             "load_synthetic", "read_shard_labels", "stratified_subset"),
-    "urfm_fast.eval_protocols": ("classification_metrics", "extract_features", "finetune", "knn_classify",
+    "urfm_fast.eval.protocols": ("classification_metrics", "extract_features", "finetune", "knn_classify",
                                  "linear_probe"),
 }
 if TYPE_CHECKING:
-    from urfm_fast.eval_data import Split, load_data, stratified_subset
-    from urfm_fast.eval_protocols import classification_metrics, extract_features, finetune, knn_classify, linear_probe
+    from urfm_fast.eval.data import Split, load_data, stratified_subset
+    from urfm_fast.eval.protocols import classification_metrics, extract_features, finetune, knn_classify, linear_probe
 
 
 def _bind_lazy() -> None:
@@ -99,62 +98,6 @@ def __getattr__(name: str):
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Backbones
-
-
-@dataclass
-class Backbone:
-    label: str
-    spec: str
-    make: object  # (num_classes, drop_path_rate) -> timm model
-    mean: tuple
-    std: tuple
-    img_size: int
-    meta: dict
-
-
-def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None, weights: str = "auto") -> Backbone:
-    """``weights`` (auto | ema | live): which weights of a URFM checkpoint (see ``load_checkpoint``)."""
-    import timm
-    import torch
-
-    from urfm_fast.backbone import load_backbone
-    from urfm_fast.checkpoint_io import load_checkpoint
-
-    label, _, target = spec.partition("=") if "=" in spec else (None, "", spec)
-    label = label or Path(target).stem or target
-    if target == "random":
-        def make(num_classes=0, drop_path_rate=0.0):
-            torch.manual_seed(0)  # the same random init for every seed/fraction
-            return load_backbone(None, arch=arch, num_classes=num_classes, global_pool=global_pool,
-                                 img_size=img_size or 224, drop_path_rate=drop_path_rate)
-        meta = {"format": "random", "arch": arch}
-    elif Path(target).expanduser().exists():
-        ckpt = load_checkpoint(Path(target).expanduser(), weights=weights)
-        print(f"[{label}] {ckpt.meta['weights']} weights ({ckpt.meta['weights_reason']})")
-
-        def make(num_classes=0, drop_path_rate=0.0):
-            torch.manual_seed(0)
-            return load_backbone(ckpt, num_classes=num_classes, global_pool=global_pool, img_size=img_size,
-                                 drop_path_rate=drop_path_rate)
-        meta = {k: ckpt.meta[k] for k in ("format", "weights", "weights_reason", "epoch", "step", "path")}
-        meta["model"] = ckpt.config.model
-    else:
-        name = target.removeprefix("timm:")
-
-        def make(num_classes=0, drop_path_rate=0.0):
-            torch.manual_seed(0)
-            kw = {"img_size": img_size} if img_size else {}
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                                     **kw)
-        meta = {"format": "timm", "name": name}
-    probe = make()
-    cfg = probe.pretrained_cfg
-    return Backbone(label, target, make, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                    tuple(cfg.get("std", IMAGENET_STD)), int(cfg["input_size"][-1]), meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +211,7 @@ def plot(summary: list[dict], path: Path, title: str = "Label efficiency") -> Pa
 
 def write_events(summary: list[dict], out: Path) -> None:
     """The label-efficiency curves as TensorBoard scalars (x = labelled training images), when installed."""
-    from urfm_fast.tensorboard_writer import add_scalars, summary_writer
+    from urfm_fast.train.tensorboard import add_scalars, summary_writer
 
     writer = summary_writer(out)
     if writer is None:
@@ -400,7 +343,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
-    from urfm_fast.checkpoint_io import CheckpointError
+    from urfm_fast.checkpoints.formats import CheckpointError
 
     try:
         backbones = [resolve_backbone(s, a.arch, a.global_pool, a.img_size, a.weights) for s in a.backbone]

@@ -39,7 +39,7 @@ from urfm_fast.cli_checks import FlagError, OneLineParser, writable_dir
 from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # checkpoint_io imports torch: after parsing, so --help answers at once
-    from urfm_fast.checkpoint_io import LoadedCheckpoint
+    from urfm_fast.checkpoints.formats import LoadedCheckpoint
 
 # Our width -> timm's registered patch-16 ViT of that family, so a custom depth keeps its family's
 # name; any other width (and ViT-H, which timm registers only at patch 14) is vit_base_patch16_224.
@@ -89,7 +89,7 @@ def export(checkpoint, out_dir, prefer_ema: bool | None = None, force: bool = Fa
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``."""
     from safetensors.torch import save_file
 
-    from urfm_fast.checkpoint_io import LoadedCheckpoint, load_checkpoint
+    from urfm_fast.checkpoints.formats import LoadedCheckpoint, load_checkpoint
 
     out = Path(out_dir)
     existing = [f for f in FILES if (out / f).exists()]
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--live", action="store_true", help="same as --weights live")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     a = p.parse_args(argv)
-    from urfm_fast.checkpoint_io import CheckpointError, load_checkpoint  # torch: after parsing
+    from urfm_fast.checkpoints.formats import CheckpointError, load_checkpoint  # torch: after parsing
 
     try:
         writable_dir("out", a.out)  # before reading a large checkpoint

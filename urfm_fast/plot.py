@@ -17,7 +17,7 @@ from pathlib import Path
 
 from urfm_fast.cli_checks import FlagError, OneLineParser, writable_dir
 
-METRICS_FILE = "metrics.jsonl"  # as urfm_fast.checkpoint writes it (that module imports torch)
+METRICS_FILE = "metrics.jsonl"  # as urfm_fast.checkpoints.runs writes it (that module imports torch)
 PANELS = (("loss", "loss", "log"), ("lr", "learning rate", "linear"), ("grad_norm", "gradient norm", "log"),
           ("images_per_s", "images/s", "linear"))
 

@@ -3,7 +3,7 @@
 Reads PNG (8/16-bit), JPEG, BMP, TIFF and DICOM (pydicom 3: single- and multi-frame, decoded frame
 by frame; MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR; JPEG baseline/lossless through Pillow
 or the pylibjpeg plugins; DICOM files are recognised by content, with or without a .dcm suffix), and
-with the media extra video clips (AVI/MP4/MOV/M4V) and NIfTI / MetaImage volumes (urfm_fast.media
+with the media extra video clips (AVI/MP4/MOV/M4V) and NIfTI / MetaImage volumes (urfm_fast.data.media
 says how slices and intensities are taken). Near-duplicate consecutive frames of a cine, clip or
 volume (under DUPLICATE_MAD grey levels apart after resizing) are left out after de-identification.
 --list FILE adds sources, one path per line or a CSV with a `path` column; summary.json and the
@@ -17,15 +17,15 @@ skipped), symlinked folders are followed once each, a DICOM frame over MAX_FRAME
 over its declared size or ratio budget are refused before decoding, and a lock keeps a second run off
 the output folder.
 Every image/frame becomes 8-bit grey (a DICOM through its window or VOI LUT, else one range per file
-for all its frames: urfm_fast.dicom_grey), is cropped to the scan region, de-identified (burned-in text and
-overlays blanked, urfm_fast.deid), resized to a fixed short side and appended to memory-mappable shards:
+for all its frames: urfm_fast.data.dicom_grey), is cropped to the scan region, de-identified (burned-in text and
+overlays blanked, urfm_fast.data.deid), resized to a fixed short side and appended to memory-mappable shards:
 
     DIR/urfm_shards.json   format marker, the short side and the salt of the source ids
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
     DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
                            the source frame), blank (boxes blanked inside it, output pixels), burned_in
     DIR/index.bin          the same entries (no boxes) as fixed-width binary records that the training
-                           data stream memory-maps (urfm_fast.shard_index), rewritten at each run's end
+                           data stream memory-maps (urfm_fast.data.shards), rewritten at each run's end
     DIR/skipped.jsonl      one line per file or archive member left out: id, reason
     DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
     DIR/review.png         with --review N: N random images, blanked areas outlined
@@ -35,7 +35,7 @@ regions); otherwise the largest connected bright blob after an opening that eras
 lines (the fan or rectangle of live image), holes filled; pixels outside it (text, UI, calipers)
 are blanked and the image is cropped to it. When nothing convincing is found the frame is kept whole.
 
-Inside it (urfm_fast.deid): text boxes found by the PP-OCRv4 detection network, cine pixels that never
+Inside it (urfm_fast.data.deid): text boxes found by the PP-OCRv4 detection network, cine pixels that never
 change (overlays), and in a region box small flat marks on black outside the scan hull are blanked.
 DICOM with BurnedInAnnotation YES are cleaned and flagged (or left out with --burned-in skip); an image
 whose text covers over 35 % of it is left out (skipped.jsonl gives the reason). Without the detector
@@ -50,9 +50,9 @@ Resumable and idempotent: files already in the index (or in skipped.jsonl) are n
 second run adds only new files; a crash loses at most the file being written. A folder written
 before names were hashed has its index and skip list rewritten with ids on the next run.
 
-This module holds the pipeline and the CLI; the shard format is in urfm_fast.shards, the scan region
-in urfm_fast.scan_region, finding and decoding files (and the memory budgets) in urfm_fast.sources,
-source ids and the path map in urfm_fast.source_ids. Their names stay importable from here.
+This module holds the pipeline and the CLI; the shard format is in urfm_fast.data.shards, the scan region
+in urfm_fast.data.scan_region, finding and decoding files (and the memory budgets) in urfm_fast.data.sources,
+source ids and the path map in urfm_fast.data.source_ids. Their names stay importable from here.
 
     python -m urfm_fast.prepare /data/us_archive --out /data/us_shards
     python -m urfm_fast.prepare /data/cines.zip /data/more_scans --out /data/us_shards
@@ -70,10 +70,10 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from urfm_fast import deid, media, shard_index, sources
+from urfm_fast.data import deid, media, shards, sources
 
 # Re-exported so the old import paths keep working; the budgets are read in sources.py (patch them there).
-from urfm_fast.scan_region import (  # noqa: F401 (re-exported)
+from urfm_fast.data.scan_region import (  # noqa: F401 (re-exported)
     DUPLICATE_MAD,
     crop_to_mask,
     detect_scan_region,
@@ -83,7 +83,7 @@ from urfm_fast.scan_region import (  # noqa: F401 (re-exported)
     resize_short,
     to_grey8,
 )
-from urfm_fast.shards import (  # noqa: F401 (re-exported)
+from urfm_fast.data.shards import (  # noqa: F401 (re-exported)
     IMAGE_EXTS,
     INDEX,
     MARKER,
@@ -98,7 +98,7 @@ from urfm_fast.shards import (  # noqa: F401 (re-exported)
     read_index,
     shard_path,
 )
-from urfm_fast.source_ids import (  # noqa: F401 (re-exported)
+from urfm_fast.data.source_ids import (  # noqa: F401 (re-exported)
     _check_path_map,
     _hash_old_names,
     _write_path_map,
@@ -107,7 +107,7 @@ from urfm_fast.source_ids import (  # noqa: F401 (re-exported)
     source_id,
     source_salt,
 )
-from urfm_fast.sources import (  # noqa: F401 (re-exported)
+from urfm_fast.data.sources import (  # noqa: F401 (re-exported)
     MAX_FRAME_PIXELS,
     MAX_OUTPUT_BYTES,
     PrepareError,
@@ -308,7 +308,7 @@ def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped
     jsonl_bytes = os.path.getsize(os.path.join(out, INDEX))
     records = read_index(out)
     counts["images_total"] = len(records)
-    shard_index.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
+    shards.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
     counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
     counts["seconds"] = round(time.time() - t0, 2)
     for row in per_source:

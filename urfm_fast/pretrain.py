@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 
-from urfm_fast.train_config import (  # noqa: F401 (public names)
+from urfm_fast.train.config import (  # noqa: F401 (public names)
     DEMO_CPU,
     DEMO_GPU,
     Stop,
@@ -41,14 +41,14 @@ from urfm_fast.train_config import (  # noqa: F401 (public names)
 # Public names of the modules that import torch: bound on first use (PEP 562), so ``--help`` and a
 # bad flag answer before torch is imported.
 _EXPORTS = {
-    "urfm_fast.checkpoint_io": ("CheckpointError",),
-    "urfm_fast.checkpoint_manager": ("ema_names", "rng_state", "set_rng_state"),
-    "urfm_fast.data": ("DataError",),
-    "urfm_fast.distributed": ("Dist", "all_mean", "broadcast_obj", "fail_fast", "init_distributed",
+    "urfm_fast.checkpoints.formats": ("CheckpointError",),
+    "urfm_fast.train.checkpointing": ("ema_names", "rng_state", "set_rng_state"),
+    "urfm_fast.data.stream": ("DataError",),
+    "urfm_fast.train.distributed": ("Dist", "all_mean", "broadcast_obj", "fail_fast", "init_distributed",
                               "is_collective_failure", "report"),
-    "urfm_fast.faults": ("parse_faults",),
-    "urfm_fast.run_plan": ("RunPlan", "apply_process_settings", "build_plan", "lr_at"),
-    "urfm_fast.teacher": ("TeacherUnavailable",),
+    "urfm_fast.train.faults": ("parse_faults",),
+    "urfm_fast.train.plan": ("RunPlan", "apply_process_settings", "build_plan", "lr_at"),
+    "urfm_fast.model.teacher": ("TeacherUnavailable",),
 }
 
 def __getattr__(name: str):
@@ -62,9 +62,9 @@ def __getattr__(name: str):
 
 def train(cfg: TrainConfig, demo: bool) -> int:
     """Build the run from ``cfg`` and train it to the end (or a preemption); -> exit code."""
-    from urfm_fast.distributed import init_distributed
-    from urfm_fast.run_plan import apply_process_settings, build_plan
-    from urfm_fast.trainer import Trainer
+    from urfm_fast.train.distributed import init_distributed
+    from urfm_fast.train.plan import apply_process_settings, build_plan
+    from urfm_fast.train.trainer import Trainer
 
     d = init_distributed(cfg)
     plan = build_plan(cfg, demo, d)
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from urfm_fast.checkpoint_io import CheckpointError
-    from urfm_fast.data import DataError
-    from urfm_fast.distributed import fail_fast, is_collective_failure, report
-    from urfm_fast.teacher import TeacherUnavailable
+    from urfm_fast.checkpoints.formats import CheckpointError
+    from urfm_fast.data.stream import DataError
+    from urfm_fast.model.teacher import TeacherUnavailable
+    from urfm_fast.train.distributed import fail_fast, is_collective_failure, report
 
     # process-wide settings a run changes (--deterministic, TF32 for fp32): restored for the caller
     settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -1,0 +1,481 @@
+"""Training input: sources of uint8 grey images and the infinite, resumable, sharded batch stream.
+
+Sources (each item is a uint8 tensor [1,H,W]):
+- `ShardDataset(dir)`     pre-decoded shards written by `python -m urfm_fast.prepare` (fast path:
+                          a memory-map read per image, no decoding).
+- `ImageFolderDataset(dir)` PNG/JPEG/BMP/TIFF found recursively, decoded on the fly and resized to
+                          a short side of 256; unreadable files are logged once, counted and replaced.
+- `SyntheticSource(n, size, seed)` the built-in synthetic ultrasound (the default demo data).
+
+`build_train_stream(...)` turns a source into batches `(images01 [B,3,S,S] on device, sample_index
+[B])`: background DataLoader workers read uint8 (pinned when CUDA), the whole batch is augmented on
+the device (urfm_fast.data.augment). Each epoch is a permutation seeded by (seed, epoch), cut into global
+batches of batch_size * world_size (drop_last); rank r takes its own slice of every global batch,
+so ranks never overlap. `state_dict()` stores (epoch, offset): a resumed run continues with the
+very next unseen global batch.
+
+Deterministic mode: crop/flip of a sample derive from `sample_seeds(seed, epoch, index)`, and the
+model's masking noise can derive from the same triple through `mask_noise` (another hash stream):
+
+    for x, idx in stream:
+        noise = stream.mask_noise(idx, num_patches, device=x.device)  # float [B, N] in [0,1)
+        ids_shuffle = noise.argsort(dim=1)                              # MAE's random_masking
+
+Nothing then depends on the number of workers, ranks or batch composition (pixels agree up to
+float rounding, ~1e-6, because a batch's zero-padding size enters grid_sample's coordinates).
+"""
+
+import logging
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from urfm_fast.data import shards
+from urfm_fast.data.augment import batch_augment, hash_uniform, mix_seed, pad_batch
+from urfm_fast.data.scan_region import load_image_grey8, resize_short
+from urfm_fast.data.shards import IMAGE_EXTS
+
+log = logging.getLogger(__name__)
+
+_MAX_BAD_IN_A_ROW = 32  # an ImageFolderDataset gives up when this many files in a row are unreadable
+
+
+class DataError(ValueError):
+    """Unusable training data (missing/empty folder, nothing readable). The message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+class ShardDataset(Dataset):
+    """Images/frames of a shard folder from `python -m urfm_fast.prepare`; item = uint8 [1,H,W].
+
+    The index (urfm_fast.data.shards) and the shards are opened as read-only memory maps, the shards
+    lazily in each process (DataLoader workers included), so opening a folder of a million images
+    parses nothing and pickling the dataset to workers never copies pixels or index entries."""
+
+    def __init__(self, root):
+        root = os.fspath(root)
+        if not shards.is_shard_dir(root):
+            raise DataError(
+                f"{root} is not a shard folder (no {shards.MARKER}); run python -m urfm_fast.prepare"
+            )
+        try:
+            self.index = shards.open_index(root)  # structured RECORD [n]
+        except shards.ShardIndexError as e:
+            raise DataError(str(e)) from None
+        if not len(self.index):
+            raise DataError(f"shard folder {root} holds no images")
+        self.root = root
+        self._maps = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # memory maps are reopened in the receiving process
+        if isinstance(self.index, np.memmap):
+            state["index"] = len(self.index)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self.index, int):
+            self.index = shards.reopen(self.root, self.index)
+
+    def _map(self, k):
+        m = self._maps.get(k)
+        if m is None:
+            m = np.memmap(shards.shard_path(self.root, k), dtype=np.uint8, mode="r")
+            self._maps[k] = m
+        return m
+
+    def __getitem__(self, i):
+        rec = self.index[i]
+        h, w, o, k = int(rec["h"]), int(rec["w"]), int(rec["offset"]), int(rec["shard"])
+        px = np.array(self._map(k)[o : o + h * w])  # copy out of the map
+        if h <= 0 or w <= 0 or o < 0 or px.size != h * w:
+            raise DataError(f"shard folder {self.root}: entry {i} lies outside shard {k}; the shards do not "
+                            "match the index (copied in part?)")
+        return torch.from_numpy(px).view(1, h, w)
+
+
+def find_images(root):
+    """Sorted relative paths of PNG/JPEG/BMP/TIFF files under root (recursive, case-insensitive)."""
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                out.append(os.path.relpath(os.path.join(d, f), root))
+    return out
+
+
+def _no_images_message(root: str, max_sniffed: int = 1000) -> str:
+    """What to do with a folder without PNG/JPEG/BMP/TIFF: when it holds files that only prepare reads
+    (DICOM, zip archives, video clips, volumes), the prepare command to run first."""
+    import shlex
+
+    from urfm_fast.data.media import MEDIA_EXTS
+    from urfm_fast.data.sources import ARCHIVE_EXTS, DICOM_EXTS, is_dicom
+
+    counts = {"DICOM": 0, "zip": 0, "video/volume": 0}
+    sniffed = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            name = f.lower()
+            if name.endswith(DICOM_EXTS):
+                counts["DICOM"] += 1
+            elif name.endswith(ARCHIVE_EXTS):
+                counts["zip"] += 1
+            elif name.endswith(MEDIA_EXTS):
+                counts["video/volume"] += 1
+            elif sniffed < max_sniffed:  # DICOM files often have no suffix: their 'DICM' magic tells
+                sniffed += 1
+                counts["DICOM"] += is_dicom(os.path.join(d, f))
+    found = ", ".join(f"{n} {kind} file{'s' if n > 1 else ''}" for kind, n in counts.items() if n)
+    if not found:
+        return f"no PNG/JPEG/BMP/TIFF images found under {root}"
+    shards = os.path.normpath(root) + "_shards"
+    return (f"{root} holds {found} and no PNG/JPEG/BMP/TIFF images: convert it to a shard folder first with "
+            f"`python -m urfm_fast.prepare {shlex.quote(root)} --out {shlex.quote(shards)}`, then pass "
+            f"--data {shlex.quote(shards)}")
+
+
+class ImageFolderDataset(Dataset):
+    """PNG/JPEG/BMP/TIFF (8/16-bit, colour -> grey) under `root`, searched recursively, decoded on the
+    fly and resized to `short_side`; item = uint8 [1,H,W].
+
+    An unreadable file is logged once, counted in `.skipped` and replaced by the next readable one,
+    so a run never stops on a bad file. (Counts made in DataLoader workers reach the main process
+    through the train stream, which calls `note_bad`.)"""
+
+    def __init__(self, root, short_side=256):
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"data folder {root} does not exist")
+        self.root, self.short_side = root, short_side
+        self.files = find_images(root)
+        if not self.files:
+            raise DataError(_no_images_message(root))
+        self.bad = {}  # relative path -> reason, in this process
+
+    def __len__(self):
+        return len(self.files)
+
+    @property
+    def skipped(self):
+        return len(self.bad)
+
+    def load(self, i):
+        """-> (uint8 [1,H,W], [(rel_path, reason), ...] of unreadable files met on the way)."""
+        met = []
+        for k in range(_MAX_BAD_IN_A_ROW):
+            rel = self.files[(i + k) % len(self.files)]
+            try:
+                g = load_image_grey8(os.path.join(self.root, rel))
+                g = resize_short(g, self.short_side)
+                return torch.from_numpy(np.array(g, dtype=np.uint8)).unsqueeze(0), met  # writable copy
+            except Exception as e:  # any decoder failure: skip the file, never stop the run
+                met.append((rel, f"{type(e).__name__}: {e}"[:200]))
+        raise DataError(
+            f"{_MAX_BAD_IN_A_ROW} unreadable images in a row under {self.root}; is this an image folder?"
+        )
+
+    def note_bad(self, met):
+        for rel, reason in met:
+            if rel not in self.bad:
+                self.bad[rel] = reason
+                log.warning("skipping unreadable image %s (%s)", rel, reason)
+
+    def __getitem__(self, i):
+        img, met = self.load(i)
+        self.note_bad(met)
+        return img
+
+    def summary(self):
+        return f"{len(self.files)} images under {self.root}, {self.skipped} unreadable skipped"
+
+
+class SyntheticSource(Dataset):
+    """The built-in synthetic ultrasound as a source; item = uint8 [1,size,size] (label dropped)."""
+
+    def __init__(self, length, size, seed=0):
+        from urfm_fast.data.synthetic import SyntheticUltrasound  # lazy: only the demo needs it
+
+        self.ds = SyntheticUltrasound(length, size, seed)
+        # Rendered up front (on the GPU when there is one) so forked workers share one copy.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.ds.render_all(device)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # the demo must still run: render lazily
+            self.ds = SyntheticUltrasound(length, size, seed)  # drop any partial rendering
+            log.warning("synthetic data: rendering on %s failed (%s); workers render it on the CPU", device, e)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img = self.ds[i][0]
+        return img if img.dim() == 3 else img.unsqueeze(0)
+
+
+def open_source(source, *, seed=0, synthetic_length=4096, synthetic_size=256, short_side=256):
+    """'synthetic' | shard folder | image folder -> Dataset of uint8 [1,H,W] (raises DataError)."""
+    if isinstance(source, Dataset):
+        return source
+    if source is None or str(source) == "synthetic":
+        return SyntheticSource(synthetic_length, synthetic_size, seed)
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise DataError(f"data folder {path} does not exist")
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a folder; give a folder of images or a shard folder")
+    if shards.is_shard_dir(path):
+        return ShardDataset(path)
+    return ImageFolderDataset(path, short_side=short_side)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+
+
+def epoch_permutation(n, seed, epoch):
+    """The global order of epoch `epoch`: int64 [n], a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(int(mix_seed(seed, epoch, 0x5EED)) & 0x7FFFFFFFFFFFFFFF)
+    return torch.randperm(n, generator=g)
+
+
+def sample_seeds(seed, epoch, sample_index):
+    """Per-sample augmentation seeds: int64 [B] from (seed, epoch or int64 [B], sample_index [B])."""
+    return mix_seed(seed, epoch, sample_index)
+
+
+def mask_seeds(seed, epoch, sample_index):
+    """Per-sample masking seeds, independent of the augmentation seeds of the same sample."""
+    return mix_seed(seed, epoch, sample_index, 0x3A5C)
+
+
+def mask_noise(seed, epoch, sample_index, num_patches, device=None):
+    """float32 [B, num_patches] uniform in [0,1) from (seed, epoch, index): argsort it to mask."""
+    idx = torch.as_tensor(sample_index, dtype=torch.int64)
+    if device is not None:
+        # Hash on the device (integer ops, identical results): copying a freshly computed CPU
+        # tensor to the GPU would block the host every step.
+        idx = idx.to(device, non_blocking=True)
+        if torch.is_tensor(epoch) and epoch.dim() > 0:
+            epoch = epoch.to(device, non_blocking=True)
+    return hash_uniform(mask_seeds(seed, epoch, idx), num_patches, stream=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream
+
+
+class _Keyed(Dataset):
+    """Wraps a source so a key (epoch, index) yields (uint8 [1,H,W], index, epoch, unreadable files)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if isinstance(self.source, ImageFolderDataset):
+            img, met = self.source.load(i)
+        else:
+            img, met = self.source[i], []
+        return img, i, epoch, met
+
+
+def _collate(items):
+    """-> (uint8 [B,1,Hmax,Wmax] zero-padded, int64 [B,2] sizes, int64 [B] index, int64 [B] epoch, bad)."""
+    padded, sizes = pad_batch([it[0] for it in items])
+    index = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    epoch = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    return padded, sizes, index, epoch, [m for it in items for m in it[3]]
+
+
+class _RankBatches(Sampler):
+    """Infinite: from (epoch, step) on, this rank's slice of every global batch of every epoch."""
+
+    def __init__(self, n, batch_size, world_size, rank, seed, epoch, step):
+        self.n, self.b, self.w, self.r, self.seed = n, batch_size, world_size, rank, seed
+        self.epoch, self.step = epoch, step
+
+    def __iter__(self):
+        epoch, step = self.epoch, self.step
+        gb = self.b * self.w
+        if gb <= 0 or self.n // gb == 0:  # an epoch without one batch would loop here forever, yielding nothing
+            raise DataError(f"{self.n} images are fewer than one global batch of {gb}")
+        while True:
+            perm = epoch_permutation(self.n, self.seed, epoch).tolist()
+            for s in range(step, self.n // gb):
+                lo = s * gb + self.r * self.b
+                yield [(epoch, i) for i in perm[lo : lo + self.b]]
+            epoch, step = epoch + 1, 0
+
+
+class TrainStream:
+    """Iterable forever over `(images01 float32 [B,3,S,S] on device, sample_index int64 [B] on CPU)`.
+
+    Attributes: `epoch` (epoch of the last batch yielded), `samples_per_epoch` (global samples used
+    per epoch, after drop_last), `steps_per_epoch`, `num_images`, `source`. Breaking out of a loop
+    and iterating again continues where it stopped."""
+
+    def __init__(
+        self,
+        source,
+        *,
+        img_size,
+        batch_size,
+        seed=0,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+        deterministic=False,
+        device="cpu",
+        scale=(0.2, 1.0),
+        prefetch_factor=4,
+    ):
+        self.source, self.img_size, self.batch_size = source, img_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.deterministic = num_workers, deterministic
+        self.device, self.scale, self.prefetch_factor = torch.device(device), scale, prefetch_factor
+        self.num_images = len(source)
+        self.steps_per_epoch = self.num_images // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{self.num_images} images are fewer than one global batch of {batch_size * world_size}"
+            )
+        self.samples_per_epoch = self.steps_per_epoch * batch_size * world_size
+        self.epoch = 0
+        self._epoch, self._step = 0, 0  # position of the next global batch
+        # Non-deterministic mode draws crops from one generator per rank on the device.
+        self._gen = torch.Generator(device=self.device).manual_seed(
+            int(mix_seed(seed, rank, 0xA06)) & 0x7FFFFFFFFFFFFFFF
+        )
+
+    # -- position -------------------------------------------------------------------------
+    def state_dict(self):
+        """Data position for the checkpoint: the next global batch is `offset` samples into `epoch`."""
+        return {
+            "epoch": self._epoch,
+            "offset": self._step * self.batch_size * self.world_size,
+            "seed": self.seed,
+            "num_images": self.num_images,
+            "rng": self._gen.get_state(),
+        }
+
+    def load_state_dict(self, state):
+        if state.get("num_images", self.num_images) != self.num_images:
+            log.warning(
+                "data changed since the checkpoint (%s -> %s images): epoch order differs",
+                state["num_images"],
+                self.num_images,
+            )
+        if state.get("seed", self.seed) != self.seed:
+            log.warning("data seed changed since the checkpoint (%s -> %s)", state["seed"], self.seed)
+        gb = self.batch_size * self.world_size
+        offset = int(state["offset"])
+        if offset % gb:
+            log.warning("resume offset %d not a multiple of the global batch %d: rounded down", offset, gb)
+        self._epoch, self._step = int(state["epoch"]), offset // gb
+        if self._step >= self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        self.epoch = self._epoch
+        if "rng" in state:
+            self._gen.set_state(state["rng"])
+
+    def mask_noise(self, sample_index, num_patches, epoch=None, device=None):
+        """Masking noise float32 [B, num_patches] for the batch just yielded (see module docstring)."""
+        epoch = self.epoch if epoch is None else epoch
+        return mask_noise(self.seed, epoch, sample_index, num_patches, device)
+
+    # -- iteration ------------------------------------------------------------------------
+    def _loader(self):
+        sampler = _RankBatches(
+            self.num_images, self.batch_size, self.world_size, self.rank, self.seed, self._epoch, self._step
+        )
+        kw = {}
+        if self.num_workers > 0:
+            kw = dict(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        return DataLoader(
+            _Keyed(self.source),
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            **kw,
+        )
+
+    def __iter__(self):
+        for padded, sizes, index, epoch, bad in self._loader():
+            if bad and isinstance(self.source, ImageFolderDataset):
+                self.source.note_bad(bad)
+            x = padded.to(self.device, non_blocking=True)
+            seeds = None
+            if self.deterministic:  # hashed on the device from the pinned index: no host sync
+                dev_index = index.to(self.device, non_blocking=True)
+                seeds = sample_seeds(self.seed, epoch.to(self.device, non_blocking=True), dev_index)
+            images = batch_augment(
+                x, self.img_size, scale=self.scale, seeds=seeds, generator=self._gen, sizes=sizes
+            )  # (B, 3, S, S) in [0, 1]
+            self.epoch = int(epoch[0])
+            self._step += 1
+            if self._step == self.steps_per_epoch:
+                self._epoch, self._step = self._epoch + 1, 0
+            yield images, index
+
+    def summary(self):
+        src = self.source
+        if isinstance(src, ImageFolderDataset):
+            return src.summary()
+        if isinstance(src, ShardDataset):
+            return f"{len(src)} images in shards under {src.root}"
+        return f"{len(src)} synthetic images"
+
+
+def build_train_stream(
+    source,
+    *,
+    img_size,
+    batch_size,
+    seed=0,
+    rank=0,
+    world_size=1,
+    num_workers=2,
+    deterministic=False,
+    device="cpu",
+    synthetic_length=4096,
+    synthetic_size=None,
+    short_side=256,
+    scale=(0.2, 1.0),
+):
+    """source: "synthetic", a shard folder, an image folder (auto-detected) or a Dataset of uint8
+    [1,H,W]; batch_size is per rank. Raises DataError when the source is unusable."""
+    ds = open_source(
+        source,
+        seed=seed,
+        synthetic_length=synthetic_length,
+        synthetic_size=synthetic_size or img_size,
+        short_side=short_side,
+    )
+    return TrainStream(
+        ds,
+        img_size=img_size,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        deterministic=deterministic,
+        device=device,
+        scale=scale,
+    )

@@ -1,0 +1,263 @@
+"""The pretraining config: one dataclass, and the CLI derived from it (every field is a --flag with
+its help text). ``parse_config`` applies the demo presets, or the settings of the run being resumed,
+then the flags given, and checks every value before anything is built (train_checks.py). This module
+imports neither torch nor timm, so ``--help`` and a bad flag answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from urfm_fast.cli_checks import FlagError, OneLineParser, existing
+from urfm_fast.config import HF_HUB_ID, RECIPE_CHOICES, TEACHER_HELP, VIT_PRESETS
+from urfm_fast.train.checks import check_train_config, train_warnings
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = _f("vit_base", "student size", choices=sorted(VIT_PRESETS))
+    img_size: int = _f(224, "training image size (pixels, multiple of 16)")
+    depth: int | None = _f(None, "override the encoder depth of --model (small CPU runs)")
+    decoder_dim: int = _f(768, "decoder width (URFM: 768)")
+    decoder_depth: int = _f(8, "decoder blocks (URFM: 8)")
+    decoder_heads: int = _f(16, "decoder attention heads")
+    mask_ratio: float = _f(0.75, "fraction of patches masked")
+    mask_type: str = _f("random", "masking generator: random (MAE), block (BEiT) or attention (MILAN: visible "
+                                  "patches sampled by the teacher's CLS attention, a CNN teacher's feature norm)",
+                        choices=list(RECIPE_CHOICES["mask_type"]))
+    decoder: str = _f("standard", "decoder: standard (MAE, every token updated) or prompting (MILAN: only the mask "
+                                  "tokens are updated, the encoder's tokens are fixed keys/values)",
+                      choices=list(RECIPE_CHOICES["decoder"]))
+    loss_on: str = _f("masked", "tokens in the loss: masked patches, all patches, or all_cls (all patches and "
+                                "CLS against the teacher's CLS, MILAN)", choices=list(RECIPE_CHOICES["loss_on"]))
+    # teacher
+    teacher: str = _f(HF_HUB_ID, TEACHER_HELP)
+    target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",
+                     choices=["tokens", "proj"])
+    # data
+    data: str | None = _f(None, "folder of PNG/JPEG/BMP/TIFF (recursive) or a shard folder; 'synthetic' for the "
+                                "built-in data; without it the run is a short demo on synthetic data")
+    num_workers: int | None = _f(None, "DataLoader workers per rank (default: 8, at most the CPU cores per rank)")
+    synthetic_images: int = _f(8192, "number of distinct images of the synthetic data set")
+    # schedule and optimizer
+    batch_size: int = _f(256, "global batch size (all ranks, all accumulation steps)")
+    micro_batch: int = _f(0, "per-rank micro-batch; < global/ranks means gradient accumulation (0 = no accumulation)")
+    steps: int = _f(0, "optimizer steps to train (0 = use --epochs)")
+    epochs: int = _f(400, "epochs to train when --steps is 0")
+    lr: float | None = _f(None, "absolute learning rate (default: --blr * batch_size / 256)")
+    blr: float = _f(1.5e-4, "base learning rate for a batch of 256")
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
+    warmup_epochs: float = _f(40.0, "linear warm-up length in epochs")
+    warmup_steps: int | None = _f(None, "linear warm-up length in steps (overrides --warmup-epochs)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens, position embeddings)")
+    clip_grad: float = _f(3.0, "clip the global gradient norm to this (0 = no clipping, norm still logged)")
+    ema_decay: float = _f(0.9999, "decay of the EMA of the student saved as ema_state_dict")
+    ema_warmup: bool = _f(True, "warm the EMA decay up as min(decay, (1+n)/(10+n)) after n updates (timm's "
+                                "ModelEmaV3); the count is saved in checkpoints")
+    # run
+    out: str | None = _f(None, "output folder (default ./runs/<timestamp>); never overwritten without --resume")
+    seed: int = _f(0, "random seed (model init, data order, masking)")
+    deterministic: bool = _f(False, "per-sample randomness from (seed, epoch, index): the loss curve does not "
+                                    "depend on the number of ranks for the same global batch")
+    log_every: int = _f(10, "log to the console and metrics.jsonl every N steps")
+    save_every: int = _f(1000, "resumable checkpoint every N steps (0 = only at the end / on preemption)")
+    keep: int = _f(3, "resumable checkpoints kept (newest)")
+    async_save: bool = _f(True, "write periodic checkpoints in the background while training goes on "
+                                "(DCP async_save; synchronous where this torch lacks it)")
+    pth_every: int = _f(0, "a URFM-format checkpoint-XXXXXXXX.pth (model, ema_state_dict, optimizer, epoch, step, "
+                           "args) is written at the end of the run and on preemption; on request, also every "
+                           "N steps (0 = only then)")
+    resume: str | None = _f(None, "continue a run: bare --resume = latest checkpoint in --out, or a checkpoint "
+                                  "folder / run folder / .pth", nargs="?", const="latest")
+    init: str | None = _f(None, "start from the weights of a URFM checkpoint (official or ours; weights only)")
+    max_bad_steps: int = _f(10, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    # performance and distribution
+    device: str = _f("auto", "auto | cpu | cuda")
+    dist: str = _f("fsdp", "data parallelism across ranks: FSDP2 fully_shard or DDP", choices=["fsdp", "ddp"])
+    shard: str = _f("auto", "FSDP2: full = reshard after forward (least memory); grad = keep parameters "
+                            "gathered until backward (DDP-like traffic, faster when the model fits); auto = "
+                            "grad up to ViT-B, full above", choices=["auto", "full", "grad"])
+    compile: bool | None = _f(None, "torch.compile each block and the teacher (default: on for CUDA)")
+    ac: bool = _f(False, "activation checkpointing of every block (less memory, ~30%% more compute)")
+    precision: str = _f("auto", "bf16 mixed precision (params bf16, reductions fp32) or fp32; auto = bf16 on CUDA. "
+                                "fp32 on CUDA runs matmuls in TF32 (torch.set_float32_matmul_precision('high'))",
+                        choices=["auto", "bf16", "fp32"])
+    timeout: float = _f(10.0, "minutes a collective may wait before the run fails (a dead rank)")
+
+
+# Demo presets: applied when --data is not given, before the flags the user did give.
+DEMO_CPU = dict(model="vit_tiny", depth=4, img_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                batch_size=32, steps=60, lr=1e-3, warmup_steps=5, log_every=10, save_every=30, num_workers=0,
+                synthetic_images=960)
+DEMO_GPU = dict(model="vit_base", img_size=224, batch_size=256, steps=300, warmup_steps=30, log_every=10,
+                save_every=100, num_workers=4, synthetic_images=8192, lr=1e-3)
+
+
+class UsageError(ValueError):
+    """A bad flag combination; printed as one line."""
+
+
+class Stop(Exception):
+    """End the run early with a message and an exit code (no traceback)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _hint_type(hint):
+    """int | None -> (int, optional)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="python -m urfm_fast.pretrain",
+        description="URFM pretraining (masked ViT predicting BiomedCLIP features). Without --data: a short demo "
+        "on synthetic ultrasound. Under torchrun: FSDP2/DDP across ranks.",
+        argument_default=argparse.SUPPRESS,  # so we know which flags were given (demo presets fill the rest)
+    )
+    p.add_argument("--config", metavar="FILE", help="a YAML or JSON file of flag values, keyed by the field names "
+                   "below (batch_size: 256); flags given on the command line win; the run saves the resolved "
+                   "values in its config.json")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        typ, _ = _hint_type(hints[f.name])
+        meta = dict(f.metadata)
+        help_ = meta.pop("help")
+        if "(default" not in help_ and f.default is not None:  # one default per line
+            help_ += f" (default: {f.default})"
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            metavar = "{" + ",".join(meta["choices"]) + "}" if "choices" in meta else f.name.upper()
+            p.add_argument(flag, type=typ, help=help_, metavar=metavar, **meta)
+    return p
+
+
+def _load_mapping(path: str) -> dict:
+    """The mapping a --config file holds: JSON by its .json suffix, YAML otherwise (YAML reads JSON too)."""
+    file = existing("config", path, "file")
+    text = file.read_text(errors="replace")
+    if file.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise FlagError(f"--config {path}: not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml  # pyyaml, a dependency
+        except ImportError:
+            raise FlagError(f"--config {path}: YAML needs pyyaml (pip install pyyaml); or give a .json file") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise FlagError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise FlagError(f"--config {path}: must hold a mapping of field names to values, not {type(values).__name__}")
+    return values
+
+
+def read_config_file(path: str) -> dict:
+    """The flag values of a YAML or JSON file (keys: TrainConfig field names), checked as if given as flags:
+    they go through the same parser as the command line (the same types, choices and messages)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    argv, nulls = [], {}
+    for key, value in _load_mapping(path).items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise FlagError(f"--config {path}: unknown key {key!r} (keys are the flag names, e.g. batch_size)")
+        typ, optional = _hint_type(hints[name])
+        flag = "--" + name.replace("_", "-")
+        if value is None and optional:
+            nulls[name] = None
+        elif typ is bool and isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is True and fields[name].metadata.get("nargs") == "?":  # resume: true = bare --resume
+            argv.append(flag)
+        elif value is None or typ is bool or isinstance(value, (bool, dict, list)):
+            raise FlagError(f"--config {path}: {key}: {value!r} is not a value of {flag}")
+        else:
+            argv.append(f"{flag}={value}")  # '=': a value may start with '-'
+    parser = build_parser()
+
+    def refuse(message: str):  # argparse's own complaint (a wrong type or choice), naming the file
+        raise FlagError(f"--config {path}: {message}")
+
+    parser.error = refuse
+    return {**vars(parser.parse_args(argv)), **nulls}
+
+
+def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
+    """-> (resolved config, the flags given, demo?)."""
+    given = vars(build_parser().parse_args(argv))
+    if "config" in given:  # the file's values, then the flags given on the command line over them
+        given = {**read_config_file(given.pop("config")), **given}
+    saved = _saved_train_config(given["resume"], given.get("out")) if given.get("resume") else None
+    if saved:  # continue with the run's own settings; flags given now override them
+        demo = saved.pop("_demo")
+        base = saved
+        given.setdefault("out", saved.get("out"))
+    else:
+        demo = "data" not in given
+        base = dict(DEMO_GPU if cuda_wanted(given.get("device", "auto")) else DEMO_CPU) if demo else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
+    check_train_config(cfg)  # every value in range before anything is built (train_checks.py)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for line in train_warnings(cfg):
+            print(line, file=sys.stderr, flush=True)
+    return cfg, given, demo
+
+
+def cuda_wanted(device: str) -> bool:
+    """The one CUDA decision: --device auto or cuda, and a GPU visible (cuda without one is refused
+    where the device is set up)."""
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def _saved_train_config(resume: str, out: str | None) -> dict | None:
+    """The train config stored by the run being resumed (config.json of the run or the checkpoint)."""
+    from urfm_fast.checkpoints.runs import CONFIG_FILE, RUN_KIND  # imports torch: after parsing, not for --help
+
+    places = []
+    if resume != "latest":
+        p = Path(resume).expanduser()
+        places += [p if p.is_dir() else p.parent, p.parent, p.parent.parent]
+    if out:
+        places.append(Path(out).expanduser())
+    for place in places:
+        f = place / CONFIG_FILE
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if d.get("kind") == RUN_KIND:
+            return dict(d["train"], _demo=d.get("demo", False))
+    return None
+
+
+# =============================================================================================
+# Distributed init
+
