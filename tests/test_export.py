@@ -54,7 +54,7 @@ def test_timm_loads_export_both_ways_with_identical_features(exported):
 
 
 def _timm_by_name(out, name, **kwargs):
-    """The README's recipe under a timm name: the export's whole pretrained_cfg overlaid, plus the file."""
+    """docs/backbone.md's recipe under a timm name: the export's whole pretrained_cfg overlaid, plus the file."""
     cfg = json.loads((out / "config.json").read_text())
     overlay = dict(cfg["pretrained_cfg"], file=str(out / "model.safetensors"))
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
@@ -81,7 +81,7 @@ def test_timm_name_recipe_refuses_a_mismatched_architecture(exported_4_blocks_64
 
 
 def test_file_only_overlay_is_the_silent_trap(exported_4_blocks_64px):
-    """Why the README overlays the whole pretrained_cfg: with `file` alone timm's cfg keeps
+    """Why docs/backbone.md overlays the whole pretrained_cfg: with `file` alone timm's cfg keeps
     num_classes=1000, so num_classes=0 makes the load non-strict and blocks 4-11 stay random."""
     _, out = exported_4_blocks_64px
     m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
@@ -141,13 +141,13 @@ def test_custom_depth_keeps_its_family_name_and_loads(tmp_path):
 
 
 def test_readme_recipe_as_written_raises_on_a_mismatched_name(exported_4_blocks_64px):
-    """The README's timm block, run with its folder replaced by a 4-block 64-px ViT-T export and its timm
+    """docs/backbone.md's timm block, run with its folder replaced by a 4-block 64-px ViT-T export and its timm
     name by vit_tiny_patch16_224 (same width, 12 blocks, 224 px): local-dir loads; the timm name raises
-    instead of loading non-strictly (the README's old file-only overlay loaded it, blocks 4-11 random)."""
+    instead of loading non-strictly (the old file-only overlay loaded it, blocks 4-11 random)."""
     from pathlib import Path
 
     _, out = exported_4_blocks_64px
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "backbone.md").read_text()
     block = next(b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "local-dir:urfm_vitb" in b)
     code = block.split("```")[0].replace("urfm_vitb", str(out))
     assert '"vit_base_patch16_224"' in code

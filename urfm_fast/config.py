@@ -32,7 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, used by BiomedCLIP
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The teacher of the URFM recipe and the --teacher help text (here, not in teacher.py, so the CLI can
+# The teacher of the URFM recipe and the --teacher help text (here, not in model/teacher.py, so the CLI can
 # describe it without importing torch).
 HF_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 TEACHER_HELP = (

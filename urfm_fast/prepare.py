@@ -72,7 +72,7 @@ from PIL import Image, ImageDraw
 
 from urfm_fast.data import deid, media, shards, sources
 
-# Re-exported so the old import paths keep working; the budgets are read in sources.py (patch them there).
+# Re-exported so the old import paths keep working; the budgets are read in data/sources.py (patch them there).
 from urfm_fast.data.scan_region import (  # noqa: F401 (re-exported)
     DUPLICATE_MAD,
     crop_to_mask,

@@ -2,8 +2,8 @@
 
 This module is the entry point only: parse the flags, build the run plan and the Trainer, run, and
 turn every known failure into one line and an exit code. The pieces (see docs/architecture.md):
-train_config.py (flags), run_plan.py (every derived value), distributed.py, parallelize.py,
-checkpoint_manager.py, metrics.py, faults.py (test hooks, preemption) and trainer.py (the loop).
+train/config.py (flags), train/plan.py (every derived value), train/distributed.py, train/parallelize.py,
+train/checkpointing.py, train/metrics.py, train/faults.py (test hooks, preemption) and train/trainer.py (the loop).
 
     # a demo on built-in synthetic ultrasound (tiny model on CPU, ViT-B for a short while on a GPU)
     python -m urfm_fast.pretrain

@@ -49,7 +49,7 @@ WIDTH_TO_HEADS = {dim: heads for dim, _, heads in VIT_PRESETS.values()}
 
 class CheckpointError(ValueError):
     """A checkpoint, run folder or output folder that cannot be used (this module's readers and
-    checkpoint.py's run folders raise the same class). The message is one line that says why; every
+    checkpoints/runs.py's run folders raise the same class). The message is one line that says why; every
     CLI prints it and exits with code 2."""
 
 

@@ -109,7 +109,7 @@ def student_forward_flops(cfg: URFMConfig) -> dict[str, int]:
     else:
         decoder += vit_forward_flops(cfg.decoder_embed_dim, cfg.decoder_depth, 1 + n, cfg.mlp_ratio,
                                      cfg.decoder_num_heads)
-    # model.py predicts only the rows in the loss
+    # model/urfm.py predicts only the rows in the loss
     pred_rows = {"masked": n - k, "all": n, "all_cls": 1 + n}[cfg.loss_on]
     pred = linear_flops(pred_rows, cfg.decoder_embed_dim, cfg.target_dim)
     return {"encoder": encoder, "decoder": decoder, "pred": pred}

@@ -1,7 +1,7 @@
 """The trainer's checkpointing: what a checkpoint holds, saving (in the background), resuming, --init.
 
-The file formats and their safety live in ``checkpoint.py`` (run folders, DCP folders, the .pth) and
-``checkpoint_io.py`` (reading any URFM/ViT checkpoint); this module decides what goes in them and when
+The file formats and their safety live in ``checkpoints/runs.py`` (run folders, DCP folders, the .pth) and
+``checkpoints/formats.py`` (reading any URFM/ViT checkpoint); this module decides what goes in them and when
 a background save is renamed into place.
 """
 

@@ -1,6 +1,6 @@
 """The pretraining config: one dataclass, and the CLI derived from it (every field is a --flag with
 its help text). ``parse_config`` applies the demo presets, or the settings of the run being resumed,
-then the flags given, and checks every value before anything is built (train_checks.py). This module
+then the flags given, and checks every value before anything is built (train/checks.py). This module
 imports neither torch nor timm, so ``--help`` and a bad flag answer at once."""
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
         base = dict(DEMO_GPU if cuda_wanted(given.get("device", "auto")) else DEMO_CPU) if demo else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
-    check_train_config(cfg)  # every value in range before anything is built (train_checks.py)
+    check_train_config(cfg)  # every value in range before anything is built (train/checks.py)
     if int(os.environ.get("RANK", 0)) == 0:
         for line in train_warnings(cfg):
             print(line, file=sys.stderr, flush=True)

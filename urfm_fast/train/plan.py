@@ -3,7 +3,7 @@
 Every value a run derives from its flags (micro-batch and accumulation, bf16, compile, data-parallel
 mode and shard mode, the base learning rate, the total and warm-up steps, the output folder) is
 computed here and nowhere else. The plan is frozen; ``run_config`` is what ``config.json`` holds (and
-what ``--resume`` reads back through ``train_config.parse_config``), ``pth_args`` the ``args`` of the
+what ``--resume`` reads back through ``config.parse_config``), ``pth_args`` the ``args`` of the
 URFM-format .pth, both from the same plan. The learning rate of a step is ``schedule.lr_at``.
 """
 

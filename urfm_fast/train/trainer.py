@@ -1,9 +1,9 @@
 """The training loop: a ``Trainer`` built from a run plan, with ``train`` (the loop, the stop and the
 final save) and ``train_step`` (one optimizer step over the accumulated micro-batches).
 
-Everything around the loop lives in its own module: the plan (run_plan.py), process groups
-(distributed.py), AC / compile / FSDP2 / DDP (parallelize.py), checkpoints (checkpoint_manager.py),
-logging (metrics.py) and the test-only fault hooks and preemption signals (faults.py).
+Everything around the loop lives in its own module: the plan (train/plan.py), process groups
+(train/distributed.py), AC / compile / FSDP2 / DDP (train/parallelize.py), checkpoints (train/checkpointing.py),
+logging (train/metrics.py) and the test-only fault hooks and preemption signals (train/faults.py).
 """
 
 from __future__ import annotations
