@@ -137,7 +137,8 @@ def _timm_file(target: str, img_size: int | None, weights: str):
 
     def make(num_classes=0, drop_path_rate=0.0):
         torch.manual_seed(0)  # the new head's init, as for every other backbone
-        model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+        kw = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # not every timm model takes it
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
         model.load_state_dict(sd, strict=True)
         if num_classes:
             model.reset_classifier(num_classes)
