@@ -179,6 +179,21 @@ def test_timm_file_bad_names_one_line(tmp_path, capsys):
     _one_line_error(capsys, _argv(tmp_path, f"timm:test_vit={tmp_path / 'w.pth'}"), "no such file")
 
 
+def test_timm_hub_names_keep_working(monkeypatch):
+    """``timm:NAME`` (timm's pretrained weights; the download is replaced by a random init here): a ViT as timm
+    builds it, a CNN behind the token interface, both at the asked size."""
+    create = timm.create_model
+    asked = []
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: asked.append(pretrained)
+                        or create(name, pretrained=False, **kw))
+    vit = resolve_backbone("timm:test_vit", "vit_tiny", "token", 32).make()
+    cnn = resolve_backbone("cnn=timm:test_resnet", "vit_tiny", "token", 64).make()
+    assert asked and all(asked)
+    assert type(vit).__name__ == "VisionTransformer" and _grid(vit) == (2, 2)
+    assert _check_contract(vit, torch.randn(1, 3, 32, 32))[2] == 1
+    assert _check_contract(cnn, torch.randn(1, 3, 64, 64))[2] == 0 and cnn.feature_grid == (2, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # teacher:SPEC
 

@@ -142,8 +142,6 @@ def _timm_file(target: str, img_size: int | None, weights: str):
         model.load_state_dict(sd, strict=True)
         if num_classes:
             model.reset_classifier(num_classes)
-        if img_size and hasattr(model, "set_input_size"):
-            model.set_input_size(img_size=img_size)  # a ViT: position embeddings resampled
         return as_backbone(model, num_classes, img_size)
     return make, {"format": "timm_file", "name": name, "path": file}
 
@@ -158,8 +156,8 @@ def _timm_hub(target: str, img_size: int | None):
 
     def make(num_classes=0, drop_path_rate=0.0):
         torch.manual_seed(0)
-        kw = {"img_size": img_size} if img_size else {}
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path_rate, **kw)
+        kw = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kw)
         return as_backbone(model, num_classes, img_size)
     return make, {"format": "timm", "name": name}
 

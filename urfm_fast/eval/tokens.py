@@ -78,7 +78,10 @@ class TeacherBackbone(MapBackbone):
 def as_backbone(model: nn.Module, num_classes: int, img_size: int | None) -> nn.Module:
     """A timm model for ``Backbone.make``: as it is when fine-tuned (``num_classes`` > 0) or when its
     forward_features already gives [B, P + h*w, D] on ``patch_embed.grid_size`` (ViTs); else behind
-    ``TimmMap`` (CNNs), built for ``img_size`` (default: the model's own)."""
+    ``TimmMap`` (CNNs), built for ``img_size`` (default: the model's own). A ViT is set to ``img_size`` here
+    (its position embeddings resampled); a CNN takes any size."""
+    if img_size and hasattr(model, "set_input_size"):
+        model.set_input_size(img_size=img_size)
     if num_classes or (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")):
         return model
     return TimmMap(model, img_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]))
