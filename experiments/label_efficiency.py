@@ -375,7 +375,8 @@ def evaluate_arms(a, arms: dict, teacher, seeds: list[int]) -> list[dict]:
     classes = list(synthetic.CLASSES)
     backbones = [resolve_backbone(f"{arm}={arms[arm]['path']}", "vit_tiny", a.pool, None) for arm in arms]
     ceiling = Backbone("teacher", teacher.source, lambda num_classes=0, drop_path_rate=0.0: PooledTeacher(teacher),
-                       (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size, {"format": "teacher", "source": teacher.source})
+                       (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size,
+                       {"format": "teacher", "source": teacher.source, "trainable": False})
     dev = torch.device("cpu")
     records = run(backbones + [ceiling], splits, classes, ["linear", "knn"], [0.01, 0.1, 1.0], seeds, dev)
     if not a.no_finetune:

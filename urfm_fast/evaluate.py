@@ -5,10 +5,14 @@
     python -m urfm_fast.evaluate --backbone urfm=runs/a.pth random=random --arch vit_tiny \\
         --data synthetic --img-size 64 --protocol linear,knn      # a demo on the built-in lesion task
 
-Backbones (``--backbone``, several allowed, each optionally ``label=spec``): one of our checkpoints, an
-official URFM file, an export folder, a DCP folder (anything ``load_checkpoint`` reads), ``random``
-(``--arch`` at random init), or a timm model name for comparison (``timm:NAME``, timm's pretrained
-weights, which need a network or a cache).
+Backbones (``--backbone``, several allowed, each optionally ``label=spec``; all from local files except
+``timm:NAME``, each loaded strictly: a missing or mis-shaped key stops with one line naming it): one of our
+checkpoints, an official URFM file, an export folder, a DCP folder (anything ``load_checkpoint`` reads);
+``mae:FILE`` (an MAE-layout ViT: facebookresearch/mae, USF-MAE, the released URFM files; architecture from
+the shapes, decoder dropped); ``random`` (``--arch`` at random init); ``timm:MODEL=FILE`` (any timm model,
+weights from a local safetensors or torch file); ``teacher:SPEC`` (any pretrain ``--teacher`` spec, e.g.
+``teacher:efficientnet_lite0`` or a BiomedCLIP file, frozen at its own input size and mean/std: linear and
+knn only); or a timm model name (``timm:NAME``, timm's pretrained weights, which need a network or a cache).
 
 Data (``--data``): an ImageFolder root with ``train/`` and ``val/`` (and optional ``test/``) class
 sub-folders; a shard folder from ``python -m urfm_fast.prepare`` plus ``--labels CSV`` (format below);
@@ -234,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog="python -m urfm_fast.evaluate", description=__doc__.split("\n\n")[0],
                       formatter_class=DefaultsHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backbone", nargs="+", required=True, help="[label=]checkpoint|export|random|timm:NAME")
+    p.add_argument("--backbone", nargs="+", required=True,
+                   help="[label=]checkpoint|mae:FILE|random|timm:MODEL=FILE|teacher:SPEC|timm:NAME (below)")
     p.add_argument("--data", required=True, help="ImageFolder root, shard folder (with --labels), or 'synthetic'")
     p.add_argument("--labels", metavar="CSV", help="labels of a shard folder: CSV path,label,split[,frame] or "
                    "index,label,split (format below)")
@@ -347,6 +352,10 @@ def main(argv=None) -> int:
 
     try:
         backbones = [resolve_backbone(s, a.arch, a.global_pool, a.img_size, a.weights) for s in a.backbone]
+        frozen = [b for b in backbones if not b.meta.get("trainable", True)]
+        if frozen and "finetune" in protocols:
+            raise ValueError(f"--protocol finetune: backbone {frozen[0].label!r} ({frozen[0].spec}) is a frozen "
+                             "teacher; it can be probed (linear, knn), not fine-tuned")
         size = a.img_size or backbones[0].img_size
         if any(b.img_size != size for b in backbones):
             # Native sizes differ (e.g. a 64-px checkpoint beside a 224-px one): every backbone gets the

@@ -295,6 +295,17 @@ def _dcp_sidecars(path: Path, rest: dict) -> None:
                     rest.setdefault(k, t.get(k))
 
 
+def read_state_dict(path: str | os.PathLike, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """The weights of any file or folder this module reads as one flat state dict, whatever its model:
+    a bare state dict, or the ``weights`` (auto | ema | live) of a checkpoint dict (``model``/``state_dict``,
+    ``ema_state_dict``, ...); wrapper segments (``module.``, ``_orig_mod.``) dropped. Errors: one line."""
+    path = Path(path).expanduser()
+    raw, _ = _read(path)
+    prefer_ema, _ = resolve_weights(raw, weights)
+    sd, _, _ = _pick_weights(raw, prefer_ema, path)
+    return strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Config from shapes
 

@@ -155,6 +155,9 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
     """End-to-end fine-tuning (MAE recipe, scaled down); returns probabilities on eval_images."""
     from timm.optim import create_optimizer_v2
 
+    if not bb.meta.get("trainable", True):
+        raise ValueError(f"backbone {bb.label!r} ({bb.spec}) is a frozen teacher; it can be probed (linear, knn), "
+                         "not fine-tuned")
     model = bb.make(num_classes=num_classes, drop_path_rate=drop_path).to(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)  # batch order

@@ -211,9 +211,11 @@ class BiomedCLIPTeacher(nn.Module):
                 f"'{PROJ_KEY}'"
             )
         trunk = {k: v for k, v in trunk.items() if not k.startswith("head.")}  # reset classifier, if any
-        missing, unexpected = self.trunk.load_state_dict(trunk, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{origin}: vision trunk mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # every key on both sides and every shape equal, in one line that names the first offender
+        load_mapped(self.trunk, trunk, str, f"{origin}: vision trunk")
+        if sd[PROJ_KEY].shape != self.proj.weight.shape:
+            raise ValueError(f"{origin}: {PROJ_KEY} has shape {tuple(sd[PROJ_KEY].shape)}, the model expects "
+                             f"{tuple(self.proj.weight.shape)}")
         self.proj.weight.data.copy_(sd[PROJ_KEY])
 
     input_size = None  # runs at the size of the images it is given (the recipe: 224 for both)
@@ -222,6 +224,13 @@ class BiomedCLIPTeacher(nn.Module):
         """images [B,3,H,W] in [0,1] -> the patch tokens as a map [B, D, H/16, W/16] (fp32)."""
         tokens = self(images)
         return tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[2], images.shape[-2] // 16, -1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP-normalised images [B,3,H,W] -> (the trunk's final patch tokens as a map [B, 768, H/16, W/16],
+        its CLS token [B, 768]), in the caller's grad mode and dtype: the trunk as a frozen backbone
+        (urfm_fast.eval.backbones). No projection: a backbone's features are the trunk's."""
+        out = self.trunk.forward_features(x)  # (B, 1+N, 768)
+        return _as_map(out[:, 1:], x.shape[-2] // 16), out[:, 0]
 
     def forward(self, images: torch.Tensor, grid: int | None = None, cls: bool = False, saliency: bool = False):
         """images [B,3,H,W] float in [0,1] (full, unmasked view) -> [B, H/16*W/16, 768 or 512] fp32; with
@@ -368,6 +377,13 @@ class FeatureMapTeacher(nn.Module):
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """images [B,3,H,W] in [0,1] -> the teacher's own map [B, D, h, w] (fp32)."""
         return self._run(images, False).float()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images already at ``input_size`` and normalised with ``mean``/``std`` -> (the map [B, D, h, w],
+        the CLS [B, D] of a ViT, None for a CNN), in the caller's grad mode and dtype: the encoder as a
+        frozen backbone (urfm_fast.eval.backbones)."""
+        fmap, cls, _ = self._features(self.encoder, x, True)
+        return fmap, cls
 
     def forward(self, images: torch.Tensor, grid: int | None = None, cls: bool = False, saliency: bool = False):
         """images [B,3,H,W] in [0,1] -> targets [B, g*g, D] fp32; g = ``grid``, else ``self.grid``, else H/16.
