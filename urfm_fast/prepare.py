@@ -20,7 +20,7 @@ Every image/frame becomes 8-bit grey (a DICOM through its window or VOI LUT, els
 for all its frames: urfm_fast.data.dicom_grey), is cropped to the scan region, de-identified (burned-in text and
 overlays blanked, urfm_fast.data.deid), resized to a fixed short side and appended to memory-mappable shards:
 
-    DIR/urfm_shards.json   format marker, the short side and the salt of the source ids
+    DIR/urfm_shards.json   format marker, the short side and a check of the key (never the key itself)
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
     DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
                            the source frame), blank (boxes blanked inside it, output pixels), burned_in
@@ -42,13 +42,17 @@ whose text covers over 35 % of it is left out (skipped.jsonl gives the reason). 
 prepare refuses to run.
 
 Names: sources appear in every output only as `source_id` (a salted hash of the SRC folder name and
-the relative path; the salt stays in DIR), so folder and file names (often patient names, dates,
-record numbers) never reach the shard folder, the logs or the console. --path-map FILE (outside DIR)
-writes the id -> path table for whoever may hold it. No DICOM header value is written anywhere.
+the relative path), so folder and file names (often patient names, dates, record numbers) never reach
+the shard folder, the logs or the console. The salt is the folder's key and lives outside it: DIR.key
+beside DIR (mode 0600) or --key FILE; share DIR, keep the key (and the --path-map, FILE outside DIR,
+the id -> path table for whoever may hold it). A second run needs the key to recognise the files it
+has done; without it it stops (exit 2) rather than add every file again under new ids. No DICOM header
+value is written anywhere.
 
 Resumable and idempotent: files already in the index (or in skipped.jsonl) are not read again, so a
 second run adds only new files; a crash loses at most the file being written. A folder written
-before names were hashed has its index and skip list rewritten with ids on the next run.
+before names were hashed has its index and skip list rewritten with ids on the next run; one whose
+salt is in its marker has it moved out to the key file (ids unchanged).
 
 This module holds the pipeline and the CLI; the shard format is in urfm_fast.data.shards, the scan region
 in urfm_fast.data.scan_region, finding and decoding files (and the memory budgets) in urfm_fast.data.sources,
@@ -102,10 +106,11 @@ from urfm_fast.data.source_ids import (  # noqa: F401 (re-exported)
     _check_path_map,
     _hash_old_names,
     _write_path_map,
+    check_key_path,
+    folder_salt,
     path_lookup,
     record_source,
     source_id,
-    source_salt,
 )
 from urfm_fast.data.sources import (  # noqa: F401 (re-exported)
     MAX_FRAME_PIXELS,
@@ -187,13 +192,14 @@ def _lock(out):
 
 def prepare(
     sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True,
-    path_map=None, burned_in="clean", list_file=None,
+    path_map=None, burned_in="clean", list_file=None, key=None,
 ):
     """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs.
 
     Sources are named in the outputs by `source_id` only; path_map (a file outside out) receives
     the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES.
-    list_file: more sources, one path per line or a CSV with a `path` column (read_source_list)."""
+    list_file: more sources, one path per line or a CSV with a `path` column (read_source_list).
+    key: the file holding the folder's key (default DIR.key beside out; never inside out)."""
     check_options(short_side, frame_stride, workers)
     if burned_in not in ("clean", "skip"):
         raise PrepareError("--burned-in must be clean or skip")
@@ -203,6 +209,8 @@ def prepare(
         raise PrepareError(str(e)) from None
     path_map = os.fspath(path_map) if path_map else None
     known = _check_path_map(path_map, out) if path_map else None
+    if key is not None:
+        check_key_path(os.fspath(key), out)
     sources = [os.fspath(s) for s in sources]
     labels = [f"argument {k + 1}" for k in range(len(sources))]
     shown = list(sources)  # as typed on the command line; list entries are shown by line only
@@ -218,7 +226,8 @@ def prepare(
     _check_libraries(files)
     lock = _open_out(out, short_side)
     try:
-        return _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress,
+        salt = folder_salt(out, key, create=True)
+        return _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_skipped, progress,
                                path_map, known, burned_in, (labels, origins))
     finally:
         lock.close()
@@ -245,11 +254,10 @@ def check_options(short_side, frame_stride, workers):
             raise PrepareError(f"{flag} {value}: must be an integer in [{lo}, {hi}]")
 
 
-def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
+def _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
                     burned_in, provenance):
     """prepare() with the inputs checked and the output folder locked. provenance: (label of each
     source, source position of each file) for the per-source summary."""
-    salt = source_salt(out)
     renamed = _hash_old_names(out, salt)
     ids = [source_id(salt, s, rel) for s, rel, _, _ in files]
     if known is not None:
@@ -475,6 +483,10 @@ def main(argv=None):
     ap.add_argument("--path-map", metavar="FILE", default=None,
                     help="also write the table source id -> folder/relative path to FILE (JSON lines; it "
                     "names patients' files: must be outside --out; merged with FILE when it exists)")
+    ap.add_argument("--key", metavar="FILE", default=None,
+                    help="the file holding the key that names this folder's sources (default: DIR.key beside "
+                    "--out, created mode 0600 on the first run; must be outside --out). Share the folder, keep "
+                    "the key: a rerun needs it to skip what is done")
     ap.add_argument("--burned-in", choices=("clean", "skip"), default="clean",
                     help="DICOM with BurnedInAnnotation YES: blank its text like any file and flag it in "
                     "index.jsonl (clean), or leave it out, listed in skipped.jsonl (skip)")
@@ -491,7 +503,8 @@ def main(argv=None):
         if args.sources or args.list_file:
             c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
                         workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet,
-                        path_map=args.path_map, burned_in=args.burned_in, list_file=args.list_file)
+                        path_map=args.path_map, burned_in=args.burned_in, list_file=args.list_file,
+                        key=args.key)
             print(format_summary(c, args.out))
         if args.review:
             if not is_shard_dir(args.out):
