@@ -49,6 +49,12 @@ the id -> path table for whoever may hold it). A second run needs the key to rec
 has done; without it it stops (exit 2) rather than add every file again under new ids. No DICOM header
 value is written anywhere.
 
+In parts, across a cluster: `--part K/N` prepares the files whose salted id is K-1 modulo N (the hash
+balances the slices) into index part K (index.part-K-of-N.jsonl, its own shard numbers, its own lock),
+so N machines can run at once against one shared --out (one key for all: the first creates DIR.key, or
+give --key); `--merge` then joins the finished parts into index.jsonl and index.bin atomically (a
+missing or unfinished part is named, never read). A folder with unmerged parts is refused by readers.
+
 Resumable and idempotent: files already in the index (or in skipped.jsonl) are not read again, so a
 second run adds only new files; a crash loses at most the file being written. A folder written
 before names were hashed has its index and skip list rewritten with ids on the next run; one whose
@@ -142,31 +148,38 @@ MEMORY_NOTE = (
 )
 
 
-def _open_out(out, short_side):
-    """Create or reopen the shard folder; refuse a non-empty folder that is not ours."""
+def _open_out(out, short_side, part=None):
+    """Create or reopen the shard folder; refuse a non-empty folder that is not ours. part (K, N): one
+    of N prepares writing into it at once (each its own lock, shards and index part)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK} and not is_shard_dir(out):
+    if os.path.isdir(out) and [f for f in os.listdir(out) if not f.startswith(LOCK)] and not is_shard_dir(out):
         raise PrepareError(f"--out {out} is not empty and not a shard folder; choose an empty or new folder")
     os.makedirs(out, exist_ok=True)
-    lock = _lock(out)  # before anything else is written
+    lock = _lock(out, part)  # before anything else is written
     os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
     mpath = os.path.join(out, MARKER)
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            meta = json.load(f)
-        if meta.get("short_side") != short_side:
-            raise PrepareError(
-                f"{out} holds images with short side {meta.get('short_side')}; use --short-side "
-                f"{meta.get('short_side')} or another --out"
-            )
-    else:
-        with open(mpath, "w") as f:
+    if not os.path.exists(mpath):  # created whole or not at all: a part beside us may be creating it too
+        tmp = f"{mpath}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"format": "urfm-shards", "version": 1, "short_side": short_side}, f)
             f.write("\n")
-    # A crash mid-line leaves a torn last line: cut it before appending.
-    for name in (INDEX, SKIPPED):
-        p = os.path.join(out, name)
+        try:
+            os.link(tmp, mpath)
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+    with open(mpath) as f:
+        meta = json.load(f)
+    if meta.get("short_side") != short_side:
+        lock.close()
+        raise PrepareError(
+            f"{out} holds images with short side {meta.get('short_side')}; use --short-side "
+            f"{meta.get('short_side')} or another --out"
+        )
+    # A crash mid-line leaves a torn last line: cut it before appending (to the files this run appends to).
+    for p in shards.part_paths(out, *part)[:2] if part else (os.path.join(out, INDEX), os.path.join(out, SKIPPED)):
         if os.path.exists(p):
             with open(p, "rb+") as f:
                 data = f.read()
@@ -175,31 +188,62 @@ def _open_out(out, short_side):
     return lock
 
 
-def _lock(out):
+def _lock(out, part=None):
     """An exclusive lock on the shard folder for this run: two runs appending to one index would
-    interleave and duplicate images. Released when the process ends, however it ends."""
+    interleave and duplicate images. Released when the process ends, however it ends. part (K, N): the
+    folder's lock shared with the other parts, and an exclusive one of part K's own."""
+    import contextlib
     import fcntl
 
-    f = open(os.path.join(out, LOCK), "a")
+    locks = contextlib.ExitStack()
+    for name, mode, who in [(LOCK, fcntl.LOCK_SH if part else fcntl.LOCK_EX, "another prepare")] + (
+            [(f"{LOCK}.{shards.part_name(*part)}", fcntl.LOCK_EX, f"another prepare --part {part[0]}/{part[1]}")]
+            if part else []):
+        f = locks.enter_context(open(os.path.join(out, name), "a"))
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+        except OSError:
+            locks.close()
+            raise PrepareError(f"{who} is writing to {out} (its lock {name} is held); wait for it to finish or "
+                               "choose another --out") from None
+    return locks
+
+
+def parse_part(text):
+    """--part K/N -> (K, N), 1 <= K <= N <= 10000 (PrepareError: one line)."""
+    k, _, n = str(text).partition("/")
+    if not (k.strip().isdigit() and n.strip().isdigit() and 1 <= int(k) <= int(n) <= 10000):
+        raise PrepareError(f"--part {text}: must be K/N with 1 <= K <= N <= 10000 (e.g. 3/8)")
+    return int(k), int(n)
+
+
+def merge(out, part=None):
+    """Join the finished index parts of `out` (prepare --part) into its index -> (images added, parts).
+    part (K, N): that part alone (a folder holding one part of a split across folders)."""
+    if not is_shard_dir(out):
+        raise PrepareError(f"--out {out} is not a shard folder")
+    lock = _lock(out)  # exclusive: no part may still be writing
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise PrepareError(f"another prepare is writing to {out} (its lock {LOCK} is held); wait for it to "
-                           "finish or choose another --out") from None
-    return f
+        with open(os.path.join(out, MARKER)) as f:
+            short_side = json.load(f).get("short_side")
+        return shards.merge_parts(out, short_side, only=part)
+    except shards.PartError as e:
+        raise PrepareError(str(e)) from None
+    finally:
+        lock.close()
 
 
 def prepare(
     sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True,
-    path_map=None, burned_in="clean", list_file=None, key=None,
+    path_map=None, burned_in="clean", list_file=None, key=None, part=None,
 ):
     """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs.
 
     Sources are named in the outputs by `source_id` only; path_map (a file outside out) receives
     the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES.
     list_file: more sources, one path per line or a CSV with a `path` column (read_source_list).
-    key: the file holding the folder's key (default DIR.key beside out; never inside out)."""
+    key: the file holding the folder's key (default DIR.key beside out; never inside out).
+    part (K, N): only the K-th of N slices of the files (by salted id), into index part K (then merge)."""
     check_options(short_side, frame_stride, workers)
     if burned_in not in ("clean", "skip"):
         raise PrepareError("--burned-in must be clean or skip")
@@ -224,11 +268,11 @@ def prepare(
     if not files:
         raise PrepareError(f"no files found under {' '.join(shown)}")
     _check_libraries(files)
-    lock = _open_out(out, short_side)
+    lock = _open_out(out, short_side, part)
     try:
         salt = folder_salt(out, key, create=True)
         return _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_skipped, progress,
-                               path_map, known, burned_in, (labels, origins))
+                               path_map, known, burned_in, (labels, origins), part)
     finally:
         lock.close()
 
@@ -255,33 +299,41 @@ def check_options(short_side, frame_stride, workers):
 
 
 def _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
-                    burned_in, provenance):
+                    burned_in, provenance, part=None):
     """prepare() with the inputs checked and the output folder locked. provenance: (label of each
     source, source position of each file) for the per-source summary."""
-    renamed = _hash_old_names(out, salt)
+    if part is None and shards.parts_present(out):  # their files would be added again under the main index
+        raise PrepareError(shards.unmerged_message(out))
+    renamed = _hash_old_names(out, salt) if part is None else _no_old_names(out)
     ids = [source_id(salt, s, rel) for s, rel, _, _ in files]
+    labels, origins = provenance
+    if part is not None:  # this part's slice: files whose salted id is K-1 modulo N (balanced by the hash)
+        mine = [int(i, 16) % part[1] == part[0] - 1 for i in ids]
+        files, ids, origins = ([x for x, m in zip(xs, mine) if m] for xs in (files, ids, origins))
+    index_path, skipped_path = (shards.part_paths(out, *part)[:2] if part else
+                                (os.path.join(out, INDEX), os.path.join(out, SKIPPED)))
     if known is not None:
         _write_path_map(path_map, known, [(i, s, rel) for i, (s, rel, _, _) in zip(ids, files)] + renamed)
     done = {r["id"] for r in read_index(out)}
-    old_skips = _read_jsonl(os.path.join(out, SKIPPED))
+    if part is not None:  # the merged index and skip list, and this part's own
+        done |= {r["id"] for r in _read_jsonl(os.path.join(out, SKIPPED))} | {r["id"] for r in _read_jsonl(index_path)}
+    old_skips = _read_jsonl(skipped_path)
     if retry_skipped:  # forget old skips; they are listed again if they fail again
-        _write_jsonl(os.path.join(out, SKIPPED), [r for r in old_skips if r["id"] in done])
+        _write_jsonl(skipped_path, [r for r in old_skips if r["id"] in done])
     else:
         done |= {r["id"] for r in old_skips}
     todo = [(i, rel, p, m) for i, (_, rel, p, m) in zip(ids, files) if i not in done]
-    labels, origins = provenance
     per_source = _source_table(ids, done, labels, origins)
     origin_of = dict(zip(ids, origins))
     counts = {"files_seen": len(files), "files_already_done": len(files) - len(todo), "files_added": 0,
               "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {},
               "images_blanked": 0, "burned_in_cleaned": 0, "frames_duplicate": 0}
     t0 = time.time()
-    writer = _ShardWriter(out)
+    writer = _ShardWriter(out, part)
     jobs = [(p, m, rel, short_side, frame_stride) for _, rel, p, m in todo]
     _close_zips()  # no open archive may be shared with forked workers
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    with open(os.path.join(out, INDEX), "a", encoding="utf-8") as index, \
-            open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skipped:
+    with open(index_path, "a", encoding="utf-8") as index, open(skipped_path, "a", encoding="utf-8") as skipped:
         if workers == 1:
             _quiet_worker(burned_in)
             results = map(_timed_process, jobs)
@@ -313,19 +365,39 @@ def _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_s
             _close_zips()
             if pool is not None:
                 pool.terminate()
-    jsonl_bytes = os.path.getsize(os.path.join(out, INDEX))
-    records = read_index(out)
-    counts["images_total"] = len(records)
-    shards.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
-    counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
+    _finish_index(out, counts, part, short_side)
     counts["seconds"] = round(time.time() - t0, 2)
     for row in per_source:
         row["seconds"] = round(row["seconds"], 2)
     counts["sources"] = per_source
-    with open(os.path.join(out, SUMMARY), "w") as f:
+    summary = SUMMARY if part is None else f"summary.{shards.part_name(*part)}.json"
+    with open(os.path.join(out, summary), "w") as f:
         json.dump(counts, f, indent=1)
         f.write("\n")
     return counts
+
+
+def _no_old_names(out):
+    """--part needs a folder whose index names sources by id (parts cannot rewrite the shared index)."""
+    if any("path" in r for r in read_index(out)[:1]):
+        raise PrepareError(f"{out} was written before names were hashed: run one prepare without --part on it first")
+    return []
+
+
+def _finish_index(out, counts, part, short_side):
+    """After the files: index.bin (or, for a part, its done record) and the totals of the summary."""
+    if part is None:
+        jsonl_bytes = os.path.getsize(os.path.join(out, INDEX))
+        records = read_index(out)
+        counts["images_total"] = len(records)
+        shards.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
+        counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
+        return
+    index_path, skipped_path, _ = shards.part_paths(out, *part)
+    shards.write_part_done(out, *part, short_side)
+    counts["part"] = list(part)
+    counts["images_total"] = len(read_index(out)) + len(_read_jsonl(index_path))
+    counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED))) + len(_read_jsonl(skipped_path))
 
 
 def _timed_process(job):
@@ -441,6 +513,10 @@ def format_summary(c, out):
         lines.append(f"  source {row['source']} ({row['given_as']}, id {row['id']}): {row['files']} files, "
                      f"{row['files_added']} added ({row['images_added']} images), "
                      f"{sum(row['skipped'].values())} skipped{f' ({skips})' if skips else ''}, {row['seconds']} s")
+    if c.get("part"):
+        k, n = c["part"]
+        lines.append(f"  part {k}/{n} done: its images join the index when every part is done and "
+                     f"python -m urfm_fast.prepare --out {out} --merge has run")
     if c["images_added"]:
         lines.append(f"  text/overlays blanked inside the scan region in {c['images_blanked']} images; "
                      f"{c['burned_in_cleaned']} files flagged BurnedInAnnotation YES cleaned")
@@ -490,6 +566,13 @@ def main(argv=None):
     ap.add_argument("--burned-in", choices=("clean", "skip"), default="clean",
                     help="DICOM with BurnedInAnnotation YES: blank its text like any file and flag it in "
                     "index.jsonl (clean), or leave it out, listed in skipped.jsonl (skip)")
+    ap.add_argument("--part", metavar="K/N", default=None,
+                    help="prepare only the K-th of N slices of the files (by salted id, so slices balance) into "
+                    "index part K of --out: N machines can run at once against one shared --out (give them one "
+                    "--key), then --merge; or each into its own folder (then --merge --part K/N there)")
+    ap.add_argument("--merge", action="store_true",
+                    help="join the finished index parts of --out (from --part runs) into its index; a missing "
+                    "or unfinished part is named and nothing is changed (with no SRC; --part K/N: that part alone)")
     ap.add_argument("--review", type=int, default=0, metavar="N",
                     help="write DIR/review.png, a contact sheet of N random prepared images with the "
                     "blanked areas outlined (with no SRC: only that, for an existing shard folder)")
@@ -498,13 +581,20 @@ def main(argv=None):
     try:
         if args.review < 0:
             raise PrepareError("--review must be >= 0")
-        if not args.sources and not args.list_file and not args.review:
+        part = parse_part(args.part) if args.part is not None else None
+        if args.merge and (args.sources or args.list_file):
+            raise PrepareError("--merge takes no SRC: run it after every prepare --part K/N has finished")
+        if not args.sources and not args.list_file and not args.review and not args.merge:
             raise PrepareError("give at least one SRC or --list FILE (or --review N for an existing shard folder)")
-        if args.sources or args.list_file:
+        if args.merge:
+            added, parts = merge(args.out, part)
+            print(f"{args.out}: merged {len(parts)} index part(s), {added} images added; "
+                  f"{len(read_index(args.out))} images in total")
+        elif args.sources or args.list_file:
             c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
                         workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet,
                         path_map=args.path_map, burned_in=args.burned_in, list_file=args.list_file,
-                        key=args.key)
+                        key=args.key, part=part)
             print(format_summary(c, args.out))
         if args.review:
             if not is_shard_dir(args.out):

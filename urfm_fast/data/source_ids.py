@@ -58,15 +58,19 @@ def _read_key(path):
 def _write_key(path, salt):
     """Create the key file, readable by its owner only; -> the salt it holds (another part's, when a
     concurrent run created it first)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"format": KEY_FORMAT, "version": 1, "salt": salt}, f)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # appears whole or not at all; never replaces a key
     except FileExistsError:
         return _read_key(path)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"format": KEY_FORMAT, "version": 1, "salt": salt}, f)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    finally:
+        os.remove(tmp)
     return salt
 
 
