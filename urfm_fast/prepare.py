@@ -29,6 +29,10 @@ overlays blanked, urfm_fast.data.deid), resized to a fixed short side and append
     DIR/skipped.jsonl      one line per file or archive member left out: id, reason
     DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
     DIR/review.png         with --review N: N random images, blanked areas outlined
+    DIR/index.part-K-of-N.jsonl, skipped.part-K-of-N.jsonl, index.part-K-of-N.done
+                           with --part K/N: the part's index, skip list and done record, until --merge;
+                           summary.part-K-of-N.json its counts
+    DIR.key                beside DIR, not in it (or --key FILE): the key of the source ids, mode 0600
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
 regions); otherwise the largest connected bright blob after an opening that erases text and thin
@@ -226,7 +230,12 @@ def merge(out, part=None):
     try:
         with open(os.path.join(out, MARKER)) as f:
             short_side = json.load(f).get("short_side")
-        return shards.merge_parts(out, short_side, only=part)
+        added, parts = shards.merge_parts(out, short_side, only=part)
+        for k, n in parts:  # the parts' own locks: no part of these can be running (the folder lock is ours)
+            lock_file = os.path.join(out, f"{LOCK}.{shards.part_name(k, n)}")
+            if os.path.exists(lock_file):
+                os.remove(lock_file)
+        return added, parts
     except shards.PartError as e:
         raise PrepareError(str(e)) from None
     finally:
