@@ -26,8 +26,9 @@ two ways:
   index,label,split        index = 0-based position of the image in DIR/index.jsonl (= ShardDataset item)
   path,label,split[,frame] path = the source path as prepare read it ("path" inside its SRC folder, or
                            "src/path" to tell two sources apart; DIR/index.jsonl holds only salted hashes
-                           of them, matched here), e.g. "liver/p01.png" or "cines.zip/a/cine.dcm"; without a
-                           frame column (or with it empty) every frame of that file gets the row
+                           of them, matched here with the folder's key: DIR.key or --key FILE), e.g.
+                           "liver/p01.png" or "cines.zip/a/cine.dcm"; without a frame column (or with it
+                           empty) every frame of that file gets the row
 label is a class name or id (classes are ordered numerically when all are integers, else by name); split
 is train, val or test. A train split and a val or test split are required; extra columns are ignored and
 images without a row are not used. Example:
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder root, shard folder (with --labels), or 'synthetic'")
     p.add_argument("--labels", metavar="CSV", help="labels of a shard folder: CSV path,label,split[,frame] or "
                    "index,label,split (format below)")
+    p.add_argument("--key", metavar="FILE", default=None, help="the key of the shard folder, for --labels that "
+                   "name files by path (default: DATA.key beside the folder, as prepare writes it)")
     p.add_argument("--protocol", default="linear,knn,finetune", help="comma list of linear, knn, finetune")
     p.add_argument("--label-fractions", type=_floats, default="0.01,0.1,1.0", metavar="F,F,...",
                    help="fractions of the labelled training images, each in (0, 1]")
@@ -362,7 +365,7 @@ def main(argv=None) -> int:
             # first one's input size (position embeddings resampled), as the data is read once at that size.
             print(f"backbones differ in input size; all run at {size}px (the first backbone's; set --img-size)")
             backbones = [resolve_backbone(s, a.arch, a.global_pool, size, a.weights) for s in a.backbone]
-        splits, classes = load_data(a.data, size, a.labels, a.synthetic_train, a.synthetic_val)
+        splits, classes = load_data(a.data, size, a.labels, a.synthetic_train, a.synthetic_val, key=a.key)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ Every image/frame becomes 8-bit grey (a DICOM through its window or VOI LUT, els
 for all its frames: urfm_fast.data.dicom_grey), is cropped to the scan region, de-identified (burned-in text and
 overlays blanked, urfm_fast.data.deid), resized to a fixed short side and appended to memory-mappable shards:
 
-    DIR/urfm_shards.json   format marker, the short side and the salt of the source ids
+    DIR/urfm_shards.json   format marker, the short side and a check of the key (never the key itself)
     DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back
     DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
                            the source frame), blank (boxes blanked inside it, output pixels), burned_in
@@ -29,6 +29,10 @@ overlays blanked, urfm_fast.data.deid), resized to a fixed short side and append
     DIR/skipped.jsonl      one line per file or archive member left out: id, reason
     DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
     DIR/review.png         with --review N: N random images, blanked areas outlined
+    DIR/index.part-K-of-N.jsonl, skipped.part-K-of-N.jsonl, index.part-K-of-N.done
+                           with --part K/N: the part's index, skip list and done record, until --merge;
+                           summary.part-K-of-N.json its counts
+    DIR.key                beside DIR, not in it (or --key FILE): the key of the source ids, mode 0600
 
 Scan region: the DICOM Sequence of Ultrasound Regions (0018,6011) when present (union of the 2-D
 regions); otherwise the largest connected bright blob after an opening that erases text and thin
@@ -42,13 +46,23 @@ whose text covers over 35 % of it is left out (skipped.jsonl gives the reason). 
 prepare refuses to run.
 
 Names: sources appear in every output only as `source_id` (a salted hash of the SRC folder name and
-the relative path; the salt stays in DIR), so folder and file names (often patient names, dates,
-record numbers) never reach the shard folder, the logs or the console. --path-map FILE (outside DIR)
-writes the id -> path table for whoever may hold it. No DICOM header value is written anywhere.
+the relative path), so folder and file names (often patient names, dates, record numbers) never reach
+the shard folder, the logs or the console. The salt is the folder's key and lives outside it: DIR.key
+beside DIR (mode 0600) or --key FILE; share DIR, keep the key (and the --path-map, FILE outside DIR,
+the id -> path table for whoever may hold it). A second run needs the key to recognise the files it
+has done; without it it stops (exit 2) rather than add every file again under new ids. No DICOM header
+value is written anywhere.
+
+In parts, across a cluster: `--part K/N` prepares the files whose salted id is K-1 modulo N (the hash
+balances the slices) into index part K (index.part-K-of-N.jsonl, its own shard numbers, its own lock),
+so N machines can run at once against one shared --out (one key for all: the first creates DIR.key, or
+give --key); `--merge` then joins the finished parts into index.jsonl and index.bin atomically (a
+missing or unfinished part is named, never read). A folder with unmerged parts is refused by readers.
 
 Resumable and idempotent: files already in the index (or in skipped.jsonl) are not read again, so a
 second run adds only new files; a crash loses at most the file being written. A folder written
-before names were hashed has its index and skip list rewritten with ids on the next run.
+before names were hashed has its index and skip list rewritten with ids on the next run; one whose
+salt is in its marker has it moved out to the key file (ids unchanged).
 
 This module holds the pipeline and the CLI; the shard format is in urfm_fast.data.shards, the scan region
 in urfm_fast.data.scan_region, finding and decoding files (and the memory budgets) in urfm_fast.data.sources,
@@ -102,10 +116,11 @@ from urfm_fast.data.source_ids import (  # noqa: F401 (re-exported)
     _check_path_map,
     _hash_old_names,
     _write_path_map,
+    check_key_path,
+    folder_salt,
     path_lookup,
     record_source,
     source_id,
-    source_salt,
 )
 from urfm_fast.data.sources import (  # noqa: F401 (re-exported)
     MAX_FRAME_PIXELS,
@@ -137,31 +152,38 @@ MEMORY_NOTE = (
 )
 
 
-def _open_out(out, short_side):
-    """Create or reopen the shard folder; refuse a non-empty folder that is not ours."""
+def _open_out(out, short_side, part=None):
+    """Create or reopen the shard folder; refuse a non-empty folder that is not ours. part (K, N): one
+    of N prepares writing into it at once (each its own lock, shards and index part)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK} and not is_shard_dir(out):
+    if os.path.isdir(out) and [f for f in os.listdir(out) if not f.startswith(LOCK)] and not is_shard_dir(out):
         raise PrepareError(f"--out {out} is not empty and not a shard folder; choose an empty or new folder")
     os.makedirs(out, exist_ok=True)
-    lock = _lock(out)  # before anything else is written
+    lock = _lock(out, part)  # before anything else is written
     os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
     mpath = os.path.join(out, MARKER)
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            meta = json.load(f)
-        if meta.get("short_side") != short_side:
-            raise PrepareError(
-                f"{out} holds images with short side {meta.get('short_side')}; use --short-side "
-                f"{meta.get('short_side')} or another --out"
-            )
-    else:
-        with open(mpath, "w") as f:
+    if not os.path.exists(mpath):  # created whole or not at all: a part beside us may be creating it too
+        tmp = f"{mpath}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"format": "urfm-shards", "version": 1, "short_side": short_side}, f)
             f.write("\n")
-    # A crash mid-line leaves a torn last line: cut it before appending.
-    for name in (INDEX, SKIPPED):
-        p = os.path.join(out, name)
+        try:
+            os.link(tmp, mpath)
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+    with open(mpath) as f:
+        meta = json.load(f)
+    if meta.get("short_side") != short_side:
+        lock.close()
+        raise PrepareError(
+            f"{out} holds images with short side {meta.get('short_side')}; use --short-side "
+            f"{meta.get('short_side')} or another --out"
+        )
+    # A crash mid-line leaves a torn last line: cut it before appending (to the files this run appends to).
+    for p in shards.part_paths(out, *part)[:2] if part else (os.path.join(out, INDEX), os.path.join(out, SKIPPED)):
         if os.path.exists(p):
             with open(p, "rb+") as f:
                 data = f.read()
@@ -170,30 +192,67 @@ def _open_out(out, short_side):
     return lock
 
 
-def _lock(out):
+def _lock(out, part=None):
     """An exclusive lock on the shard folder for this run: two runs appending to one index would
-    interleave and duplicate images. Released when the process ends, however it ends."""
+    interleave and duplicate images. Released when the process ends, however it ends. part (K, N): the
+    folder's lock shared with the other parts, and an exclusive one of part K's own."""
+    import contextlib
     import fcntl
 
-    f = open(os.path.join(out, LOCK), "a")
+    locks = contextlib.ExitStack()
+    for name, mode, who in [(LOCK, fcntl.LOCK_SH if part else fcntl.LOCK_EX, "another prepare")] + (
+            [(f"{LOCK}.{shards.part_name(*part)}", fcntl.LOCK_EX, f"another prepare --part {part[0]}/{part[1]}")]
+            if part else []):
+        f = locks.enter_context(open(os.path.join(out, name), "a"))
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+        except OSError:
+            locks.close()
+            raise PrepareError(f"{who} is writing to {out} (its lock {name} is held); wait for it to finish or "
+                               "choose another --out") from None
+    return locks
+
+
+def parse_part(text):
+    """--part K/N -> (K, N), 1 <= K <= N <= 10000 (PrepareError: one line)."""
+    k, _, n = str(text).partition("/")
+    if not (k.strip().isdigit() and n.strip().isdigit() and 1 <= int(k) <= int(n) <= 10000):
+        raise PrepareError(f"--part {text}: must be K/N with 1 <= K <= N <= 10000 (e.g. 3/8)")
+    return int(k), int(n)
+
+
+def merge(out, part=None):
+    """Join the finished index parts of `out` (prepare --part) into its index -> (images added, parts).
+    part (K, N): that part alone (a folder holding one part of a split across folders)."""
+    if not is_shard_dir(out):
+        raise PrepareError(f"--out {out} is not a shard folder")
+    lock = _lock(out)  # exclusive: no part may still be writing
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise PrepareError(f"another prepare is writing to {out} (its lock {LOCK} is held); wait for it to "
-                           "finish or choose another --out") from None
-    return f
+        with open(os.path.join(out, MARKER)) as f:
+            short_side = json.load(f).get("short_side")
+        added, parts = shards.merge_parts(out, short_side, only=part)
+        for k, n in parts:  # the parts' own locks: no part of these can be running (the folder lock is ours)
+            lock_file = os.path.join(out, f"{LOCK}.{shards.part_name(k, n)}")
+            if os.path.exists(lock_file):
+                os.remove(lock_file)
+        return added, parts
+    except shards.PartError as e:
+        raise PrepareError(str(e)) from None
+    finally:
+        lock.close()
 
 
 def prepare(
     sources, out, *, short_side=256, frame_stride=1, workers=None, retry_skipped=False, progress=True,
-    path_map=None, burned_in="clean", list_file=None,
+    path_map=None, burned_in="clean", list_file=None, key=None, part=None,
 ):
     """Library entry of the CLI; returns the summary dict. Raises PrepareError on bad inputs.
 
     Sources are named in the outputs by `source_id` only; path_map (a file outside out) receives
     the id -> (src, path) table. burned_in: "clean" or "skip" for DICOM BurnedInAnnotation YES.
-    list_file: more sources, one path per line or a CSV with a `path` column (read_source_list)."""
+    list_file: more sources, one path per line or a CSV with a `path` column (read_source_list).
+    key: the file holding the folder's key (default DIR.key beside out; never inside out).
+    part (K, N): only the K-th of N slices of the files (by salted id), into index part K (then merge)."""
     check_options(short_side, frame_stride, workers)
     if burned_in not in ("clean", "skip"):
         raise PrepareError("--burned-in must be clean or skip")
@@ -203,6 +262,8 @@ def prepare(
         raise PrepareError(str(e)) from None
     path_map = os.fspath(path_map) if path_map else None
     known = _check_path_map(path_map, out) if path_map else None
+    if key is not None:
+        check_key_path(os.fspath(key), out)
     sources = [os.fspath(s) for s in sources]
     labels = [f"argument {k + 1}" for k in range(len(sources))]
     shown = list(sources)  # as typed on the command line; list entries are shown by line only
@@ -216,10 +277,11 @@ def prepare(
     if not files:
         raise PrepareError(f"no files found under {' '.join(shown)}")
     _check_libraries(files)
-    lock = _open_out(out, short_side)
+    lock = _open_out(out, short_side, part)
     try:
-        return _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress,
-                               path_map, known, burned_in, (labels, origins))
+        salt = folder_salt(out, key, create=True)
+        return _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_skipped, progress,
+                               path_map, known, burned_in, (labels, origins), part)
     finally:
         lock.close()
 
@@ -245,35 +307,42 @@ def check_options(short_side, frame_stride, workers):
             raise PrepareError(f"{flag} {value}: must be an integer in [{lo}, {hi}]")
 
 
-def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
-                    burned_in, provenance):
+def _prepare_locked(files, out, salt, short_side, frame_stride, workers, retry_skipped, progress, path_map, known,
+                    burned_in, provenance, part=None):
     """prepare() with the inputs checked and the output folder locked. provenance: (label of each
     source, source position of each file) for the per-source summary."""
-    salt = source_salt(out)
-    renamed = _hash_old_names(out, salt)
+    if part is None and shards.parts_present(out):  # their files would be added again under the main index
+        raise PrepareError(shards.unmerged_message(out))
+    renamed = _hash_old_names(out, salt) if part is None else _no_old_names(out)
     ids = [source_id(salt, s, rel) for s, rel, _, _ in files]
+    labels, origins = provenance
+    if part is not None:  # this part's slice: files whose salted id is K-1 modulo N (balanced by the hash)
+        mine = [int(i, 16) % part[1] == part[0] - 1 for i in ids]
+        files, ids, origins = ([x for x, m in zip(xs, mine) if m] for xs in (files, ids, origins))
+    index_path, skipped_path = (shards.part_paths(out, *part)[:2] if part else
+                                (os.path.join(out, INDEX), os.path.join(out, SKIPPED)))
     if known is not None:
         _write_path_map(path_map, known, [(i, s, rel) for i, (s, rel, _, _) in zip(ids, files)] + renamed)
     done = {r["id"] for r in read_index(out)}
-    old_skips = _read_jsonl(os.path.join(out, SKIPPED))
+    if part is not None:  # the merged index and skip list, and this part's own
+        done |= {r["id"] for r in _read_jsonl(os.path.join(out, SKIPPED))} | {r["id"] for r in _read_jsonl(index_path)}
+    old_skips = _read_jsonl(skipped_path)
     if retry_skipped:  # forget old skips; they are listed again if they fail again
-        _write_jsonl(os.path.join(out, SKIPPED), [r for r in old_skips if r["id"] in done])
+        _write_jsonl(skipped_path, [r for r in old_skips if r["id"] in done])
     else:
         done |= {r["id"] for r in old_skips}
     todo = [(i, rel, p, m) for i, (_, rel, p, m) in zip(ids, files) if i not in done]
-    labels, origins = provenance
     per_source = _source_table(ids, done, labels, origins)
     origin_of = dict(zip(ids, origins))
     counts = {"files_seen": len(files), "files_already_done": len(files) - len(todo), "files_added": 0,
               "images_added": 0, "files_skipped": 0, "skip_reasons": {}, "crop": {},
               "images_blanked": 0, "burned_in_cleaned": 0, "frames_duplicate": 0}
     t0 = time.time()
-    writer = _ShardWriter(out)
+    writer = _ShardWriter(out, part)
     jobs = [(p, m, rel, short_side, frame_stride) for _, rel, p, m in todo]
     _close_zips()  # no open archive may be shared with forked workers
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    with open(os.path.join(out, INDEX), "a", encoding="utf-8") as index, \
-            open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skipped:
+    with open(index_path, "a", encoding="utf-8") as index, open(skipped_path, "a", encoding="utf-8") as skipped:
         if workers == 1:
             _quiet_worker(burned_in)
             results = map(_timed_process, jobs)
@@ -305,19 +374,39 @@ def _prepare_locked(files, out, short_side, frame_stride, workers, retry_skipped
             _close_zips()
             if pool is not None:
                 pool.terminate()
-    jsonl_bytes = os.path.getsize(os.path.join(out, INDEX))
-    records = read_index(out)
-    counts["images_total"] = len(records)
-    shards.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
-    counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
+    _finish_index(out, counts, part, short_side)
     counts["seconds"] = round(time.time() - t0, 2)
     for row in per_source:
         row["seconds"] = round(row["seconds"], 2)
     counts["sources"] = per_source
-    with open(os.path.join(out, SUMMARY), "w") as f:
+    summary = SUMMARY if part is None else f"summary.{shards.part_name(*part)}.json"
+    with open(os.path.join(out, summary), "w") as f:
         json.dump(counts, f, indent=1)
         f.write("\n")
     return counts
+
+
+def _no_old_names(out):
+    """--part needs a folder whose index names sources by id (parts cannot rewrite the shared index)."""
+    if any("path" in r for r in read_index(out)[:1]):
+        raise PrepareError(f"{out} was written before names were hashed: run one prepare without --part on it first")
+    return []
+
+
+def _finish_index(out, counts, part, short_side):
+    """After the files: index.bin (or, for a part, its done record) and the totals of the summary."""
+    if part is None:
+        jsonl_bytes = os.path.getsize(os.path.join(out, INDEX))
+        records = read_index(out)
+        counts["images_total"] = len(records)
+        shards.write_index_bin(out, records, jsonl_bytes)  # what every rank memory-maps
+        counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED)))
+        return
+    index_path, skipped_path, _ = shards.part_paths(out, *part)
+    shards.write_part_done(out, *part, short_side)
+    counts["part"] = list(part)
+    counts["images_total"] = len(read_index(out)) + len(_read_jsonl(index_path))
+    counts["files_skipped_total"] = len(_read_jsonl(os.path.join(out, SKIPPED))) + len(_read_jsonl(skipped_path))
 
 
 def _timed_process(job):
@@ -433,6 +522,10 @@ def format_summary(c, out):
         lines.append(f"  source {row['source']} ({row['given_as']}, id {row['id']}): {row['files']} files, "
                      f"{row['files_added']} added ({row['images_added']} images), "
                      f"{sum(row['skipped'].values())} skipped{f' ({skips})' if skips else ''}, {row['seconds']} s")
+    if c.get("part"):
+        k, n = c["part"]
+        lines.append(f"  part {k}/{n} done: its images join the index when every part is done and "
+                     f"python -m urfm_fast.prepare --out {out} --merge has run")
     if c["images_added"]:
         lines.append(f"  text/overlays blanked inside the scan region in {c['images_blanked']} images; "
                      f"{c['burned_in_cleaned']} files flagged BurnedInAnnotation YES cleaned")
@@ -475,9 +568,20 @@ def main(argv=None):
     ap.add_argument("--path-map", metavar="FILE", default=None,
                     help="also write the table source id -> folder/relative path to FILE (JSON lines; it "
                     "names patients' files: must be outside --out; merged with FILE when it exists)")
+    ap.add_argument("--key", metavar="FILE", default=None,
+                    help="the file holding the key that names this folder's sources (default: DIR.key beside "
+                    "--out, created mode 0600 on the first run; must be outside --out). Share the folder, keep "
+                    "the key: a rerun needs it to skip what is done")
     ap.add_argument("--burned-in", choices=("clean", "skip"), default="clean",
                     help="DICOM with BurnedInAnnotation YES: blank its text like any file and flag it in "
                     "index.jsonl (clean), or leave it out, listed in skipped.jsonl (skip)")
+    ap.add_argument("--part", metavar="K/N", default=None,
+                    help="prepare only the K-th of N slices of the files (by salted id, so slices balance) into "
+                    "index part K of --out: N machines can run at once against one shared --out (give them one "
+                    "--key), then --merge; or each into its own folder (then --merge --part K/N there)")
+    ap.add_argument("--merge", action="store_true",
+                    help="join the finished index parts of --out (from --part runs) into its index; a missing "
+                    "or unfinished part is named and nothing is changed (with no SRC; --part K/N: that part alone)")
     ap.add_argument("--review", type=int, default=0, metavar="N",
                     help="write DIR/review.png, a contact sheet of N random prepared images with the "
                     "blanked areas outlined (with no SRC: only that, for an existing shard folder)")
@@ -486,12 +590,20 @@ def main(argv=None):
     try:
         if args.review < 0:
             raise PrepareError("--review must be >= 0")
-        if not args.sources and not args.list_file and not args.review:
+        part = parse_part(args.part) if args.part is not None else None
+        if args.merge and (args.sources or args.list_file):
+            raise PrepareError("--merge takes no SRC: run it after every prepare --part K/N has finished")
+        if not args.sources and not args.list_file and not args.review and not args.merge:
             raise PrepareError("give at least one SRC or --list FILE (or --review N for an existing shard folder)")
-        if args.sources or args.list_file:
+        if args.merge:
+            added, parts = merge(args.out, part)
+            print(f"{args.out}: merged {len(parts)} index part(s), {added} images added; "
+                  f"{len(read_index(args.out))} images in total")
+        elif args.sources or args.list_file:
             c = prepare(args.sources, args.out, short_side=args.short_side, frame_stride=args.frame_stride,
                         workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.quiet,
-                        path_map=args.path_map, burned_in=args.burned_in, list_file=args.list_file)
+                        path_map=args.path_map, burned_in=args.burned_in, list_file=args.list_file,
+                        key=args.key, part=part)
             print(format_summary(c, args.out))
         if args.review:
             if not is_shard_dir(args.out):

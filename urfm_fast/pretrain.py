@@ -11,6 +11,8 @@ train/checkpointing.py, train/metrics.py, train/faults.py (test hooks, preemptio
     python -m urfm_fast.pretrain --data /path/to/images --teacher /path/to/open_clip_pytorch_model.bin
     # one node, 8 GPUs (FSDP2 + bf16 + per-block torch.compile)
     torchrun --nproc_per_node 8 -m urfm_fast.pretrain --data /data/us_shards --teacher ...
+    # several shard folders as one stream, weighted (default: by size; see docs/archives.md)
+    torchrun --nproc_per_node 8 -m urfm_fast.pretrain --data /data/liver /data/thyroid --data-weights 0.7,0.3 ...
     # continue a stopped or preempted run exactly where it stopped
     python -m urfm_fast.pretrain --out runs/<name> --resume
 

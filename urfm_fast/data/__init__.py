@@ -1,8 +1,10 @@
 """Archives -> shards -> the training stream.
 
 sources / media / dicom_grey read what users hold (image files, DICOM, video, volumes); deid and
-scan_region find burned-in text and the scan; source_ids names sources without their paths; shards owns
-the shard folder's format; stream turns a folder into batches; augment and synthetic serve both ends.
+scan_region find burned-in text and the scan; source_ids names sources without their paths (the key kept
+outside the folder); shards owns the shard folder's format (index parts and their merge included); stream
+turns a folder into batches, mixture several folders into one weighted order; augment and synthetic
+serve both ends.
 
 ``from urfm_fast.data import ShardDataset`` is bound on first use, so prepare (which imports this wing's
 modules) starts without importing torch.

@@ -35,6 +35,7 @@ Before many ranks open a folder written by an older version (each would parse th
                                                      # (the older spelling python -m urfm_fast.shard_index works too)
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -77,12 +78,16 @@ def read_index(root):
 
 
 class _ShardWriter:
-    """Appends images to new shard files (never rewrites an existing one)."""
+    """Appends images to new shard files (never rewrites an existing one). part (K, N): only shard
+    numbers congruent to K-1 modulo N, so N parts writing into one folder at once never meet."""
 
-    def __init__(self, out):
+    def __init__(self, out, part=None):
         self.out = out
         existing = [int(f[6:11]) for f in os.listdir(os.path.join(out, SHARD_DIR)) if f.startswith("shard-")]
-        self.k = max(existing, default=-1)
+        top = max(existing, default=-1)
+        self.step = part[1] if part else 1
+        # the number before this writer's first: above every shard there now, in this part's residue class
+        self.k = top if part is None else top + 1 + ((part[0] - 1 - top - 1) % part[1]) - part[1]
         self.f = None
 
     def write(self, data):
@@ -90,8 +95,8 @@ class _ShardWriter:
         if self.f is None or self.f.tell() >= SHARD_BYTES:
             if self.f is not None:
                 self.f.close()
-            self.k += 1
-            self.f = open(shard_path(self.out, self.k), "wb")
+            self.k += self.step
+            self.f = open(shard_path(self.out, self.k), "xb")
         off = self.f.tell()
         self.f.write(data)
         return self.k, off
@@ -121,6 +126,120 @@ def _write_jsonl(p, rows):
     os.replace(tmp, p)
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Index parts: prepare --part K/N on many machines, then --merge
+
+
+class PartError(ValueError):
+    """Index parts that cannot be merged (missing, unfinished, of another split); one line."""
+
+
+def part_name(k, n):
+    return f"part-{k:04d}-of-{n:04d}"
+
+
+def part_paths(root, k, n):
+    """-> (index part, skip-list part, done record) of part k of n: the only files that part writes
+    besides its own shards (prepare --part)."""
+    name = part_name(k, n)
+    return tuple(os.path.join(root, f) for f in (f"index.{name}.jsonl", f"skipped.{name}.jsonl", f"index.{name}.done"))
+
+
+def parts_present(root):
+    """Sorted (k, n) of the index parts found in root (by their index or done files)."""
+    found = set()
+    for f in os.listdir(root):
+        if f.startswith("index.part-") and f.endswith((".jsonl", ".done")):
+            k, n = f[len("index.part-"):].split(".")[0].split("-of-")
+            if k.isdigit() and n.isdigit():
+                found.add((int(k), int(n)))
+    return sorted(found)
+
+
+def unmerged_message(root):
+    names = ", ".join(os.path.basename(part_paths(root, k, n)[0]) for k, n in parts_present(root))
+    return (f"{root} holds index parts not merged yet ({names}): when every part is done, run "
+            f"python -m urfm_fast.prepare --out {root} --merge")
+
+
+def write_part_done(root, k, n, short_side):
+    """Part k of n finished: record the sizes of its files (a merge reads a part only when they match)."""
+    index, skipped, done = part_paths(root, k, n)
+    sizes = {"index_bytes": os.path.getsize(index), "skipped_bytes": os.path.getsize(skipped)}
+    tmp = f"{done}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"part": k, "of": n, "short_side": short_side, **sizes}, f)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, done)
+
+
+def _finished_part(root, k, n, short_side):
+    """The index and skip-list rows of part k of n; PartError naming the part's file when it is missing,
+    unfinished (no done record, or its files changed since) or prepared with another --short-side."""
+    index, skipped, done = part_paths(root, k, n)
+    shown = os.path.basename(index)
+    if not os.path.exists(index):
+        raise PartError(f"{root}: {shown} is missing: run prepare --part {k}/{n} into this folder first")
+    try:
+        with open(done) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        raise PartError(f"{root}: {shown} is unfinished (its prepare --part {k}/{n} is still running or was cut "
+                        "short): run that part again, then merge") from None
+    if rec.get("index_bytes") != os.path.getsize(index) or rec.get("skipped_bytes") != _size(skipped):
+        raise PartError(f"{root}: {shown} changed after its prepare --part {k}/{n} finished: run that part again")
+    if rec.get("short_side") != short_side:
+        raise PartError(f"{root}: {shown} was prepared with --short-side {rec.get('short_side')}, the folder with "
+                        f"{short_side}: prepare that part again with --short-side {short_side}")
+    return _read_jsonl(index), _read_jsonl(skipped)
+
+
+def _size(p):
+    return os.path.getsize(p) if os.path.exists(p) else 0
+
+
+def _fsync_jsonl(p, rows):
+    tmp = f"{p}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def merge_parts(root, short_side, only=None):
+    """Join the index parts of root into index.jsonl, skipped.jsonl and index.bin, then delete them.
+
+    Every part 1..N of the split found must be finished (only=(K, N): that part alone, for a folder
+    that holds one part of a split across folders). Rows already in the index (a merge cut short after
+    its rename) are not added twice. The caller holds the folder's lock. -> (images added, parts)."""
+    parts = [only] if only else parts_present(root)
+    if not parts:
+        raise PartError(f"{root} holds no index parts to merge")
+    splits = sorted({n for _, n in parts})
+    if len(splits) > 1:
+        raise PartError(f"{root} holds parts of splits into {' and '.join(map(str, splits))}; prepare all parts "
+                        "with the same --part K/N")
+    n = splits[0]
+    want = [only] if only else [(k, n) for k in range(1, n + 1)]
+    got = [_finished_part(root, k, n, short_side) for k, n in want]  # every part checked before a byte is written
+    index, skipped = read_index(root), _read_jsonl(os.path.join(root, SKIPPED))
+    have = {(r["shard"], r["offset"]) for r in index}
+    have_skip = {r["id"] for r in skipped}
+    added = [r for rows, _ in got for r in rows if (r["shard"], r["offset"]) not in have]
+    skipped += [r for _, rows in got for r in rows if r["id"] not in have_skip]
+    _fsync_jsonl(os.path.join(root, SKIPPED), skipped)
+    _fsync_jsonl(os.path.join(root, INDEX), index + added)  # the index last: readers see all or nothing
+    write_index_bin(root)
+    for k, n in want:
+        for p in part_paths(root, k, n):
+            if os.path.exists(p):
+                os.remove(p)
+    return len(added), want
 
 INDEX_BIN = "index.bin"
 MAGIC = b"URFMIDX1"
@@ -238,6 +357,21 @@ def open_index(root):
         except OSError as e:  # a full disk: this run still has the parsed entries
             log.warning("shard folder %s: cannot write %s (%s)", root, INDEX_BIN, e.strerror or e)
     return arr
+
+
+def folder_id(root):
+    """A salted id of a shard folder and its content (config.json of a run names its folders by it): 16 hex
+    digits hashing the marker's key check (made from the folder's key) with the count and checksum of the
+    index.bin entries; None when there is no readable index.bin."""
+
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            check = json.load(f).get("key_check", "")
+        with open(os.path.join(root, INDEX_BIN), "rb") as f:
+            _, _, _, count, _, crc = _HEADER.unpack_from(f.read(HEADER_BYTES))
+    except (OSError, ValueError, struct.error):
+        return None
+    return hashlib.sha256(f"{check}:{count}:{crc:08x}".encode()).hexdigest()[:16]
 
 
 def reopen(root, count):

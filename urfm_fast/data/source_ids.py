@@ -1,7 +1,13 @@
-"""Names of sources in a shard folder: salted source ids and the optional id -> path map.
+"""Names of sources in a shard folder: salted source ids, the key (salt) that makes them, and the
+optional id -> path map.
 
 Folder and file names (often patient data) never reach the shard folder: each source file is named
-by a salted hash (the salt is kept in the marker); --path-map writes the table outside the folder."""
+by a salted hash. The salt is the folder's key and is kept OUTSIDE the folder, by default in a file
+beside it (DIR.key for DIR, mode 0600) or where --key says: whoever receives the folder cannot hash a
+guessed path and test whether a patient is in it. The marker holds only `key_check`, a salted hash of
+the key that tells a wrong key file from the right one. Reading pixels (training, --review) needs no
+key; recognising files by path (a second prepare, labels by path) does. --path-map writes the table
+outside the folder."""
 
 import hashlib
 import json
@@ -10,19 +16,117 @@ import os
 from urfm_fast.data.shards import INDEX, MARKER, SKIPPED, _read_jsonl, _write_jsonl
 from urfm_fast.data.sources import PrepareError
 
+KEY_SUFFIX = ".key"
+KEY_FORMAT = "urfm-shards-key"
 
-def source_salt(out):
-    """The shard folder's salt (hex) for hashing source names, made on first use and kept in its marker."""
-    mpath = os.path.join(out, MARKER)
-    with open(mpath) as f:
-        meta = json.load(f)
-    if "salt" not in meta:
-        meta["salt"] = os.urandom(16).hex()
-        with open(mpath + ".tmp", "w") as f:
-            json.dump(meta, f)
+
+class SourceKeyError(PrepareError, ValueError):
+    """The folder's key is missing, unreadable or belongs to another folder (one line)."""
+
+
+def default_key_path(out):
+    """Where a folder's key lives unless --key says otherwise: beside it, DIR.key."""
+    return os.path.normpath(os.fspath(out)) + KEY_SUFFIX
+
+
+def check_key_path(key, out):
+    """Refuse a --key inside the shard folder (the folder is what gets shared) or a folder."""
+    kp, root = os.path.realpath(key), os.path.realpath(out)
+    if os.path.commonpath([kp, root]) == root:
+        raise SourceKeyError(f"--key {key} is inside the shard folder; the key must be kept apart from the "
+                             "folder that is shared (choose a path outside --out)")
+    if os.path.isdir(kp):
+        raise SourceKeyError(f"--key {key} is a folder; give a file")
+
+
+def _key_check(salt):
+    return _hash(salt, "check", KEY_FORMAT)[:16]
+
+
+def _read_key(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        salt = d["salt"] if d.get("format") == KEY_FORMAT else None
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
+        salt = None
+    if not isinstance(salt, str) or not salt:
+        raise SourceKeyError(f"key file {path} is not a shard folder key of prepare")
+    return salt
+
+
+def _write_key(path, salt):
+    """Create the key file, readable by its owner only; -> the salt it holds (another part's, when a
+    concurrent run created it first)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"format": KEY_FORMAT, "version": 1, "salt": salt}, f)
             f.write("\n")
-        os.replace(mpath + ".tmp", mpath)
-    return meta["salt"]
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # appears whole or not at all; never replaces a key
+    except FileExistsError:
+        return _read_key(path)
+    finally:
+        os.remove(tmp)
+    return salt
+
+
+def _write_marker(out, meta):
+    mpath = os.path.join(out, MARKER)
+    tmp = f"{mpath}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+        f.write("\n")
+    os.replace(tmp, mpath)
+
+
+def _holds_ids(out):
+    """True when the folder's index or skip list names sources by salted id (a key made them)."""
+    return any("id" in r for name in (INDEX, SKIPPED) for r in _read_jsonl(os.path.join(out, name))[:1])
+
+
+def folder_salt(out, key=None, create=False, say=print):
+    """The folder's key (hex salt) for hashing source names, read from `key` (default DIR.key).
+
+    create (prepare): a new folder gets a new key file (mode 0600); a folder written before keys lived
+    outside it (salt in the marker) has it moved to the key file, ids unchanged, said once via `say`.
+    Raises SourceKeyError (one line naming the key file looked for) when the key is missing for a folder
+    whose sources are already named by it, or when the key file belongs to another folder."""
+    kp = os.fspath(key) if key else default_key_path(out)
+    check_key_path(kp, out)
+    with open(os.path.join(out, MARKER)) as f:
+        meta = json.load(f)
+    if "salt" in meta:  # written before the key moved out of the folder
+        salt = meta["salt"]
+        if not create:
+            return salt
+        if os.path.exists(kp) and _read_key(kp) != salt:
+            raise SourceKeyError(f"key file {kp} exists and does not belong to {out}; move it away or pass "
+                                 "--key FILE")
+        _write_key(kp, salt)
+        meta = {k: v for k, v in meta.items() if k != "salt"}
+        _write_marker(out, {**meta, "key_check": _key_check(salt)})
+        say(f"moved the key naming the sources of {out} out of the folder into {kp} (ids unchanged): share the "
+            "folder, keep the key")
+        return salt
+    if os.path.exists(kp):
+        salt = _read_key(kp)
+        if meta.get("key_check", _key_check(salt)) != _key_check(salt):
+            raise SourceKeyError(f"key file {kp} does not belong to {out} (its check differs); pass --key FILE "
+                                 "with this folder's key")
+    elif "key_check" in meta or _holds_ids(out):
+        raise SourceKeyError(f"the key naming the sources of {out} is not at {kp}: without it no file can be "
+                             "recognised (pass --key FILE where the key is kept)")
+    elif not create:
+        raise SourceKeyError(f"{out} has no key at {kp} and names no sources yet")
+    else:
+        salt = _write_key(kp, os.urandom(16).hex())
+    if create and "key_check" not in meta:
+        _write_marker(out, {**meta, "key_check": _key_check(salt)})
+    return salt
 
 
 def _hash(salt, kind, text):
@@ -40,17 +144,17 @@ def record_source(r):
     return r["src"] if "src" in r else r["id"][:8]
 
 
-def path_lookup(root, records):
+def path_lookup(root, records, key=None):
     """-> find(path) -> indices of the records of that source file, where path is "rel/path" or
-    "src/rel/path" (for labels files that name files by path; the names are hashed the same way)."""
+    "src/rel/path" (for labels files that name files by path; the names are hashed the same way with
+    the folder's key: `key` or DIR.key, SourceKeyError without it)."""
     if records and "path" in records[0]:  # written before sources were hashed
         by_key = {}
         for k, r in enumerate(records):
             for key in {r["path"], f"{r['src']}/{r['path']}" if r["src"] else r["path"]}:
                 by_key.setdefault(key, []).append(k)
         return lambda p: by_key.get(p, [])
-    with open(os.path.join(root, MARKER)) as f:
-        salt = json.load(f).get("salt", "")
+    salt = folder_salt(root, key)
     by_id, by_rel = {}, {}
     for k, r in enumerate(records):
         by_id.setdefault(r["id"], []).append(k)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from urfm_fast.data import shards
 from urfm_fast.data.augment import batch_augment, hash_uniform, mix_seed, pad_batch
+from urfm_fast.data.mixture import MixtureDataset
 from urfm_fast.data.scan_region import load_image_grey8, resize_short
 from urfm_fast.data.shards import IMAGE_EXTS
 
@@ -63,6 +64,8 @@ class ShardDataset(Dataset):
             raise DataError(
                 f"{root} is not a shard folder (no {shards.MARKER}); run python -m urfm_fast.prepare"
             )
+        if shards.parts_present(root):  # prepare --part runs not merged: the index is incomplete
+            raise DataError(shards.unmerged_message(root))
         try:
             self.index = shards.open_index(root)  # structured RECORD [n]
         except shards.ShardIndexError as e:
@@ -224,10 +227,32 @@ class SyntheticSource(Dataset):
         return img if img.dim() == 3 else img.unsqueeze(0)
 
 
-def open_source(source, *, seed=0, synthetic_length=4096, synthetic_size=256, short_side=256):
-    """'synthetic' | shard folder | image folder -> Dataset of uint8 [1,H,W] (raises DataError)."""
+def open_mixture(roots, weights=None):
+    """Several shard folders -> MixtureDataset (weights: None = by size, "equal", or K numbers)."""
+    parts = []
+    for root in roots:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"data folder {root} does not exist")
+        if not shards.is_shard_dir(root):
+            raise DataError(f"{root} is not a shard folder (no {shards.MARKER}); several --data folders must each "
+                            "be written by python -m urfm_fast.prepare")
+        parts.append(ShardDataset(root))
+    try:
+        return MixtureDataset(parts, weights, names=[p.root for p in parts])
+    except ValueError as e:
+        raise DataError(f"--data-weights: {e}") from None
+
+
+def open_source(source, *, seed=0, synthetic_length=4096, synthetic_size=256, short_side=256, weights=None):
+    """'synthetic' | shard folder | image folder | several shard folders (a list, with `weights`) ->
+    Dataset of uint8 [1,H,W] (raises DataError)."""
     if isinstance(source, Dataset):
         return source
+    if isinstance(source, (list, tuple)):
+        if len(source) > 1:
+            return open_mixture(source, weights)
+        (source,) = source
     if source is None or str(source) == "synthetic":
         return SyntheticSource(synthetic_length, synthetic_size, seed)
     path = os.fspath(source)
@@ -303,11 +328,13 @@ def _collate(items):
 
 
 class _RankBatches(Sampler):
-    """Infinite: from (epoch, step) on, this rank's slice of every global batch of every epoch."""
+    """Infinite: from (epoch, step) on, this rank's slice of every global batch of every epoch.
+    order(epoch) -> int64 [>= steps * global batch] sample keys (default: epoch_permutation)."""
 
-    def __init__(self, n, batch_size, world_size, rank, seed, epoch, step):
+    def __init__(self, n, batch_size, world_size, rank, seed, epoch, step, order=None):
         self.n, self.b, self.w, self.r, self.seed = n, batch_size, world_size, rank, seed
         self.epoch, self.step = epoch, step
+        self.order = order or (lambda e: epoch_permutation(n, seed, e))
 
     def __iter__(self):
         epoch, step = self.epoch, self.step
@@ -315,10 +342,10 @@ class _RankBatches(Sampler):
         if gb <= 0 or self.n // gb == 0:  # an epoch without one batch would loop here forever, yielding nothing
             raise DataError(f"{self.n} images are fewer than one global batch of {gb}")
         while True:
-            perm = epoch_permutation(self.n, self.seed, epoch).tolist()
+            perm = self.order(epoch)
             for s in range(step, self.n // gb):
                 lo = s * gb + self.r * self.b
-                yield [(epoch, i) for i in perm[lo : lo + self.b]]
+                yield [(epoch, i) for i in perm[lo : lo + self.b].tolist()]  # per batch: no 10M-item list
             epoch, step = epoch + 1, 0
 
 
@@ -355,6 +382,11 @@ class TrainStream:
                 f"{self.num_images} images are fewer than one global batch of {batch_size * world_size}"
             )
         self.samples_per_epoch = self.steps_per_epoch * batch_size * world_size
+        # several folders: the epoch orders (the main process reads them for the shares) and the global
+        # samples drawn from each folder since the run began
+        self.mixture = source if isinstance(source, MixtureDataset) else None
+        self.source_counts = np.zeros(len(source.parts), np.int64) if self.mixture else None
+        self._orders = {}
         self.epoch = 0
         self._epoch, self._step = 0, 0  # position of the next global batch
         # Non-deterministic mode draws crops from one generator per rank on the device.
@@ -371,6 +403,8 @@ class TrainStream:
             "seed": self.seed,
             "num_images": self.num_images,
             "rng": self._gen.get_state(),
+            **({"weights": self.mixture.weights.tolist(), "source_counts": self.source_counts.tolist()}
+               if self.mixture else {}),
         }
 
     def load_state_dict(self, state):
@@ -392,6 +426,28 @@ class TrainStream:
         self.epoch = self._epoch
         if "rng" in state:
             self._gen.set_state(state["rng"])
+        if self.mixture is not None:
+            counts = state.get("source_counts", [])
+            if len(counts) == len(self.source_counts):
+                self.source_counts[:] = counts
+            if not np.allclose(state.get("weights", self.mixture.weights), self.mixture.weights):
+                log.warning("folder weights changed since the checkpoint (%s -> %s)", state.get("weights"),
+                            self.mixture.weights.tolist())
+
+    def _order(self, epoch):
+        """The global order of a mixture's epoch, computed once (the sampler and the share count use it)."""
+        o = self._orders.get(epoch)
+        if o is None:
+            o = self.mixture.order(self.seed, epoch, self.samples_per_epoch)
+            self._orders = {e: v for e, v in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = o
+        return o
+
+    def _count_sources(self):
+        """Add the global batch at the current position to source_counts (every rank, no collective)."""
+        gb = self.batch_size * self.world_size
+        keys = self._order(self._epoch)[self._step * gb:(self._step + 1) * gb]
+        self.source_counts += np.bincount(self.mixture.folder_of(keys), minlength=len(self.source_counts))
 
     def mask_noise(self, sample_index, num_patches, epoch=None, device=None):
         """Masking noise float32 [B, num_patches] for the batch just yielded (see module docstring)."""
@@ -401,7 +457,8 @@ class TrainStream:
     # -- iteration ------------------------------------------------------------------------
     def _loader(self):
         sampler = _RankBatches(
-            self.num_images, self.batch_size, self.world_size, self.rank, self.seed, self._epoch, self._step
+            self.num_images, self.batch_size, self.world_size, self.rank, self.seed, self._epoch, self._step,
+            order=self._order if self.mixture else None,
         )
         kw = {}
         if self.num_workers > 0:
@@ -428,13 +485,29 @@ class TrainStream:
                 x, self.img_size, scale=self.scale, seeds=seeds, generator=self._gen, sizes=sizes
             )  # (B, 3, S, S) in [0, 1]
             self.epoch = int(epoch[0])
+            if self.mixture is not None:
+                self._count_sources()
             self._step += 1
             if self._step == self.steps_per_epoch:
                 self._epoch, self._step = self._epoch + 1, 0
             yield images, index
 
+    def describe_sources(self):
+        """Each shard folder of the run (config.json): path, salted id, images, weight; [] otherwise."""
+        if self.mixture is not None:
+            roots, weights = self.mixture.names, self.mixture.weights.tolist()
+        elif isinstance(self.source, ShardDataset):
+            roots, weights = [self.source.root], [1.0]
+        else:
+            return []
+        return [{"path": r, "id": shards.folder_id(r), "images": int(n), "weight": w}
+                for r, n, w in zip(roots, self.mixture.sizes if self.mixture else [len(self.source)], weights)]
+
     def summary(self):
         src = self.source
+        if self.mixture is not None:
+            return f"{len(src)} images in {len(src.parts)} shard folders, weights " + "/".join(
+                f"{w:.3g}" for w in src.weights)
         if isinstance(src, ImageFolderDataset):
             return src.summary()
         if isinstance(src, ShardDataset):
@@ -457,15 +530,18 @@ def build_train_stream(
     synthetic_size=None,
     short_side=256,
     scale=(0.2, 1.0),
+    weights=None,
 ):
-    """source: "synthetic", a shard folder, an image folder (auto-detected) or a Dataset of uint8
-    [1,H,W]; batch_size is per rank. Raises DataError when the source is unusable."""
+    """source: "synthetic", a shard folder, an image folder (auto-detected), several shard folders (a
+    list; `weights`: None = by size, "equal" or one number each) or a Dataset of uint8 [1,H,W];
+    batch_size is per rank. Raises DataError when the source is unusable."""
     ds = open_source(
         source,
         seed=seed,
         synthetic_length=synthetic_length,
         synthetic_size=synthetic_size or img_size,
         short_side=short_side,
+        weights=weights,
     )
     return TrainStream(
         ds,

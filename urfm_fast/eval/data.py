@@ -134,8 +134,9 @@ def _row_items(r: dict, header: list[str], where: str, root: Path, records: list
     return items
 
 
-def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, str, str]], int]:
+def read_shard_labels(root: Path, labels_file: Path, key=None) -> tuple[list[tuple[int, str, str]], int]:
     """Labels CSV -> ([(shard item index, label, split)], number of images in the shard folder).
+    Rows naming files by path need the folder's key (`key`, default the file DIR.key beside it).
 
     Raises ValueError with a one-line message naming the file and line of the first problem."""
     from urfm_fast.data import shards
@@ -146,7 +147,8 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
                          "python -m urfm_fast.prepare")
     records = shards.read_index(root)
     header, rows = _read_labels_csv(labels_file)
-    find = path_lookup(root, records)  # "path" or "src/path" -> item indices
+    # "path" or "src/path" -> item indices (hashed with the folder's key; index rows need no key)
+    find = path_lookup(root, records, key) if "index" not in header else None
     out, seen = [], {}
     for line, r in enumerate(rows, start=2):
         where = f"{labels_file} line {line}"
@@ -169,11 +171,11 @@ def read_shard_labels(root: Path, labels_file: Path) -> tuple[list[tuple[int, st
     return out, len(records)
 
 
-def load_shards(root: Path, labels_file: Path, size: int) -> tuple[dict[str, Split], list[str]]:
+def load_shards(root: Path, labels_file: Path, size: int, key=None) -> tuple[dict[str, Split], list[str]]:
     """A shard folder from python -m urfm_fast.prepare plus a labels CSV (format: the module docstring)."""
     from urfm_fast.data.stream import ShardDataset
 
-    rows, _ = read_shard_labels(root, labels_file)
+    rows, _ = read_shard_labels(root, labels_file, key)
     ds = ShardDataset(root)
     names = _class_order(sorted({lab for _, lab, _ in rows}))
     cls = {n: i for i, n in enumerate(names)}
@@ -196,7 +198,7 @@ def load_synthetic(size: int, n_train: int, n_val: int) -> tuple[dict[str, Split
     return splits, list(synthetic.CLASSES)
 
 
-def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000):
+def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000, key=None):
     from urfm_fast.data.shards import MARKER
 
     if spec == "synthetic":
@@ -204,7 +206,7 @@ def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000):
     else:
         root = Path(spec).expanduser()
         if labels_file:
-            splits, classes = load_shards(root, Path(labels_file), size)
+            splits, classes = load_shards(root, Path(labels_file), size, key)
         elif (root / "train").is_dir():
             splits, classes = load_imagefolder(root, size)
         elif (root / MARKER).is_file():

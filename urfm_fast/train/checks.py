@@ -8,12 +8,14 @@ at this image size) are checked here too, so the loop never sees a value it cann
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 from urfm_fast.cli_checks import FlagError, existing, flag, float_in, int_in, writable_dir
 from urfm_fast.config import RECIPE_CHOICES
+from urfm_fast.data.shards import MARKER
 
 # Fields argparse already restricts (choices, booleans) or whose loader says what is wrong (--teacher).
 CHECKED_ELSEWHERE = {"model", "target", "dist", "shard", "precision", "teacher", "deterministic",
@@ -89,9 +91,48 @@ def _run(cfg) -> None:
         raise FlagError(f"--device {cfg.device}: must be auto, cpu, cuda or cuda:N")
 
 
+def data_folders(cfg) -> list[str]:
+    """--data as a list of folders ([] for the demo and synthetic data)."""
+    if cfg.data in (None, "synthetic"):
+        return []
+    return [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+
+
+def data_weights(cfg):
+    """--data-weights for the stream: None (by size), "equal", or one non-negative float per folder."""
+    spec, n = cfg.data_weights, len(data_folders(cfg))
+    if spec is None or str(spec).strip().lower() == "equal":
+        return None if spec is None else "equal"
+    try:
+        w = [float(x) for x in str(spec).split(",")]
+    except ValueError:
+        raise FlagError(f"--data-weights {spec}: must be 'equal' or a comma list of numbers, one per --data "
+                        "folder") from None
+    if len(w) != n:
+        raise FlagError(f"--data-weights {spec}: {len(w)} weight(s) for {n} --data folder(s)")
+    if any(not math.isfinite(x) or x < 0 for x in w) or not sum(w) > 0:
+        raise FlagError(f"--data-weights {spec}: weights must be finite, >= 0 and not all zero")
+    return w
+
+
+def _data(cfg) -> None:
+    folders = data_folders(cfg)
+    for folder in folders:
+        existing("data", folder)
+    if cfg.data_weights is not None and not folders:
+        raise FlagError("--data-weights: needs --data folders")
+    data_weights(cfg)
+    if len(folders) > 1:
+        for folder in folders:
+            if not (Path(folder).expanduser() / MARKER).is_file():
+                raise FlagError(f"--data {folder}: not a shard folder; several --data folders must each be "
+                                "written by python -m urfm_fast.prepare")
+        if len(set(map(os.path.realpath, folders))) < len(folders):
+            raise FlagError("--data: a folder is given twice; give each once and weigh it with --data-weights")
+
+
 def _paths(cfg) -> None:
-    if cfg.data not in (None, "synthetic"):
-        existing("data", cfg.data)
+    _data(cfg)
     if cfg.init is not None:
         existing("init", cfg.init)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().exists():

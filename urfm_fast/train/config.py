@@ -47,8 +47,13 @@ class TrainConfig:
     target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",
                      choices=["tokens", "proj"])
     # data
-    data: str | None = _f(None, "folder of PNG/JPEG/BMP/TIFF (recursive) or a shard folder; 'synthetic' for the "
-                                "built-in data; without it the run is a short demo on synthetic data")
+    data: str | list[str] | None = _f(None, "folder of PNG/JPEG/BMP/TIFF (recursive) or a shard folder; several shard "
+                                            "folders are read as one weighted stream (--data-weights); 'synthetic' "
+                                            "for the built-in data; without it the run is a short demo on "
+                                            "synthetic data", nargs="+")
+    data_weights: str | None = _f(None, "share of each --data folder in the stream: comma list, one number per "
+                                        "folder (0.5,0.3,0.2; normalised), or 'equal' (default: proportional to "
+                                        "the folders' sizes)")
     num_workers: int | None = _f(None, "DataLoader workers per rank (default: 8, at most the CPU cores per rank)")
     synthetic_images: int = _f(8192, "number of distinct images of the synthetic data set")
     # schedule and optimizer
@@ -194,6 +199,10 @@ def read_config_file(path: str) -> dict:
             argv.append(flag if value else "--no-" + flag[2:])
         elif value is True and fields[name].metadata.get("nargs") == "?":  # resume: true = bare --resume
             argv.append(flag)
+        elif isinstance(value, list) and value and fields[name].metadata.get("nargs") == "+":  # data: [A, B]
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, list) and name == "data_weights":  # [0.8, 0.2]
+            argv.append(f"{flag}={','.join(map(str, value))}")
         elif value is None or typ is bool or isinstance(value, (bool, dict, list)):
             raise FlagError(f"--config {path}: {key}: {value!r} is not a value of {flag}")
         else:
@@ -212,6 +221,8 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     given = vars(build_parser().parse_args(argv))
     if "config" in given:  # the file's values, then the flags given on the command line over them
         given = {**read_config_file(given.pop("config")), **given}
+    if isinstance(given.get("data"), list) and len(given["data"]) == 1:  # one folder: a string, as always
+        given["data"] = given["data"][0]
     saved = _saved_train_config(given["resume"], given.get("out")) if given.get("resume") else None
     if saved:  # continue with the run's own settings; flags given now override them
         demo = saved.pop("_demo")

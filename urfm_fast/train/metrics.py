@@ -53,7 +53,8 @@ def _flops(model_cfg: URFMConfig, device: torch.device) -> tuple[float | None, f
 class MetricsLogger:
     """The logging window (loss sum, good steps, time), the progress bar and metrics.jsonl."""
 
-    def __init__(self, plan: RunPlan, d: Dist, model_cfg: URFMConfig, out: Path, initial_step: int, say):
+    def __init__(self, plan: RunPlan, d: Dist, model_cfg: URFMConfig, out: Path, initial_step: int, say,
+                 source_counts=None):
         from tqdm.auto import tqdm
 
         self.plan, self.d, self.say = plan, d, say
@@ -66,6 +67,8 @@ class MetricsLogger:
         self.loss = torch.zeros((), device=d.device)  # summed over the window's good steps, on the device
         self.good, self.steps, self.t0 = 0, 0, time.time()
         self.first_step_time: float | None = None
+        # samples drawn from each --data folder at the last log (several folders; a resumed run's counts)
+        self.counts_before = None if source_counts is None else [int(c) for c in source_counts]
 
     def step_finished(self, t_step: float) -> None:
         """After every step; the first one (compile, autotuning, data start-up) is timed apart."""
@@ -80,8 +83,9 @@ class MetricsLogger:
             self.steps += 1
         self.bar.update(1)
 
-    def log(self, step: int, epoch: int, lr: float, grad_norm: float, skipped: int) -> None:
-        """One record (a collective on the loss: every rank calls this at the same steps)."""
+    def log(self, step: int, epoch: int, lr: float, grad_norm: float, skipped: int, source_counts=None) -> None:
+        """One record (a collective on the loss: every rank calls this at the same steps). source_counts:
+        global samples drawn from each --data folder since the run began (several folders)."""
         batch = self.plan.train.batch_size
         mean_loss = float(all_mean(self.loss, self.d)) / self.good if self.good else float("nan")
         dt = time.time() - self.t0
@@ -90,6 +94,8 @@ class MetricsLogger:
         rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                "images_per_s": ips, "skipped": skipped, "peak_mem_gb": peak_memory_gb(self.d.device),
                "time": time.time()}
+        if source_counts is not None:
+            rec.update(self._shares(source_counts))
         if self.flops_per_image:
             rec["tflops"] = ips * self.flops_per_image / 1e12
             if self.peak:
@@ -105,6 +111,15 @@ class MetricsLogger:
                  f"{grad_norm:.3f} | {ips:.1f} img/s{mfu} | peak mem {rec['peak_mem_gb']:.2f} GB")
         self.loss.zero_()
         self.good, self.t0, self.steps = 0, time.time(), 0
+
+    def _shares(self, counts) -> dict:
+        """The share each --data folder had of this logging window's samples and of the whole run's."""
+        counts = [int(c) for c in counts]
+        before = self.counts_before or [0] * len(counts)
+        window = [c - b for c, b in zip(counts, before)]
+        self.counts_before = counts
+        share = lambda xs: [x / sum(xs) if sum(xs) else 0.0 for x in xs]  # noqa: E731
+        return {"source_share": share(window), "source_share_run": share(counts), "source_samples": counts}
 
     def close(self) -> None:
         self.bar.close()

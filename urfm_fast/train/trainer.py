@@ -27,6 +27,7 @@ from urfm_fast.model.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavail
 from urfm_fast.model.urfm import URFM
 from urfm_fast.train import faults
 from urfm_fast.train.checkpointing import CheckpointManager, init_from
+from urfm_fast.train.checks import data_folders, data_weights
 from urfm_fast.train.config import Stop
 from urfm_fast.train.distributed import Dist, barrier, default_workers, fail_fast, gloo_group, is_collective_failure
 from urfm_fast.train.ema import EMA
@@ -112,13 +113,15 @@ class Trainer:
             ckpt.check_out_dir(self.out, resume=bool(cfg.resume))
             ckpt.remove_partial(self.out)  # temporary folders of saves a killed run never finished
         barrier(d)
-        source = cfg.data or "synthetic"
-        if source != "synthetic" and not Path(source).exists():
-            raise DataError(f"--data {source} does not exist")
+        source = data_folders(cfg) or "synthetic"
+        for folder in source if source != "synthetic" else []:
+            if not Path(folder).exists():
+                raise DataError(f"--data {folder} does not exist")
         self.stream = build_train_stream(
             source, img_size=cfg.img_size, batch_size=plan.micro_batch, seed=cfg.seed, rank=d.rank,
             world_size=d.world, num_workers=default_workers() if cfg.num_workers is None else cfg.num_workers,
-            deterministic=cfg.deterministic, device=d.device, synthetic_length=cfg.synthetic_images)
+            deterministic=cfg.deterministic, device=d.device, synthetic_length=cfg.synthetic_images,
+            weights=data_weights(cfg))
         self.plan = plan = plan.with_data(self.stream.steps_per_epoch, self.stream.num_images)
         torch.manual_seed(cfg.seed)  # the same random teacher / student init on every rank
         self.teacher = build_teacher(plan, d.device, self.say)
@@ -139,7 +142,8 @@ class Trainer:
         self.mask_gen = torch.Generator(d.device).manual_seed(cfg.seed * 1000 + d.rank)
         self.ckpt = CheckpointManager(plan, d, self.model if plan.mode == "ddp" else self.student, self.student,
                                       self.optimizer, self.ema, self.stream, self.mask_gen,
-                                      plan.run_config(self.model_cfg, self.teacher.source), self.say)
+                                      {**plan.run_config(self.model_cfg, self.teacher.source),
+                                       "data_sources": self.stream.describe_sources()}, self.say)
         self.state = self.ckpt.state
         self.ckpt.start_run()
         barrier(d)
@@ -168,7 +172,8 @@ class Trainer:
         plan, d, state = self.plan, self.d, self.state
         handlers = faults.install_stop_handlers()
         self.batches = iter(self.stream)
-        self.metrics = MetricsLogger(plan, d, self.model_cfg, self.out, state.step, self.say)
+        self.metrics = MetricsLogger(plan, d, self.model_cfg, self.out, state.step, self.say,
+                                     self.stream.source_counts)
         stop_reason = None
         try:
             while state.step < plan.total_steps and stop_reason is None:
@@ -215,7 +220,8 @@ class Trainer:
         else:  # all of them before counts are logged or saved; else the previous step's verdict
             self._read_norms(keep=0 if log_now or save_now or pth_now else 1)
         if log_now:
-            self.metrics.log(state.step, self.stream.epoch, lr, self.last_norm, state.skipped)
+            self.metrics.log(state.step, self.stream.epoch, lr, self.last_norm, state.skipped,
+                             self.stream.source_counts)
         faults.after_step(self.faults, step, self.d)
         sig = self._agree_on_flags(log_now)
         if sig:
