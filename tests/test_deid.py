@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 try:
     deid.model_path()
 except deid.DetectorUnavailable:
-    pytest.skip("rapidocr-onnxruntime (the text detector's model) is not installed", allow_module_level=True)
+    pytest.skip("rapidocr (the wheel holding the text detector's model) is not installed", allow_module_level=True)
 from test_prepare import all_output_bytes, named, write_dicom  # noqa: E402
 
 
@@ -155,8 +155,10 @@ def test_cine_static_overlays(tmp_path):
     ref = prepared(tmp_path / "clean", tmp_path / "o_clean", short_side=96)
     got = prepared(tmp_path / "text", tmp_path / "o_text", short_side=96)
     assert len(got) == n and all(r["roi"] == ref[0][0]["roi"] for r, _ in got)
+    # live_kept 0.45 (0.6 with the PP-OCRv4 detector): PP-OCRv6 also takes the caliper crosses and the
+    # marker dot for text, and their margin-grown boxes cost this small fan more of its tissue.
     for (r, out), (_, c) in zip(got, ref):
-        assert_clean_and_kept(out, c, glyphs | marks, r["roi"], live_kept=0.6)
+        assert_clean_and_kept(out, c, glyphs | marks, r["roi"], live_kept=0.45)
 
 
 # Text on the real test files, hand-located (y0, y1, x0, x1) in the source frame. Each box holds the
@@ -283,5 +285,5 @@ def test_detector_missing_is_refused(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(deid, "_SESSIONS", {})
     assert P.main([str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     err = capfd.readouterr().err
-    assert "rapidocr-onnxruntime" in err and "Traceback" not in err
+    assert "pip install 'rapidocr>=3.10'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
