@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# prepare's de-identification tests on a second CPython, newest first (3.14, 3.13, ...): one found on PATH
-# (python3.13 on Debian 13) or under pyenv, other than the interpreter of .ci/run's own venv. It gets
+# prepare's de-identification and Python-support tests on a second CPython, newest first (3.14, 3.13,
+# ...): one found on PATH (python3.13 on Debian 13) or under pyenv, other than the interpreter of
+# .ci/run's own venv. It gets
 # prepare's own dependencies only (no torch: prepare never imports it); the tests that read shards back
 # through torch are skipped there with that reason. No second CPython: skipped, with the reason printed.
 set -euo pipefail
@@ -40,4 +41,4 @@ mapfile -t reqs <<< "$reqs"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "${reqs[@]}"
 if "$venv/bin/python" -c 'import torch' 2>/dev/null; then echo "other_python: torch got installed" >&2; exit 1; fi
 # --noconftest: tests/conftest.py sets up the torch kernels; these tests do not use them
-PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q --noconftest -p no:cacheprovider tests/test_deid.py
+PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q --noconftest -p no:cacheprovider tests/test_deid.py tests/test_python_support.py
