@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # prepare's de-identification and Python-support tests on a second CPython, newest first (3.14, 3.13,
 # ...): one found on PATH (python3.13 on Debian 13) or under pyenv, other than the interpreter of
-# .ci/run's own venv. It gets
-# prepare's own dependencies only (no torch: prepare never imports it); the tests that read shards back
-# through torch are skipped there with that reason. No second CPython: skipped, with the reason printed.
+# .ci/run's own venv. It gets prepare's own dependencies only (no torch: prepare never imports it); the
+# tests that read shards back through torch are skipped there with that reason. No second CPython:
+# skipped, with the reason printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 main=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
