@@ -12,15 +12,25 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from urfm_fast import prepare as P
 from urfm_fast.data import deid
-from urfm_fast.data.stream import ShardDataset
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("onnxruntime")
 try:
     deid.model_path()
 except deid.DetectorUnavailable:
-    pytest.skip("rapidocr-onnxruntime (the text detector's model) is not installed", allow_module_level=True)
-from test_prepare import all_output_bytes, named, write_dicom  # noqa: E402
+    pytest.skip("rapidocr (the wheel holding the text detector's model) is not installed", allow_module_level=True)
+
+
+def shared():
+    """test_prepare's helpers (write_dicom, named, all_output_bytes) and ShardDataset: they import torch,
+    which prepare itself never does. The second-Python leg of .ci/run installs prepare's own dependencies
+    only; there the tests using them are skipped, with this reason."""
+    pytest.importorskip("torch", reason="torch is not installed (test_prepare's helpers and ShardDataset use it)")
+    import test_prepare
+
+    from urfm_fast.data.stream import ShardDataset
+
+    return test_prepare, ShardDataset
 
 
 def tissue(h, w, seed):
@@ -57,8 +67,9 @@ def prepared(src, out, **kw):
     """prepare src into out -> [(index record with path, uint8 image)] in index order."""
     kw.setdefault("short_side", 128)
     P.prepare([src], out, workers=1, progress=False, path_map=str(out) + ".map", **kw)
+    tp, ShardDataset = shared()
     ds = ShardDataset(out)
-    return [(r, ds[k][0].numpy()) for k, r in enumerate(named(out, str(out) + ".map")[0])]
+    return [(r, ds[k][0].numpy()) for k, r in enumerate(tp.named(out, str(out) + ".map")[0])]
 
 
 TEXTS_MARGIN = [(4, 2, "Doe Jane 19700314", 10, 255), (4, 16, "MRN 4417291", 14, 200),
@@ -116,7 +127,7 @@ def test_text_inside_a_region_box_and_burned_in_flag(tmp_path):
     img, glyphs = plant(base, texts)
     for name, a in (("clean", base), ("text", img)):
         (tmp_path / name).mkdir()
-        write_dicom(tmp_path / name / "scan.dcm", a[None])
+        shared()[0].write_dicom(tmp_path / name / "scan.dcm", a[None])
         _with_regions(tmp_path / name / "scan.dcm", (10, 215, 8, 290), burned_in="YES")
     [(rc, clean)] = prepared(tmp_path / "clean", tmp_path / "o_clean")
     [(r, out)] = prepared(tmp_path / "text", tmp_path / "o_text")
@@ -151,12 +162,14 @@ def test_cine_static_overlays(tmp_path):
         frames.append(f)
     for name, a in (("clean", clean), ("text", np.stack(frames))):
         (tmp_path / name).mkdir()
-        write_dicom(tmp_path / name / "cine.dcm", a)
+        shared()[0].write_dicom(tmp_path / name / "cine.dcm", a)
     ref = prepared(tmp_path / "clean", tmp_path / "o_clean", short_side=96)
     got = prepared(tmp_path / "text", tmp_path / "o_text", short_side=96)
     assert len(got) == n and all(r["roi"] == ref[0][0]["roi"] for r, _ in got)
+    # live_kept 0.45 (0.6 with the PP-OCRv4 detector): PP-OCRv6 also takes the caliper crosses and the
+    # marker dot for text, and their margin-grown boxes cost this small fan more of its tissue.
     for (r, out), (_, c) in zip(got, ref):
-        assert_clean_and_kept(out, c, glyphs | marks, r["roi"], live_kept=0.6)
+        assert_clean_and_kept(out, c, glyphs | marks, r["roi"], live_kept=0.45)
 
 
 # Text on the real test files, hand-located (y0, y1, x0, x1) in the source frame. Each box holds the
@@ -203,7 +216,8 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
     root = tmp_path / "archive"
     d = root / "Doe_Jane_19700314" / "MRN4417291"
     d.mkdir(parents=True)
-    write_dicom(d / "scan.dcm", np.where(fan(96, 128), tissue(96, 128, 3), 0).astype(np.uint8)[None])
+    tp = shared()[0]
+    tp.write_dicom(d / "scan.dcm", np.where(fan(96, 128), tissue(96, 128, 3), 0).astype(np.uint8)[None])
     Image.fromarray(tissue(64, 80, 4)).save(d / "Doe_Jane_thyroid.png")
     (d / "Jane_notes.txt").write_text("not an image")
     (d / "Doe_broken.png").write_bytes(b"\x89PNG garbage Doe_Jane")
@@ -217,14 +231,14 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
     text = capfd.readouterr()
     c = json.loads((out / "summary.json").read_text())
     assert c["files_added"] == 3 and c["files_skipped"] == 3, c
-    blobs = all_output_bytes(out) + [("stdout", text.out.encode()), ("stderr", text.err.encode())]
+    blobs = tp.all_output_bytes(out) + [("stdout", text.out.encode()), ("stderr", text.err.encode())]
     with Image.open(out / "review.png") as sheet:  # 2x2 tiles of 200 px
         assert sheet.mode == "RGB" and sheet.width == 2 * 204 + 4
     for name, blob in blobs:
         for s in SECRETS:
             assert s.lower().encode() not in blob.lower(), (name, s)
             assert s.lower() not in os.path.relpath(name, out).lower(), name
-    index, skipped = named(out, pmap)
+    index, skipped = tp.named(out, pmap)
     assert {r["path"] for r in index} == {"Doe_Jane_19700314/MRN4417291/scan.dcm",
                                           "Doe_Jane_19700314/MRN4417291/Doe_Jane_thyroid.png",
                                           "Smith_John_MRN123.zip/Smith_John/scan.png"}
@@ -232,10 +246,10 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
                                             "Doe_Jane_19700314/MRN4417291/Doe_broken.png",
                                             "Smith_John_MRN123.zip/Smith_John/bad.png"}
     # a rerun adds nothing and rewrites nothing
-    before = {n: b for n, b in all_output_bytes(out) if not n.endswith("summary.json")}
+    before = {n: b for n, b in tp.all_output_bytes(out) if not n.endswith("summary.json")}
     assert P.main(args[:-2] + ["--quiet"]) == 0
     assert json.loads((out / "summary.json").read_text())["files_added"] == 0
-    assert {n: b for n, b in all_output_bytes(out) if not n.endswith("summary.json")} == before
+    assert {n: b for n, b in tp.all_output_bytes(out) if not n.endswith("summary.json")} == before
     assert P.main(["--out", str(out), "--review", "2"]) == 0  # review alone, on an existing folder
     assert "review sheet" in capfd.readouterr().out
     # the map must stay apart from the shards
@@ -245,13 +259,14 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
 
 
 def test_old_shard_folder_loads_and_is_renamed(tmp_path):
+    tp, ShardDataset = shared()
     src = tmp_path / "Doe_Jane"
     src.mkdir()
     for k in range(3):
         Image.fromarray(tissue(40, 50, k)).save(src / f"MRN4417291_{k}.png")
     out = tmp_path / "shards"
     P.prepare([src], out, short_side=32, workers=1, progress=False, path_map=tmp_path / "map.jsonl")
-    index, _ = named(out, tmp_path / "map.jsonl")
+    index, _ = tp.named(out, tmp_path / "map.jsonl")
     # what an older prepare wrote: names in the index, no salt
     P._write_jsonl(os.path.join(out, "index.jsonl"), [
         {k: r[k] for k in ("shard", "offset", "h", "w", "src", "path", "frame", "crop")} for r in index])
@@ -260,7 +275,7 @@ def test_old_shard_folder_loads_and_is_renamed(tmp_path):
     assert len(ShardDataset(out)) == 3  # loads for pretraining as it is
     c = P.prepare([src], out, short_side=32, workers=1, progress=False)
     assert c["files_added"] == 0 and c["files_already_done"] == 3
-    for name, blob in all_output_bytes(out):
+    for name, blob in tp.all_output_bytes(out):
         assert b"MRN4417291" not in blob and b"Doe_Jane" not in blob, name
     assert len(ShardDataset(out)) == 3
 
@@ -283,5 +298,5 @@ def test_detector_missing_is_refused(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(deid, "_SESSIONS", {})
     assert P.main([str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     err = capfd.readouterr().err
-    assert "rapidocr-onnxruntime" in err and "Traceback" not in err
+    assert "pip install 'rapidocr>=3.10'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

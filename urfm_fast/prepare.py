@@ -39,7 +39,7 @@ regions); otherwise the largest connected bright blob after an opening that eras
 lines (the fan or rectangle of live image), holes filled; pixels outside it (text, UI, calipers)
 are blanked and the image is cropped to it. When nothing convincing is found the frame is kept whole.
 
-Inside it (urfm_fast.data.deid): text boxes found by the PP-OCRv4 detection network, cine pixels that never
+Inside it (urfm_fast.data.deid): text boxes found by the PP-OCRv6 detection network, cine pixels that never
 change (overlays), and in a region box small flat marks on black outside the scan hull are blanked.
 DICOM with BurnedInAnnotation YES are cleaned and flagged (or left out with --burned-in skip); an image
 whose text covers over 35 % of it is left out (skipped.jsonl gives the reason). Without the detector
