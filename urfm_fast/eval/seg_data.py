@@ -6,8 +6,10 @@ UltraBench folder (made by ``ultrabench <dataset> RAW OUT``): ``train.json``, ``
 each a JSON array of records such as
     {"image": "images/0001.png", "scan_mask": "scan_masks/0001.png", "patient": "17",
      "pathology": "benign", "tumor_mask_binary": "masks/0001.png"}
-with paths relative to the folder. The task is a class field (``--label-key``) or a ``*_mask`` field
-(``--mask-key``); ``patient`` groups the label fractions; ``scan_mask`` blanks the pixels outside the scan.
+with paths relative to the folder (earlier releases: ``train_val.json`` and ``test.json``). The task is a
+class field (``--label-key``) or a mask field (``--mask-key``: a name holding ``_mask`` such as
+``tumor_mask_binary``); ``patient`` groups the label fractions; ``scan_mask`` blanks the pixels outside the
+scan. Masks of 0 and 255 only (binary masks saved for viewing) are read as classes 0 and 1.
 
 Every problem with the input raises ValueError with one line naming the file or record.
 """
@@ -28,6 +30,7 @@ from urfm_fast.eval.data import Split, _class_order, _resize_crop
 
 log = logging.getLogger("urfm_fast.evaluate")
 UB_FILES = {"train": "train.json", "val": "validation.json", "test": "test.json"}
+OLD_TRAIN = "train_val.json"  # earlier UltraBench releases: training and validation in one file
 NOT_TASKS = {"image", "scan_mask", "patient"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -117,14 +120,20 @@ def _seg_item(img: torch.Tensor, mask: np.ndarray, size: int) -> tuple[torch.Ten
 
 
 def is_ultrabench(root: Path) -> bool:
-    return (root / UB_FILES["train"]).is_file()
+    return (root / UB_FILES["train"]).is_file() or (root / OLD_TRAIN).is_file()
+
+
+def _ub_file(root: Path, split: str) -> Path:
+    if split == "train" and not (root / UB_FILES["train"]).is_file():
+        return root / OLD_TRAIN
+    return root / UB_FILES[split]
 
 
 def read_records(root: Path) -> dict[str, list[dict]]:
     """{split: records} of the JSON files present; train and validation or test required, none empty."""
     out = {}
-    for split, name in UB_FILES.items():
-        path = root / name
+    for split in UB_FILES:
+        path = _ub_file(root, split)
         if not path.is_file():
             continue
         try:
@@ -145,10 +154,12 @@ def read_records(root: Path) -> dict[str, list[dict]]:
 
 
 def task_candidates(records: list[dict]) -> tuple[list[str], list[str]]:
-    """(label keys, mask keys) that could be the task: ``*_mask`` path fields, and class fields (a string or
-    integer in every record, taking at least two values and not one per record, i.e. not an id)."""
+    """(label keys, mask keys) that could be the task: path fields named ``*_mask*``, and class fields (a
+    string or integer in every record, taking at least two values and not one per record, i.e. not an id). Of
+    two class fields that name the same classes (UltraBench's ``class`` and its integer ``label``) the one
+    with names is kept."""
     keys = sorted(set().union(*(r.keys() for r in records)) - NOT_TASKS)
-    masks = [k for k in keys if k.endswith("_mask")]
+    masks = [k for k in keys if "_mask" in k and all(isinstance(r.get(k, ""), str) for r in records)]
     labels = []
     for k in keys:
         if k in masks:
@@ -161,7 +172,16 @@ def task_candidates(records: list[dict]) -> tuple[list[str], list[str]]:
         n = len(set(vals))
         if 2 <= n < max(3, len(vals)):
             labels.append(k)
-    return labels, masks
+    kept = []  # fields with names first, so an integer twin is the one dropped
+    for k in sorted(labels, key=lambda k: (not any(isinstance(r[k], str) for r in records), k)):
+        if not any(_one_to_one(records, k, o) for o in kept):
+            kept.append(k)
+    return sorted(kept), masks
+
+
+def _one_to_one(records: list[dict], a: str, b: str) -> bool:
+    n = len({(r[a], r[b]) for r in records})
+    return n == len({r[a] for r in records}) == len({r[b] for r in records})
 
 
 def choose_task(root: Path, records: list[dict], task: str, label_key: str | None, mask_key: str | None):
@@ -214,12 +234,12 @@ def load_ultrabench(root: Path, size: int, task="auto", label_key=None, mask_key
     if task == "classification":
         for split, rs in recs.items():
             for i, r in enumerate(rs):
-                _field(r, key, f"{root / UB_FILES[split]} record {i}")
+                _field(r, key, f"{_ub_file(root, split)} record {i}")
         names = _class_order(sorted({str(r[key]) for rs in recs.values() for r in rs}))
         cls = {n: i for i, n in enumerate(names)}
         splits = {}
         for split, rs in recs.items():
-            imgs = [_resize_crop(_image(root, r, f"{root / UB_FILES[split]} record {i}", scan_mask), size)
+            imgs = [_resize_crop(_image(root, r, f"{_ub_file(root, split)} record {i}", scan_mask), size)
                     for i, r in enumerate(rs)]
             splits[split] = Split(torch.stack(imgs), torch.tensor([cls[str(r[key])] for r in rs]), _groups(rs, ids))
         return task, splits, names
@@ -227,7 +247,7 @@ def load_ultrabench(root: Path, size: int, task="auto", label_key=None, mask_key
     for split, rs in recs.items():
         pairs = []
         for i, r in enumerate(rs):
-            where = f"{root / UB_FILES[split]} record {i}"
+            where = f"{_ub_file(root, split)} record {i}"
             img = _image(root, r, where, scan_mask)
             pairs.append((img, read_mask(root / str(_field(r, key, where)), where, tuple(img.shape[-2:])), where))
         items[split] = (pairs, _groups(rs, ids))
@@ -239,6 +259,13 @@ def load_ultrabench(root: Path, size: int, task="auto", label_key=None, mask_key
 
 def _seg_splits(items: dict[str, list], size: int, num_classes: int | None):
     """{split: [(image, mask, where)]} -> ({split: SegSplit}, class names); class ids checked against C."""
+    values = set()
+    for pairs in items.values():
+        for _, m, _ in pairs:
+            values.update(np.unique(m).tolist())
+    if 255 in values and values <= {0, 255}:  # a binary mask saved for viewing: 255 is the foreground
+        log.info("masks hold 0 and 255 only: read as background (0) and foreground (1)")
+        items = {k: [(img, (m > 0).astype(np.int64), w) for img, m, w in pairs] for k, pairs in items.items()}
     top = max(int(m.max(initial=0)) for pairs in items.values() for _, m, _ in pairs)
     C = num_classes or max(2, top + 1)
     if top >= C:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast.eval.protocols import _autocast, _bar, _batches, _normalize
+from urfm_fast.eval.protocols import _autocast, _bar, _batches, _normalize, extract_features
 from urfm_fast.train.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -85,21 +85,13 @@ def check_probe_layers(model: nn.Module, layers: int, label: str) -> None:
                          "this backbone supports --probe-layers 1 only")
 
 
-@torch.no_grad()
 def extract_tokens(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=64, layers=1,
                    show_progress: bool = False) -> torch.Tensor:
     """Frozen patch tokens of uint8 images: fp16 [N, h*w, D * layers] on the CPU (half the memory of fp32;
     the probe trains in fp32)."""
     check_probe_layers(model, layers, bb.label)
-    model.eval().to(device)
-    out = []
-    with _bar(len(images), f"[{bb.label}] tokens", "img", show_progress) as bar:
-        for i in range(0, len(images), batch_size):
-            x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
-            with _autocast(device):
-                out.append(_tokens(model, x, layers).to(torch.float16).cpu())
-            bar.update(len(x))
-    return torch.cat(out)
+    return extract_features(model, images, bb, device, batch_size, show_progress, what="tokens",
+                            forward=lambda m, x: _tokens(m, x, layers).to(torch.float16))
 
 
 class LinearSegHead(nn.Module):
@@ -240,6 +232,7 @@ def finetune_segmentation(bb: Backbone, train: SegSplit, evals: SegSplit, num_cl
         f = lr_at(step, 1.0, 0.0, max(1, steps // 10), steps)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0) * f
+        idx = idx.repeat(2) if len(idx) == 1 else idx  # BatchNorm in the decoder needs two samples
         x = train.images[idx].to(device, non_blocking=True)
         y = train.masks[idx].to(device).long()
         flip = torch.rand(len(idx), generator=g) < 0.5  # horizontal only: ultrasound is not upside-down
@@ -281,6 +274,13 @@ def predict_confusion(model: nn.Module, split: SegSplit, bb: Backbone, device, n
 # Driver: every backbone x protocol x fraction x seed
 
 
+def _record(label, protocol, frac, seed, n_train, eval_name, n_eval, t0, m: dict, progress) -> dict:
+    progress(f"[{label}] {protocol:8s} frac={frac:<5g} seed={seed} n={n_train:5d} "
+             f"dice={m['dice']:.4f} iou={m['iou']:.4f} pixel_acc={m['pixel_accuracy']:.4f}")
+    return dict(backbone=label, protocol=protocol, fraction=frac, seed=seed, n_train=n_train, eval_split=eval_name,
+                n_eval=n_eval, seconds=round(time.perf_counter() - t0, 2), **m)
+
+
 def run_segmentation(backbones: list[Backbone], splits: dict, classes: list[str], protocols, fractions, seeds,
                      device, hp: dict | None = None, progress=print) -> list[dict]:
     """One record per run with dice, iou, their per-class lists, pixel accuracy and the confusion matrix."""
@@ -319,10 +319,6 @@ def run_segmentation(backbones: list[Backbone], splits: dict, classes: list[str]
                                                    batch_size=hp.get("ft_batch_size", 16),
                                                    min_steps=hp.get("ft_min_steps", 100),
                                                    show_progress=hp.get("show_progress", False))
-                    m = segmentation_metrics(cm)
-                    records.append(dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed,
-                                        n_train=len(idx), eval_split=eval_name, n_eval=len(ev.masks),
-                                        seconds=round(time.perf_counter() - t0, 2), **m))
-                    progress(f"[{bb.label}] {protocol:8s} frac={frac:<5g} seed={seed} n={len(idx):5d} "
-                             f"dice={m['dice']:.4f} iou={m['iou']:.4f} pixel_acc={m['pixel_accuracy']:.4f}")
+                    records.append(_record(bb.label, protocol, frac, seed, len(idx), eval_name, len(ev.masks), t0,
+                                           segmentation_metrics(cm), progress))
     return records
