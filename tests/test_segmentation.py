@@ -332,5 +332,6 @@ def test_linear_probe_learns_a_separable_toy():
     cls = torch.randint(0, 3, (40, 2, 2), generator=g)  # a class per patch of a 2x2 grid
     tokens = torch.nn.functional.one_hot(cls.flatten(1), 3).float() + 0.05 * torch.randn(40, 4, 3, generator=g)
     masks = cls.repeat_interleave(8, 1).repeat_interleave(8, 2)  # 16x16 masks
-    cm = linear_seg_probe(tokens[:30], masks[:30], tokens[30:], masks[30:], (2, 2), 3, seed=0, epochs=30, lr=0.5)
+    cm = linear_seg_probe(tokens[:30], masks[:30], tokens[30:], masks[30:], (2, 2), 3, seed=0, epochs=30, lr=0.5,
+                          min_steps=60)
     assert segmentation_metrics(cm)["pixel_accuracy"] > 0.85

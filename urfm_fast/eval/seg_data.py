@@ -108,11 +108,13 @@ def _square(img: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _seg_item(img: torch.Tensor, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _seg_item(img: torch.Tensor, mask: np.ndarray, size: int, where: str):
+    """-> (uint8 [3, S, S], int64 [S, S], where, the class ids of the full-size mask): resized at once, so
+    only the small copies stay in memory; the ids are checked over all masks later."""
     img = _square(img, size, "bilinear")
     img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
     m = _square(torch.from_numpy(mask)[None], size, "nearest")[0]
-    return img.contiguous(), m
+    return img.contiguous(), m, where, set(np.unique(mask).tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,34 +251,34 @@ def load_ultrabench(root: Path, size: int, task="auto", label_key=None, mask_key
         for i, r in enumerate(rs):
             where = f"{_ub_file(root, split)} record {i}"
             img = _image(root, r, where, scan_mask)
-            pairs.append((img, read_mask(root / str(_field(r, key, where)), where, tuple(img.shape[-2:])), where))
+            mask = read_mask(root / str(_field(r, key, where)), where, tuple(img.shape[-2:]))
+            pairs.append(_seg_item(img, mask, size, where))
         items[split] = (pairs, _groups(rs, ids))
-    splits, classes = _seg_splits({k: v[0] for k, v in items.items()}, size, num_classes)
+    splits, classes = _seg_splits({k: v[0] for k, v in items.items()}, num_classes)
     for split, (_, groups) in items.items():
         splits[split].groups = groups
     return task, splits, classes
 
 
-def _seg_splits(items: dict[str, list], size: int, num_classes: int | None):
-    """{split: [(image, mask, where)]} -> ({split: SegSplit}, class names); class ids checked against C."""
-    values = set()
-    for pairs in items.values():
-        for _, m, _ in pairs:
-            values.update(np.unique(m).tolist())
-    if 255 in values and values <= {0, 255}:  # a binary mask saved for viewing: 255 is the foreground
+def _seg_splits(items: dict[str, list], num_classes: int | None):
+    """{split: [_seg_item]} -> ({split: SegSplit}, class names); class ids checked against C."""
+    values = set().union(*(ids for pairs in items.values() for *_, ids in pairs))
+    binary = 255 in values and values <= {0, 255}
+    if binary:  # a binary mask saved for viewing: 255 is the foreground
         log.info("masks hold 0 and 255 only: read as background (0) and foreground (1)")
-        items = {k: [(img, (m > 0).astype(np.int64), w) for img, m, w in pairs] for k, pairs in items.items()}
-    top = max(int(m.max(initial=0)) for pairs in items.values() for _, m, _ in pairs)
+        values = {0, 1}
+    top = max(values)
     C = num_classes or max(2, top + 1)
     if top >= C:
-        where, path_max = next((w, int(m.max())) for pairs in items.values() for _, m, w in pairs if m.max() >= C)
-        raise ValueError(f"{where}: mask holds class id {path_max}, but --num-classes is {C} (ids 0..{C - 1})")
+        where, ids = next((w, ids) for pairs in items.values() for *_, w, ids in pairs if max(ids) >= C)
+        raise ValueError(f"{where}: mask holds class id {max(ids)}, but --num-classes is {C} (ids 0..{C - 1})")
     if top >= 256:
         raise ValueError(f"masks hold class ids up to {top}; at most 256 classes are supported")
     splits = {}
     for split, pairs in items.items():
-        pairs = [_seg_item(img, m.astype(np.uint8), size) for img, m, _ in pairs]
-        splits[split] = SegSplit(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+        masks = torch.stack([m for _, m, *_ in pairs])
+        splits[split] = SegSplit(torch.stack([img for img, *_ in pairs]),
+                                 ((masks > 0) if binary else masks).to(torch.uint8))
     return splits, ["background"] + [f"class_{c}" for c in range(1, C)]
 
 
@@ -341,8 +343,8 @@ def load_mask_folder(root: Path, size: int, num_classes=None, seed: int = 0):
         items[split] = []
         for ip, mp in pairs:
             img = read_image(ip, str(ip))
-            items[split].append((img, read_mask(mp, str(mp), tuple(img.shape[-2:])), str(mp)))
-    return _seg_splits(items, size, num_classes)
+            items[split].append(_seg_item(img, read_mask(mp, str(mp), tuple(img.shape[-2:])), size, str(mp)))
+    return _seg_splits(items, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
