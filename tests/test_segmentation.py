@@ -234,6 +234,15 @@ def test_ambiguous_task_lists_the_candidates(tmp_path, capsys):
     assert "--label-key" in err and "--mask-key" in err
 
 
+def test_default_protocols_leave_knn_out_of_segmentation():
+    a = evaluate.build_parser().parse_args(["--backbone", "random", "--data", "synthetic-seg"])
+    every = ["linear", "knn", "finetune"]
+    assert evaluate.task_protocols(a, "segmentation", every) == ["linear", "finetune"]
+    assert evaluate.task_protocols(a, "classification", every) == every
+    a.protocol = "linear,knn"  # asked for by name: refused with one line (below), not dropped
+    assert evaluate.task_protocols(a, "segmentation", ["linear", "knn"]) == ["linear", "knn"]
+
+
 def test_segmentation_refusals(tmp_path, capsys, monkeypatch):
     argv = [*TOY, "--data", "synthetic-seg", "--out", str(tmp_path / "o")]
     assert evaluate.main([*argv, "--protocol", "knn"]) == 2

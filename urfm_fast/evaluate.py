@@ -112,6 +112,7 @@ def __getattr__(name: str):
 log = logging.getLogger("urfm_fast.evaluate")
 PROTOCOLS = ("linear", "knn", "finetune")
 SEG_PROTOCOLS = ("linear", "finetune")
+DEFAULT_PROTOCOLS = "linear,knn,finetune"
 # the metrics summarized, tabled (with their headers) and plotted (the first), per task
 METRICS = {"classification": (("accuracy", "accuracy"), ("macro_auc", "macro-AUC"), ("macro_f1", "macro-F1")),
            "segmentation": (("dice", "Dice"), ("iou", "IoU"), ("pixel_accuracy", "pixel acc."))}
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "patch tokens of the last block, or of the last four concatenated (DINOv2)")
     p.add_argument("--labels", metavar="CSV", help="labels of a shard folder: CSV path,label,split[,frame] or "
                    "index,label,split (format below)")
-    p.add_argument("--protocol", default="linear,knn,finetune", help="comma list of linear, knn, finetune")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOLS, help="comma list of linear, knn, finetune "
+                   "(segmentation: linear, finetune; the default leaves knn out there)")
     p.add_argument("--label-fractions", type=_floats, default="0.01,0.1,1.0", metavar="F,F,...",
                    help="fractions of the labelled training images, each in (0, 1]")
     p.add_argument("--seeds", type=_ints, default="0,1,2", metavar="S,S,...",
@@ -386,6 +388,13 @@ def check_task(task: str, protocols: list[str], backbones: list[Backbone] = (), 
             check_probe_layers(b.make(), probe_layers, b.label)
 
 
+def task_protocols(a, task: str, protocols: list[str]) -> list[str]:
+    """The protocols to run: the default list less those a segmentation task has no use for (knn)."""
+    if task == "segmentation" and a.protocol == DEFAULT_PROTOCOLS:
+        return [p for p in protocols if p in SEG_PROTOCOLS]
+    return protocols
+
+
 def load_inputs(a) -> tuple[list[Backbone], str, dict, list[str], int]:
     """The backbones and the data: (backbones, task, splits, classes, input size)."""
     from urfm_fast.eval.seg_data import load_task
@@ -431,7 +440,8 @@ def main(argv=None) -> int:
         return 2
     try:
         check_args(a)
-        check_task("segmentation" if a.data == "synthetic-seg" or a.mask_key else a.task, protocols)
+        early = "segmentation" if a.data == "synthetic-seg" or a.mask_key else a.task
+        check_task(early, task_protocols(a, early, protocols))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -446,6 +456,7 @@ def main(argv=None) -> int:
 
     try:
         backbones, task, splits, classes, size = load_inputs(a)
+        protocols = task_protocols(a, task, protocols)
         check_task(task, protocols, backbones, a.probe_layers)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
