@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="CSV", help="labels of a shard folder: CSV path,label,split[,frame] or "
                    "index,label,split (format below)")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOLS, help="comma list of linear, knn, finetune "
-                   "(segmentation: linear, finetune; knn only when named, which it refuses)")
+                   "(segmentation: linear and finetune only)")
     p.add_argument("--label-fractions", type=_floats, default="0.01,0.1,1.0", metavar="F,F,...",
                    help="fractions of the labelled training images, each in (0, 1]")
     p.add_argument("--seeds", type=_ints, default="0,1,2", metavar="S,S,...",
