@@ -145,10 +145,12 @@ def write_outputs(a, argv, out: Path, teacher, arms: dict, records, minutes: flo
          title=f"Synthetic lesion masks, {a.img_size}px ViT-Ti/{a.patch} x{a.depth}: linear dense probe")
     margin_rows = "\n".join(f"| {r['backbone']} | {r['fraction']:g} | {r['versus']} | {100 * r['margin']:+.1f} | "
                             f"{100 * r['std']:.1f} | {'yes' if r['beyond_2std'] else 'no'} |" for r in rows)
-    reused = "checkpoints reused from an earlier run (--reuse)" if a.reuse else f"{a.steps} steps x {a.batch}"
+    seconds = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in arms.items() if v["curve"])
+    reused = (f"{a.steps} steps x {a.batch}, checkpoints of an earlier run (--reuse)" if a.reuse
+              else f"{a.steps} steps x {a.batch}, pretrained in this run: {seconds}")
     text = (
         f"# Dense label efficiency on synthetic lesion masks (teacher: {teacher.source})\n\n"
-        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads on a 2-core x86_64 CPU "
+        f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU thread{'s' * (a.threads > 1)} on a 2-core x86_64 CPU "
         f"({cpu_minutes:.1f} CPU-minutes, user + system; load average {os.getloadavg()[1]:.1f} over the last 5 "
         f"minutes of the run).\n\n"
         f"Arms: label_efficiency.py's ({', '.join(arms)}; {a.pretrain_images} synthetic images, {reused}, "

@@ -4,8 +4,8 @@
         --data /data/busi --protocol linear,knn,finetune --label-fractions 0.01,0.1,1.0 --seeds 0,1,2
     python -m urfm_fast.evaluate --backbone urfm=runs/a.pth random=random --arch vit_tiny \\
         --data synthetic --img-size 64 --protocol linear,knn      # a demo on the built-in lesion task
-    python -m urfm_fast.evaluate --backbone runs/a.pth --data /data/ultrabench/butterfly --mask-key \\
-        regions_mask --protocol linear,finetune                   # segmentation (docs/evaluation_segmentation.md)
+    python -m urfm_fast.evaluate --backbone runs/a.pth --data /data/ultrabench/mmotu_v1.0.0 --mask-key \\
+        tumor_mask_binary --protocol linear,finetune              # segmentation (docs/evaluation_segmentation.md)
 
 Backbones (``--backbone``, several allowed, each optionally ``label=spec``): one of our checkpoints, an
 official URFM file, an export folder, a DCP folder (anything ``load_checkpoint`` reads), ``random``
@@ -20,15 +20,16 @@ centre-cropped to the backbone's input size. Metrics are computed on ``test`` wh
 ``val``.
 
 Segmentation (``--task segmentation``, implied by masks; docs/evaluation_segmentation.md): an UltraBench
-folder (``train.json``, ``validation.json``, ``test.json``; ``--label-key`` picks a class field, ``--mask-key``
-a ``*_mask`` field, automatic when there is one; ``patient`` groups the label fractions; ``scan_mask`` blanks
-pixels outside the scan unless ``--no-scan-mask``), ``images/`` + ``masks/`` folders (optionally under
-``train/ val/ test/``; masks are PNGs of class ids) or ``synthetic-seg`` (the lesions' exact masks). Images
-and masks are resized whole to the input size. Protocols: ``linear`` (BatchNorm without affine + a linear
-layer on frozen patch tokens, ``--probe-layers 4`` concatenates the last four blocks, logits bilinearly
-upsampled) and ``finetune`` (segmentation-models-pytorch's DPT over the backbone, layer-wise lr decay,
-cross-entropy + Dice loss; ``pip install 'urfm_fast[seg]'``). Metrics from one confusion matrix over the
-evaluation split: mean Dice and IoU over the foreground classes, per-class Dice and IoU, pixel accuracy.
+folder (``train.json``, ``validation.json``, ``test.json``; ``--label-key`` picks a class field,
+``--mask-key`` a mask field such as ``tumor_mask_binary``, automatic when there is one candidate;
+``patient`` groups the label fractions; ``scan_mask`` blanks pixels outside the scan unless
+``--no-scan-mask``), ``images/`` + ``masks/`` folders (optionally under ``train/ val/ test/``; masks are
+PNGs of class ids) or ``synthetic-seg`` (the lesions' exact masks). Images and masks are resized whole to
+the input size. Protocols: ``linear`` (BatchNorm without affine + a linear layer on frozen patch tokens,
+``--probe-layers 4`` concatenates the last four blocks, logits bilinearly upsampled) and ``finetune``
+(segmentation-models-pytorch's DPT over the backbone, layer-wise lr decay, cross-entropy + Dice loss;
+``pip install 'urfm_fast[seg]'``). Metrics from one confusion matrix over the evaluation split: mean Dice
+and IoU over the foreground classes, per-class Dice and IoU, pixel accuracy.
 
 Labels CSV for a shard folder (--labels): a header row, then one row per labelled image, keyed in one of
 two ways:
