@@ -39,8 +39,8 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("--task segmentation")
     g.add_argument("--seg-train", type=int, default=500, help="labelled training images of the dense probe")
     g.add_argument("--seg-n", type=int, default=250, help="images of the dense probe's evaluation split")
-    g.add_argument("--seg-epochs", type=int, default=5, help="dense-probe epochs")
-    g.add_argument("--seg-min-steps", type=int, default=50, help="dense-probe steps at least (small fractions)")
+    g.add_argument("--seg-epochs", type=int, default=40, help="dense-probe epochs")
+    g.add_argument("--seg-min-steps", type=int, default=300, help="dense-probe steps at least (small fractions)")
     g.add_argument("--seg-batch", type=int, default=32, help="dense-probe batch (images)")
 
 
