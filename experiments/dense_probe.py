@@ -142,7 +142,7 @@ def write_outputs(a, argv, out: Path, teacher, arms: dict, records, minutes: flo
     summary = summarize(records)
     rows = margins(summary)
     plot(summary, out / "label_efficiency_seg.png",
-         title=f"Synthetic lesion masks, {a.img_size}px ViT-Ti/{a.patch} x{a.depth}: linear dense probe")
+         title=f"Lesion masks, {a.img_size}px ViT-Ti/{a.patch} x{a.depth}: dense probe")
     margin_rows = "\n".join(f"| {r['backbone']} | {r['fraction']:g} | {r['versus']} | {100 * r['margin']:+.1f} | "
                             f"{100 * r['std']:.1f} | {'yes' if r['beyond_2std'] else 'no'} |" for r in rows)
     seconds = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in arms.items() if v["curve"])
