@@ -301,20 +301,34 @@ def test_ultrabench_classification_runs_with_patient_groups(tmp_path):
     assert {r["n_train"] for r in res["runs"]} == {4}  # half of 4 patients, 2 images each
 
 
+def _tiny_checkpoint(path: Path) -> Path:
+    """A 2-block, patch-8 URFM checkpoint: DPT at toy size in a few seconds."""
+    from urfm_fast import URFM, URFMConfig
+
+    cfg = URFMConfig.preset("vit_tiny", img_size=32, patch_size=8, depth=2, decoder_embed_dim=32, decoder_depth=1,
+                            decoder_num_heads=2, target_dim=16)
+    torch.manual_seed(0)
+    torch.save({"model": URFM(cfg).state_dict(), "epoch": 0, "step": 0, "config": cfg.to_dict()}, path)
+    return path
+
+
 def test_dpt_finetune_at_toy_size(tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
     from urfm_fast.eval.segmentation import build_dpt
 
-    bb = evaluate.resolve_backbone("random", "vit_tiny", "token", 32)
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth")
+    bb = evaluate.resolve_backbone(f"tiny={ckpt}", "vit_tiny", "avg", None)
     dpt = build_dpt(bb, 4)
     src = bb.make(num_classes=0).state_dict()
     enc = dpt.encoder.model.state_dict()
+    assert len(dpt.encoder.model.blocks) == 2 and dpt.encoder.model.patch_embed.patch_size == (8, 8)
     assert enc.keys() == src.keys() and all(torch.equal(enc[k], src[k]) for k in src)  # our weights, strictly
     assert dpt.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 32, 32)
     out = tmp_path / "o"
-    assert evaluate.main([*TOY, "--data", "synthetic-seg", "--synthetic-train", "8", "--synthetic-val", "4",
-                          "--protocol", "finetune", "--ft-epochs", "1", "--ft-min-steps", "2", "--ft-batch-size", "4",
-                          "--label-fractions", "1", "--seeds", "0", "--out", str(out)]) == 0
+    argv = ["--backbone", f"tiny={ckpt}", "--threads", "2", "--quiet", "--data", "synthetic-seg", "--synthetic-train",
+            "8", "--synthetic-val", "4", "--protocol", "finetune", "--ft-epochs", "1", "--ft-min-steps", "2",
+            "--ft-batch-size", "4", "--label-fractions", "1", "--seeds", "0", "--out", str(out)]
+    assert evaluate.main(argv) == 0
     _check_results(out, 1)
 
 
