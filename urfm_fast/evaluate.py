@@ -86,13 +86,13 @@ from urfm_fast.eval.backbones import Backbone, resolve_backbone  # noqa: F401 (r
 # read them as this module's globals (main binds them after parsing and keeps a name already set), so
 # patching evaluate.<name> reaches them.
 _LAZY = {
-    "urfm_fast.eval.data": ("SPLITS", "Split", "_check_classes", "label_subset", "load_data", "load_imagefolder",
+    "urfm_fast.eval.data": ("SPLITS", "Split", "_check_classes", "label_runs", "load_data", "load_imagefolder",
                             "load_shards", "load_synthetic", "read_shard_labels", "stratified_subset"),
     "urfm_fast.eval.protocols": ("classification_metrics", "extract_features", "finetune", "knn_classify",
                                  "linear_probe"),
 }
 if TYPE_CHECKING:
-    from urfm_fast.eval.data import Split, label_subset, load_data
+    from urfm_fast.eval.data import Split, label_runs, load_data
     from urfm_fast.eval.protocols import classification_metrics, extract_features, finetune, knn_classify, linear_probe
 
 
@@ -131,7 +131,6 @@ def _metrics(records: list[dict]) -> tuple[tuple[str, str], ...]:
 def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str], protocols, fractions, seeds,
         device, hp: dict | None = None, progress=print) -> list[dict]:
     """Every backbone x protocol x fraction x seed; returns one record per run."""
-    import torch
 
     _bind_lazy()
     hp = hp or {}
@@ -149,30 +148,27 @@ def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str],
             del model
             progress(f"[{bb.label}] features {tuple(feats[0].shape)} + {tuple(feats[1].shape)} "
                      f"in {time.perf_counter() - t0:.1f}s")
-        for protocol in protocols:
-            for frac in fractions:
-                for seed in seeds:
-                    idx = torch.from_numpy(label_subset(train.labels.numpy(), frac, seed, train.groups))
-                    t0 = time.perf_counter()
-                    if protocol == "linear":
-                        probs = linear_probe(feats[0][idx], train.labels[idx], feats[1], C, seed,
-                                             epochs=hp.get("lp_epochs", 100), lr=hp.get("lp_lr", 0.1),
-                                             min_steps=hp.get("lp_min_steps", 300))
-                    elif protocol == "knn":
-                        probs = knn_classify(feats[0][idx], train.labels[idx], feats[1], C, k=hp.get("knn_k", 20),
-                                             temperature=hp.get("knn_t", 0.07))
-                    else:
-                        probs = finetune(bb, Split(train.images[idx], train.labels[idx]), ev.images, C, seed, device,
-                                         epochs=hp.get("ft_epochs", 30), blr=hp.get("ft_blr", 1e-3),
-                                         batch_size=hp.get("ft_batch_size", 64), min_steps=hp.get("ft_min_steps", 100),
-                                         show_progress=hp.get("show_progress", False))
-                    m = classification_metrics(probs.float().numpy(), ev.labels.numpy(), C)
-                    rec = dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed, n_train=len(idx),
-                               eval_split=eval_name, n_eval=len(ev.labels),
-                               seconds=round(time.perf_counter() - t0, 2), **m)
-                    records.append(rec)
-                    progress(f"[{bb.label}] {protocol:8s} frac={frac:<5g} seed={seed} n={len(idx):5d} "
-                             f"acc={m['accuracy']:.4f} auc={m['macro_auc']:.4f} f1={m['macro_f1']:.4f}")
+        for protocol, frac, seed, idx in label_runs(protocols, fractions, seeds, train.labels.numpy(), train.groups):
+            t0 = time.perf_counter()
+            if protocol == "linear":
+                probs = linear_probe(feats[0][idx], train.labels[idx], feats[1], C, seed,
+                                     epochs=hp.get("lp_epochs", 100), lr=hp.get("lp_lr", 0.1),
+                                     min_steps=hp.get("lp_min_steps", 300))
+            elif protocol == "knn":
+                probs = knn_classify(feats[0][idx], train.labels[idx], feats[1], C, k=hp.get("knn_k", 20),
+                                     temperature=hp.get("knn_t", 0.07))
+            else:
+                probs = finetune(bb, Split(train.images[idx], train.labels[idx]), ev.images, C, seed, device,
+                                 epochs=hp.get("ft_epochs", 30), blr=hp.get("ft_blr", 1e-3),
+                                 batch_size=hp.get("ft_batch_size", 64), min_steps=hp.get("ft_min_steps", 100),
+                                 show_progress=hp.get("show_progress", False))
+            m = classification_metrics(probs.float().numpy(), ev.labels.numpy(), C)
+            rec = dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed, n_train=len(idx),
+                       eval_split=eval_name, n_eval=len(ev.labels),
+                       seconds=round(time.perf_counter() - t0, 2), **m)
+            records.append(rec)
+            progress(f"[{bb.label}] {protocol:8s} frac={frac:<5g} seed={seed} n={len(idx):5d} "
+                     f"acc={m['accuracy']:.4f} auc={m['macro_auc']:.4f} f1={m['macro_f1']:.4f}")
     return records
 
 

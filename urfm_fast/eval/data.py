@@ -53,6 +53,14 @@ def label_subset(strata, fraction: float, seed: int, groups=None) -> np.ndarray:
     return np.flatnonzero(np.isin(inverse, chosen))
 
 
+def label_runs(protocols, fractions, seeds, strata, groups=None):
+    """(protocol, fraction, seed, int64 indices of the labelled subset) of every run of a sweep."""
+    for protocol in protocols:
+        for frac in fractions:
+            for seed in seeds:
+                yield protocol, frac, seed, torch.from_numpy(label_subset(strata, frac, seed, groups))
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: every split becomes uint8 [N, 3, S, S] in memory (read and resized once)
 

@@ -284,7 +284,7 @@ def _record(label, protocol, frac, seed, n_train, eval_name, n_eval, t0, m: dict
 def run_segmentation(backbones: list[Backbone], splits: dict, classes: list[str], protocols, fractions, seeds,
                      device, hp: dict | None = None, progress=print) -> list[dict]:
     """One record per run with dice, iou, their per-class lists, pixel accuracy and the confusion matrix."""
-    from urfm_fast.eval.data import label_subset
+    from urfm_fast.eval.data import label_runs
 
     hp = hp or {}
     eval_name = "test" if "test" in splits else "val"
@@ -303,22 +303,19 @@ def run_segmentation(backbones: list[Backbone], splits: dict, classes: list[str]
             del model
             progress(f"[{bb.label}] tokens {tuple(toks[0].shape)} + {tuple(toks[1].shape)} (grid {grid[0]}x"
                      f"{grid[1]}) in {time.perf_counter() - t0:.1f}s")
-        for protocol in protocols:
-            for frac in fractions:
-                for seed in seeds:
-                    idx = torch.from_numpy(label_subset(train.strata.numpy(), frac, seed, train.groups))
-                    t0 = time.perf_counter()
-                    if protocol == "linear":
-                        cm = linear_seg_probe(toks[0][idx], train.masks[idx], toks[1], ev.masks, grid, C, seed,
-                                              epochs=hp.get("lp_epochs", 100), lr=hp.get("lp_lr", 0.1),
-                                              batch_size=hp.get("seg_batch_size", 64),
-                                              min_steps=hp.get("lp_min_steps", 300))
-                    else:
-                        cm = finetune_segmentation(bb, train.subset(idx), ev, C, seed, device,
-                                                   epochs=hp.get("ft_epochs", 30), blr=hp.get("ft_blr", 1e-3),
-                                                   batch_size=hp.get("ft_batch_size", 16),
-                                                   min_steps=hp.get("ft_min_steps", 100),
-                                                   show_progress=hp.get("show_progress", False))
-                    records.append(_record(bb.label, protocol, frac, seed, len(idx), eval_name, len(ev.masks), t0,
-                                           segmentation_metrics(cm), progress))
+        for protocol, frac, seed, idx in label_runs(protocols, fractions, seeds, train.strata.numpy(), train.groups):
+            t0 = time.perf_counter()
+            if protocol == "linear":
+                cm = linear_seg_probe(toks[0][idx], train.masks[idx], toks[1], ev.masks, grid, C, seed,
+                                      epochs=hp.get("lp_epochs", 100), lr=hp.get("lp_lr", 0.1),
+                                      batch_size=hp.get("seg_batch_size", 64),
+                                      min_steps=hp.get("lp_min_steps", 300))
+            else:
+                cm = finetune_segmentation(bb, train.subset(idx), ev, C, seed, device,
+                                           epochs=hp.get("ft_epochs", 30), blr=hp.get("ft_blr", 1e-3),
+                                           batch_size=hp.get("ft_batch_size", 16),
+                                           min_steps=hp.get("ft_min_steps", 100),
+                                           show_progress=hp.get("show_progress", False))
+            records.append(_record(bb.label, protocol, frac, seed, len(idx), eval_name, len(ev.masks), t0,
+                                   segmentation_metrics(cm), progress))
     return records
