@@ -314,7 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "run with the same pretraining settings) instead of pretraining again")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                   help="segmentation: the arms under a linear dense probe on lesion masks (dense_probe.py)")
+    _dense_probe().add_arguments(p)
     return p
+
+
+def _dense_probe():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside this file, however it was loaded
+    import dense_probe
+
+    return dense_probe
 
 
 def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ckpt_dir: Path) -> dict:
@@ -468,6 +478,8 @@ def pretrained_teacher(a, grid: int):
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.task == "segmentation":
+        return _dense_probe().main(a, argv)
     torch.set_num_threads(a.threads)
     out, ckpt_dir = Path(a.out), Path(a.ckpt_dir)
     t_start = time.perf_counter()

@@ -34,3 +34,11 @@ def test_label_efficiency_with_every_milan_switch(tmp_path):
 def test_milan_ablation_two_variants(tmp_path):
     _run("milan_ablation.py", tmp_path, "--variants", "default,milan")
     assert "milan" in (tmp_path / "out" / "milan_ablation.md").read_text()
+
+
+def test_label_efficiency_segmentation_task(tmp_path):
+    _run("label_efficiency.py", tmp_path, "--task", "segmentation", "--arms", "urfm,random", "--seg-train", "16",
+         "--seg-n", "8", "--seg-epochs", "1", "--seg-min-steps", "2")
+    res = json.loads((tmp_path / "out" / "label_efficiency_seg.json").read_text())
+    assert {r["backbone"] for r in res["summary"]} == {"urfm", "random", "teacher"}
+    assert {r["fraction"] for r in res["summary"]} == {0.01, 0.1, 1.0} and "dice" in res["runs"][0]

@@ -159,7 +159,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
         if k in kwargs and ckpt is None:
             args[k] = kwargs.pop(k)
     args.update({k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")})
-    overlay = {k: v for k, v in overlay.items() if k not in ("file", "prefer_ema", "weights")}
+    if ckpt is None:  # shape keywords a wrapper's own arguments would shadow (smp's encoder takes ``depth``)
+        args.update(overlay.get("model_args") or {})
+    overlay = {k: v for k, v in overlay.items() if k not in ("file", "prefer_ema", "weights", "model_args")}
     model = build_model_with_cfg(VisionTransformer, variant, pretrained=False,
                                  pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay,
                                  **{k: v for k, v in args.items() if k not in ("pretrained_cfg",)})

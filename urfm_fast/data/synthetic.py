@@ -19,7 +19,8 @@ followed by a Hilbert transform, with 4x fewer depth samples.
 Classes: 0 normal (no lesion), 1 anechoic cyst with posterior enhancement, 2 hypoechoic solid lesion
 with posterior shadowing, 3 hyperechoic lesion. Position, size, shape, contrast, margin, posterior
 effect, depth, gain and probe vary per image, and any class may show a vessel (an anechoic tube), so
-the classes are separable but not trivially.
+the classes are separable but not trivially. ``generate(..., masks=True)`` adds exact per-pixel masks
+(SEG_CLASSES: background and the three lesion classes) from the geometry that renders the lesion.
 
 Image i depends only on (seed, i, size) and its label: its parameters and noise come from a
 torch.Generator seeded by a hash of (seed, i); everything after that is vectorised over a chunk.
@@ -35,9 +36,10 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLASSES", "PROBES", "generate", "SyntheticUltrasound", "save_grid", "speckle_envelope"]
+__all__ = ["CLASSES", "SEG_CLASSES", "PROBES", "generate", "SyntheticUltrasound", "save_grid", "speckle_envelope"]
 
 CLASSES = ("normal", "cyst", "hypoechoic_solid", "hyperechoic")
+SEG_CLASSES = ("background", "cyst", "hypoechoic_solid", "hyperechoic")  # the masks' class ids
 PROBES = ("linear", "convex", "phased")
 CHUNK = 64  # images rendered together; chunks start at multiples of CHUNK
 _N_PARAMS = 128  # uniforms drawn per image (about 75 used): a fixed count, with room for new ones
@@ -157,16 +159,21 @@ def _grey_levels(p: _Params, echo: torch.Tensor, alpha_extra: torch.Tensor, norm
     return torch.clamp(col(mid) + (db + col(gain)) / col(dyn), 0, 1) ** col(gamma)
 
 
+def _display_xz(S: int, top: torch.Tensor, side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Physical (x [B, 1, W], z [B, H, 1]) of each display pixel's centre: the square holds the field of
+    view, ``side`` wide, its top row at depth ``top`` ([B] each)."""
+    pix = (torch.arange(S, device=top.device) + 0.5) / S
+    return _col(-side / 2) + _col(side) * pix[None, None, :], _col(top) + _col(side) * pix[None, :, None]
+
+
 def _scan_convert(v: torch.Tensor, linear, width, radius, half):
     """Beam space -> a square display holding the whole field of view, top-aligned.
     -> (uint8-ready image [B, 1, S, S] in [0, 1], field-of-view mask [B, S, S], top, side)."""
-    S, dev, col = v.shape[-1], v.device, _col
+    S, col = v.shape[-1], _col
     top = torch.where(linear, torch.zeros_like(radius), radius * torch.cos(half) - radius)
     side = torch.where(linear, torch.ones_like(radius),
                        torch.maximum(1 - top, 2 * (radius + 1) * torch.sin(half)))
-    pix = (torch.arange(S, device=dev) + 0.5) / S
-    X = col(-side / 2) + col(side) * pix[None, None, :]  # [B, 1, W]
-    Z = col(top) + col(side) * pix[None, :, None]  # [B, H, 1]
+    X, Z = _display_xz(S, top, side)
     r = torch.sqrt(X**2 + (Z + col(radius)) ** 2)
     gu = torch.where(col(linear), 2 * X / col(width), torch.atan2(X, Z + col(radius)) / col(half))
     gd = torch.where(col(linear), Z + 0 * X, r - col(radius))  # [B, H, W] both
@@ -193,6 +200,24 @@ def _add_vessel(p: _Params, echo, alpha_extra, x, z, les_d, probe_geometry):
     echo = echo + col(has_vessel * p.uniform(0.3, 1.5)) * torch.exp(-(((dist - col(t)) / 0.006) ** 2))
     alpha_extra = alpha_extra - col(p.uniform(0, 3) / (2 * t)) * lumen
     return echo, alpha_extra
+
+
+_LOBES = (2, 3, 5)  # harmonics of the lesion margin
+
+
+def _lesion_rho(x: torch.Tensor, z: torch.Tensor, shape) -> torch.Tensor:
+    """Normalised radius of physical points (x, z) ([B, ., .], broadcasting) in the lesion ``shape`` =
+    (centre x, centre z, semi-axes a, b, rotation, [(amplitude, phase)] of the margin's harmonics), each [B]:
+    < 1 inside, 1 on the margin. The renderer and the masks both call this, so they cannot disagree."""
+    xc, zc, a, b, rot, lobes = shape
+    dx, dz = x - _col(xc), z - _col(zc)
+    xr = dx * _col(torch.cos(rot)) + dz * _col(torch.sin(rot))
+    zr = -dx * _col(torch.sin(rot)) + dz * _col(torch.cos(rot))
+    ang = torch.atan2(zr / _col(b), xr / _col(a))
+    margin = torch.ones_like(ang)
+    for m, (amp, phase) in zip(_LOBES, lobes):
+        margin = margin + _col(amp) * torch.cos(m * ang + _col(phase))
+    return torch.sqrt((xr / _col(a)) ** 2 + (zr / _col(b)) ** 2) / margin
 
 
 def _render(u: torch.Tensor, normals: torch.Tensor, labels: torch.Tensor, probe: str | None):
@@ -242,17 +267,13 @@ def _render(u: torch.Tensor, normals: torch.Tensor, labels: torch.Tensor, probe:
     a = p.uniform(0.05, 0.15)
     b = a * p.uniform(0.6, 1.1)
     rot = p.uniform(-0.4, 0.4)
-    dx, dz = x - col(xc), z - col(zc)
-    xr = dx * col(torch.cos(rot)) + dz * col(torch.sin(rot))
-    zr = -dx * col(torch.sin(rot)) + dz * col(torch.cos(rot))
-    ang = torch.atan2(zr / col(b), xr / col(a))
     is_cyst, is_solid, is_hyper = labels == 1, labels == 2, labels == 3
     pick = lambda cyst, solid, hyper: torch.where(is_cyst, cyst, torch.where(is_solid, solid, hyper))
     irregular = pick(torch.full_like(a, 0.02), p.uniform(0.04, 0.16), p.uniform(0.02, 0.10))
-    lobes = torch.ones_like(ang)
-    for m in (2, 3, 5):  # lobulated or spiculated margins for solid lesions, near-round cysts
-        lobes = lobes + col(irregular * p.uniform()) * torch.cos(m * ang + col(p.uniform(0, 2 * math.pi)))
-    rho = torch.sqrt((xr / col(a)) ** 2 + (zr / col(b)) ** 2) / lobes  # 1 on the margin
+    # lobulated or spiculated margins for solid lesions, near-round cysts: (amplitude, phase) of harmonics 2, 3, 5
+    lobes = [(irregular * p.uniform(), p.uniform(0, 2 * math.pi)) for _ in _LOBES]
+    shape = (xc, zc, a, b, rot, lobes)
+    rho = _lesion_rho(x, z, shape)  # 1 on the margin
     edge = pick(torch.full_like(a, 0.03), p.uniform(0.05, 0.2), p.uniform(0.06, 0.2))
     inside = torch.sigmoid((1 - rho) / col(edge)) * col((labels > 0).float())  # [B, D, L] in [0, 1]
     contrast = pick(p.uniform(0.0, 0.08), p.log_uniform(0.2, 0.6), p.log_uniform(1.9, 4.5))
@@ -271,7 +292,13 @@ def _render(u: torch.Tensor, normals: torch.Tensor, labels: torch.Tensor, probe:
 
     # lesion centre (column, row) and smaller semi-axis, in output pixels
     lesion_xy = torch.stack([(xc + side / 2) / side * S - 0.5, (zc - top) / side * S - 0.5], 1)
-    return img, {"probe": kind, "fov": fov, "lesion_xy": lesion_xy, "lesion_r": torch.minimum(a, b) / side * S}
+    # The lesion's exact extent in the display: the margin (rho = 1, where the rendered echo change is half
+    # way) evaluated at each display pixel's own physical position, inside the field of view.
+    X, Z = _display_xz(S, top, side)
+    lesion = (_lesion_rho(X, Z, shape) < 1) & fov & col(labels > 0)
+    mask = torch.where(lesion, col(labels), 0).to(torch.uint8)  # [B, S, S] class ids of SEG_CLASSES
+    return img, {"probe": kind, "fov": fov, "lesion_xy": lesion_xy, "lesion_r": torch.minimum(a, b) / side * S,
+                 "mask": mask}
 
 
 def _is_int(x) -> bool:
@@ -303,14 +330,16 @@ def _generate_range(lo, hi, size, seed, device="cpu", labels=None, probe=None):
 
 
 @torch.no_grad()
-def generate(n, size=64, seed=0, *, device="cpu", labels=None, probe=None):
+def generate(n, size=64, seed=0, *, device="cpu", labels=None, probe=None, masks=False):
     """n synthetic B-mode images and their classes (indices into CLASSES).
 
     Returns (uint8 [n, 1, size, size], int64 [n]) on `device`. Image i depends only on (seed, i, size)
     and its label, never on n. labels: None draws a balanced random class per index (each aligned
     block of 4 indices holds every class once); a sequence or tensor of n class ids forces them.
     probe: None (random per image: linear, convex or phased), "linear", "convex", "phased" or
-    "sector" (convex or phased).
+    "sector" (convex or phased). masks: also return uint8 [n, size, size] per-pixel class ids of
+    SEG_CLASSES (0 background, else the image's lesion class on the pixels inside the lesion's margin),
+    computed from the geometry that renders the lesion; the images are the same either way.
     """
     n, size, seed = _check(n, size, seed)
     if probe is not None and probe not in PROBES + ("sector",):
@@ -322,17 +351,20 @@ def generate(n, size=64, seed=0, *, device="cpu", labels=None, probe=None):
         if n and (labels.min() < 0 or labels.max() >= len(CLASSES)):
             raise ValueError(f"synthetic: labels must lie in 0..{len(CLASSES) - 1}")
         labels = labels.long()
-    images, classes = [], []
+    images, classes, seg = [], [], []
     for lo in range(0, n, CHUNK):
         hi = min(lo + CHUNK, n)
         forced = None if labels is None else labels[lo:hi]
-        img, _, lab = _generate_range(lo, hi, size, seed, device, forced, probe)
+        img, info, lab = _generate_range(lo, hi, size, seed, device, forced, probe)
         images.append(img)
         classes.append(lab)
+        seg.append(info["mask"])
     if not images:
-        return (torch.empty(0, 1, size, size, dtype=torch.uint8, device=device),
-                torch.empty(0, dtype=torch.int64, device=device))
-    return torch.cat(images), torch.cat(classes).to(device)
+        out = (torch.empty(0, 1, size, size, dtype=torch.uint8, device=device),
+               torch.empty(0, dtype=torch.int64, device=device))
+        return out + (torch.empty(0, size, size, dtype=torch.uint8, device=device),) if masks else out
+    out = (torch.cat(images), torch.cat(classes).to(device))
+    return out + (torch.cat(seg),) if masks else out
 
 
 class SyntheticUltrasound(torch.utils.data.Dataset):

@@ -2,7 +2,8 @@
 
 Sources: an ImageFolder root (train/, val/, optional test/), a shard folder from python -m urfm_fast.prepare
 plus a labels CSV (format: urfm_fast.evaluate's docstring), or the built-in synthetic lesion task; and the
-class-stratified, nested label fractions.
+class-stratified, nested label fractions, grouped by patient where known. UltraBench folders, image/mask
+pairs and synthetic masks: seg_data.
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def stratified_subset(labels, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
+def label_subset(strata, fraction: float, seed: int, groups=None) -> np.ndarray:
+    """``stratified_subset`` of images, or, with ``groups`` (a patient id per image), of whole groups: each
+    group takes its most common stratum and a stratified fraction of the groups brings all its images, so no
+    patient is split between the labelled and the unlabelled images. Nested across fractions as well."""
+    if groups is None:
+        return stratified_subset(strata, fraction, seed)
+    strata, groups = np.asarray(strata), np.asarray(groups)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    group_stratum = np.array([np.bincount(strata[inverse == k]).argmax() for k in range(len(ids))])
+    chosen = stratified_subset(group_stratum, fraction, seed)
+    return np.flatnonzero(np.isin(inverse, chosen))
+
+
+def label_runs(protocols, fractions, seeds, strata, groups=None):
+    """(protocol, fraction, seed, int64 indices of the labelled subset) of every run of a sweep."""
+    for protocol in protocols:
+        for frac in fractions:
+            for seed in seeds:
+                yield protocol, frac, seed, torch.from_numpy(label_subset(strata, frac, seed, groups))
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: every split becomes uint8 [N, 3, S, S] in memory (read and resized once)
 
@@ -47,6 +69,7 @@ def stratified_subset(labels, fraction: float, seed: int) -> np.ndarray:
 class Split:
     images: torch.Tensor  # uint8 [N, 3, S, S]
     labels: torch.Tensor  # int64 [N]
+    groups: np.ndarray | None = None  # int [N] patient of each image (UltraBench), else None
 
 
 def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -85,15 +85,16 @@ def _bar(total: int, desc: str, unit: str, show: bool):
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, device, batch_size=256,
-                     show_progress: bool = False) -> torch.Tensor:
-    """Pooled features [N, D] (fp32, CPU) of uint8 images, model in eval mode."""
+                     show_progress: bool = False, forward=None, what: str = "features") -> torch.Tensor:
+    """Pooled features [N, D] (fp32, CPU) of uint8 images, model in eval mode; ``forward(model, x)``
+    replaces ``model(x)`` (e.g. patch tokens for dense probes) and sets the output's dtype."""
     model.eval().to(device)
     out = []
-    with _bar(len(images), f"[{bb.label}] features", "img", show_progress) as bar:
+    with _bar(len(images), f"[{bb.label}] {what}", "img", show_progress) as bar:
         for i in range(0, len(images), batch_size):
             x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
             with _autocast(device):
-                out.append(model(x).float().cpu())
+                out.append(model(x).float().cpu() if forward is None else forward(model, x).cpu())
             bar.update(len(x))
     return torch.cat(out)
 
