@@ -102,14 +102,58 @@ def test_checkpoint_format(tmp_path):
 
 
 def test_cli_demo(tmp_path):
-    """The no-argument demo (with few steps) runs as a subprocess and says it is a demo first."""
+    """The no-argument demo (with few steps) runs as a subprocess and says it is a demo first; with no
+    BiomedCLIP in the (empty) Hugging Face cache it trains against EfficientNet-Lite0 and says so plainly."""
     r = run(["--steps", "3", "--batch-size", "4", "--synthetic-images", "64", "--out", str(tmp_path / "demo")],
-            cwd=tmp_path)
+            env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[0].startswith("DEMO:")
-    assert "RANDOM teacher" in r.stdout and "MEANINGLESS" in r.stdout  # no BiomedCLIP weights here
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("DEMO:")
+    assert lines[2].startswith("Teacher: EfficientNet-Lite0 (ImageNet") and "not in the Hugging Face" in lines[2]
+    assert "teacher: random" not in r.stdout.lower() and "meaningless" not in r.stdout.lower()
+    assert "!!!" not in r.stdout and "WARNING" not in r.stdout  # no alarm for a meaningful teacher
+    assert "teacher efficientnet_lite0" in r.stdout  # the run's summary line
+    saved = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert saved["train"]["teacher"] == saved["teacher_source"] == "efficientnet_lite0"
+    assert saved["model"]["target_dim"] == 112  # Lite0's stride-16 channels: its targets, not a ViT's
     assert "Traceback" not in r.stderr
     assert (tmp_path / "demo" / "checkpoint-00000003.pth").is_file()
+
+
+def _cache_biomedclip(hub: Path) -> None:
+    """The layout huggingface_hub writes for BiomedCLIP (refs/main names a snapshot holding the file). The
+    choice looks only for the file: loading it is test_teacher.py's test_hf_hub_id_uses_an_existing_cache."""
+    repo = hub / "models--microsoft--BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+
+
+def test_teacher_choice_order(tmp_path, monkeypatch, capsys):
+    """Demo: BiomedCLIP where its weights are cached > EfficientNet-Lite0; random only when asked for. A real
+    run (--data) without --teacher wants BiomedCLIP and stops without it: never a substitute."""
+    import huggingface_hub.constants
+
+    from urfm_fast.config import EFFICIENTNET_LITE0, HF_HUB_ID
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    i = TINY.index("--teacher")
+    real = [*TINY[:i], *TINY[i + 2 :], *SYNTH, "--batch-size", "4", "--steps", "1"]  # no --teacher
+    assert pretrain.parse_config([])[0].teacher == EFFICIENTNET_LITE0  # nothing cached
+    assert pretrain.parse_config(["--teacher", "random"])[0].teacher == "random"
+    assert pretrain.parse_config(real)[0].teacher == HF_HUB_ID
+    assert pretrain.main([*real, "--out", str(tmp_path / "real")]) == 2
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache" in err and "--teacher efficientnet_lite0" in err
+    assert not (tmp_path / "real" / "checkpoint-00000001.pth").exists()
+
+    _cache_biomedclip(tmp_path / "hub")
+    assert pretrain.parse_config([])[0].teacher == HF_HUB_ID
+    assert pretrain.parse_config(["--teacher", EFFICIENTNET_LITE0])[0].teacher == EFFICIENTNET_LITE0
+    assert pretrain.parse_config(real)[0].teacher == HF_HUB_ID
 
 
 def test_cached_random_teacher_is_the_fresh_one():
