@@ -119,6 +119,8 @@ def test_compiled_and_ddp_prefixes_stripped(tmp_path):
     torch.save({"model": sd, "epoch": 3, "step": 10}, tmp_path / "c.pth")
     ck = load_checkpoint(tmp_path / "c.pth")
     assert set(ck.state_dict) == set(m.state_dict())
+    for k, v in m.state_dict().items():  # each tensor under its own name: stripping renames, never swaps
+        assert torch.equal(ck.state_dict[k], v), k
 
 
 def test_dcp_folder(tmp_path):

@@ -105,14 +105,19 @@ def test_8bit_grey_and_colour_are_unchanged(tmp_path):
     rng = np.random.default_rng(2)
     grey = rng.integers(0, 256, (3, 20, 24), dtype=np.uint8)
     assert np.array_equal(grey_frames(_write(tmp_path / "g8.dcm", grey)), grey)
-    rgb = rng.integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
-    got = grey_frames(_write(tmp_path / "rgb.dcm", rgb, "RGB"))
-    assert np.array_equal(got, np.stack([to_grey8(f) for f in rgb]))
-    from pydicom.pixels import convert_color_space
-
-    ybr = grey_frames(_write(tmp_path / "ybr.dcm", rgb, "YBR_FULL"))  # the same bytes read as YBR
-    assert np.array_equal(ybr, np.stack([to_grey8(convert_color_space(f, "YBR_FULL", "RGB")) for f in rgb]))
-    assert not np.array_equal(ybr, got)
+    # Colour -> BT.601 luma 0.299 R + 0.587 G + 0.114 B, rounded; worked by hand for each colour:
+    # red 76.2 -> 76, green 149.7 -> 150, blue 29.1 -> 29, (10, 200, 30) 2.99 + 117.4 + 3.42 -> 124.
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0], [10, 200, 30]], np.uint8)
+    luma = np.array([76, 150, 29, 255, 0, 124], np.uint8)
+    pick = rng.integers(0, len(colours), (3, 20, 24))
+    got = grey_frames(_write(tmp_path / "rgb.dcm", colours[pick], "RGB"))
+    assert np.array_equal(got, luma[pick])
+    # YBR_FULL (BT.601 full range) is converted to RGB first, and the luma of that RGB is Y again, up to the
+    # rounding of R, G, B to 8 bits: e.g. (Y, Cb, Cr) = (120, 140, 110) -> RGB (95, 129, 141) -> 120.2 -> 120.
+    ybr = np.array([[120, 140, 110], [60, 128, 128], [200, 110, 150], [90, 160, 100]], np.uint8)
+    pick = rng.integers(0, len(ybr), (3, 20, 24))
+    got = grey_frames(_write(tmp_path / "ybr.dcm", ybr[pick], "YBR_FULL"))
+    assert np.abs(got.astype(int) - ybr[pick, 0]).max() <= 1
     # an 8-bit cine stating the identity rescale, as many scanners do, is still unchanged
     same = grey_frames(_write(tmp_path / "r.dcm", grey, RescaleSlope=1, RescaleIntercept=0))
     assert np.array_equal(same, grey)

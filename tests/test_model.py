@@ -150,10 +150,15 @@ def test_param_groups_exclude_norms_biases_and_tokens():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("bad", [dict(img_size=30), dict(mask_ratio=1.0), dict(mask_type="grid"), dict(loss_on="x"),
-                                 dict(decoder="cross")])
-def test_config_validation(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, match", [
+    (dict(img_size=30), "img_size 30 is not a multiple of patch_size 16"),
+    (dict(mask_ratio=1.0), r"mask_ratio must be in \[0, 1\), got 1.0"),
+    (dict(mask_type="grid"), "mask_type must be one of random, block, attention; got 'grid'"),
+    (dict(loss_on="x"), "loss_on must be one of masked, all, all_cls; got 'x'"),
+    (dict(decoder="cross"), "decoder must be one of standard, prompting; got 'cross'"),
+])
+def test_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
         tiny_cfg(**bad)
 
 

@@ -4,7 +4,6 @@ Tiny shapes (ViT-tiny width, 2 blocks, 32-px images, a 64-wide 2-block decoder) 
 BiomedCLIP architecture as a random teacher, so a run takes seconds on a 2-core CPU.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -96,23 +95,65 @@ def test_checkpoint_format(tmp_path):
     assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
     # the resumable checkpoint is complete and the interop reader understands our .pth
     assert (out / "checkpoints" / "step_00000002" / "manifest.json").is_file()
-    try:
-        from urfm_fast.checkpoints.formats import load_checkpoint
-    except ImportError:
-        return
+    from urfm_fast.checkpoints.formats import load_checkpoint
+
     loaded = load_checkpoint(pth)
     assert loaded.config.depth == 2 and torch.equal(loaded.state_dict["cls_token"], obj["ema_state_dict"]["cls_token"])
 
 
 def test_cli_demo(tmp_path):
-    """The no-argument demo (with few steps) runs as a subprocess and says it is a demo first."""
+    """The no-argument demo (with few steps) runs as a subprocess and says it is a demo first; with no
+    BiomedCLIP in the (empty) Hugging Face cache it trains against EfficientNet-Lite0 and says so plainly."""
     r = run(["--steps", "3", "--batch-size", "4", "--synthetic-images", "64", "--out", str(tmp_path / "demo")],
-            cwd=tmp_path)
+            env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[0].startswith("DEMO:")
-    assert "RANDOM teacher" in r.stdout and "MEANINGLESS" in r.stdout  # no BiomedCLIP weights here
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("DEMO:")
+    assert lines[2].startswith("Teacher: EfficientNet-Lite0 (ImageNet") and "not in the Hugging Face" in lines[2]
+    assert "teacher: random" not in r.stdout.lower() and "meaningless" not in r.stdout.lower()
+    assert "!!!" not in r.stdout and "WARNING" not in r.stdout  # no alarm for a meaningful teacher
+    assert "teacher efficientnet_lite0" in r.stdout  # the run's summary line
+    saved = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert saved["train"]["teacher"] == saved["teacher_source"] == "efficientnet_lite0"
+    assert saved["model"]["target_dim"] == 112  # Lite0's stride-16 channels: its targets, not a ViT's
     assert "Traceback" not in r.stderr
     assert (tmp_path / "demo" / "checkpoint-00000003.pth").is_file()
+
+
+def _cache_biomedclip(hub: Path) -> None:
+    """The layout huggingface_hub writes for BiomedCLIP (refs/main names a snapshot holding the file). The
+    choice looks only for the file: loading it is test_teacher.py's test_hf_hub_id_uses_an_existing_cache."""
+    repo = hub / "models--microsoft--BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+
+
+def test_teacher_choice_order(tmp_path, monkeypatch, capsys):
+    """Demo: BiomedCLIP where its weights are cached > EfficientNet-Lite0; random only when asked for. A real
+    run (--data) without --teacher wants BiomedCLIP and stops without it: never a substitute."""
+    import huggingface_hub.constants
+
+    from urfm_fast.config import EFFICIENTNET_LITE0, HF_HUB_ID
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    i = TINY.index("--teacher")
+    real = [*TINY[:i], *TINY[i + 2 :], *SYNTH, "--batch-size", "4", "--steps", "1"]  # no --teacher
+    assert pretrain.parse_config([])[0].teacher == EFFICIENTNET_LITE0  # nothing cached
+    assert pretrain.parse_config(["--teacher", "random"])[0].teacher == "random"
+    assert pretrain.parse_config(real)[0].teacher == HF_HUB_ID
+    assert pretrain.main([*real, "--out", str(tmp_path / "real")]) == 2
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache" in err and "--teacher efficientnet_lite0" in err
+    assert not (tmp_path / "real" / "checkpoint-00000001.pth").exists()
+
+    _cache_biomedclip(tmp_path / "hub")
+    assert pretrain.parse_config([])[0].teacher == HF_HUB_ID
+    assert pretrain.parse_config(["--teacher", EFFICIENTNET_LITE0])[0].teacher == EFFICIENTNET_LITE0
+    assert pretrain.parse_config(real)[0].teacher == HF_HUB_ID
 
 
 def test_cached_random_teacher_is_the_fresh_one():
@@ -295,14 +336,6 @@ def test_real_run_without_teacher_weights_stops(tmp_path, capsys):
     assert pretrain.main([*args, *SYNTH, "--batch-size", "4", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--teacher PATH" in err and "--teacher random" in err
-
-
-def test_pth_args_namespace_roundtrip(tmp_path):
-    """URFM's official files store args as argparse.Namespace: allow-listed, it loads weights_only."""
-    path = tmp_path / "ns.pth"
-    torch.save({"args": argparse.Namespace(model="mae_vit_base_patch16")}, path)
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    assert torch.load(path, weights_only=True)["args"].model == "mae_vit_base_patch16"
 
 
 def test_init_loads_weights_only(tmp_path):

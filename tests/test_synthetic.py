@@ -70,14 +70,19 @@ def test_forced_labels_change_only_the_lesion():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, match",
     [
-        {"n": -1}, {"n": 2.0}, {"n": 2, "size": 8}, {"n": 2, "seed": 1.5}, {"n": 2, "probe": "curved"},
-        {"n": 2, "labels": [0]}, {"n": 2, "labels": [0, 4]}, {"n": 2, "labels": [0.0, 1.0]}, {"n": True},
+        ({"n": -1}, "n must be an int >= 0, got -1"), ({"n": 2.0}, "n must be an int >= 0, got 2.0"),
+        ({"n": True}, "n must be an int >= 0, got True"), ({"n": 2, "size": 8}, "size must be an int >= 16, got 8"),
+        ({"n": 2, "seed": 1.5}, "seed must be an int, got 1.5"),
+        ({"n": 2, "probe": "curved"}, "probe must be .*'curved'"),
+        ({"n": 2, "labels": [0]}, r"labels must be 2 integer class ids, got \(1,\)"),
+        ({"n": 2, "labels": [0, 4]}, r"labels must lie in 0\.\.3"),
+        ({"n": 2, "labels": [0.0, 1.0]}, "labels must be 2 integer class ids"),
     ],
 )
-def test_bad_input(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=f"^synthetic: {match}"):
         generate(**kwargs)
 
 

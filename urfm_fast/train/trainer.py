@@ -23,7 +23,7 @@ from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from urfm_fast.data.stream import DataError, ImageFolderDataset, build_train_stream
 from urfm_fast.model import ops
 from urfm_fast.model.kernel_check import Shapes, verify_or_fall_back
-from urfm_fast.model.teacher import HF_HUB_ID, BiomedCLIPTeacher, TeacherUnavailable, load_teacher
+from urfm_fast.model.teacher import HF_HUB_ID, TeacherUnavailable, load_teacher
 from urfm_fast.model.urfm import URFM
 from urfm_fast.train import faults
 from urfm_fast.train.checkpointing import CheckpointManager, init_from
@@ -59,16 +59,14 @@ def build_teacher(plan: RunPlan, device: torch.device, say):
         # retries on a machine without network) does not belong in a demo; --teacher downloads.
         offline = plan.demo and cfg.teacher == HF_HUB_ID
         with _env(HF_HUB_OFFLINE="1") if offline else contextlib.nullcontext():
-            teacher = load_teacher(cfg.teacher, target=cfg.target, grid=cfg.img_size // 16)
-    except TeacherUnavailable as e:
-        if not plan.demo:
-            raise Stop(f"{e}\nThe BiomedCLIP teacher is required for a real run: pass --teacher PATH "
-                       "(open_clip_pytorch_model.bin or its folder), or --teacher random for a smoke test "
-                       "whose features mean nothing.", code=2) from None
-        say("!" * 100 + "\nWARNING: BiomedCLIP weights are not available offline; this demo continues with a "
-            "RANDOM teacher.\nIts features are MEANINGLESS: the loss goes down, but the model learns nothing "
-            "useful. Pass --teacher PATH for real targets.\n" + "!" * 100)
-        teacher = BiomedCLIPTeacher.load("random", target=cfg.target)
+            teacher = load_teacher(cfg.teacher, target=cfg.target, grid=cfg.img_size // 16,
+                                   input_size=cfg.teacher_size or None)
+    except TeacherUnavailable as e:  # never another teacher in its place: the targets define the model
+        raise Stop(f"{e}\nThe BiomedCLIP teacher is the recipe's: pass --teacher PATH (open_clip_pytorch_model.bin "
+                   "or its folder), --teacher efficientnet_lite0 (ImageNet, installed), or --teacher random for a "
+                   "smoke test whose features mean nothing.", code=2) from None
+    if cfg.teacher == "random":
+        say("Teacher: random (BiomedCLIP's architecture at random init, as asked): its targets carry no meaning.")
     teacher.to(device)
     if device.type == "cuda" and plan.bf16:
         # Autocast runs the teacher's matmuls and convolutions in bf16: store their weights in bf16 rather
