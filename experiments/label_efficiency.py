@@ -57,7 +57,8 @@ from urfm_fast.model.teacher import (
     timm_teacher,
 )
 
-URFM_ARMS = ("urfm", "urfm_random_teacher")
+URFM_ARMS = ("urfm", "urfm_random_teacher")  # the masked recipe at --mask-ratio, with either teacher
+SWEEP_PREFIX = "urfm_m"  # urfm_m0.5: the urfm arm at another mask ratio (--mask-ratios)
 EVAL_SEEDS = {"train": 1000, "test": 2000, "val": 3000}
 # DICOM test files with ultrasound frames (pydicom-data, deid-data): never used for training.
 PYDICOM_US = ("US1_UNCR.dcm", "color3d_jpeg_baseline.dcm", "gdcm-US-ALOKA-16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
@@ -166,12 +167,38 @@ def build_student(cfg: URFMConfig, init: dict) -> URFM:
     return model
 
 
-def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a) -> list[float]:
-    """``targets``: the patch targets [N, n, D], or ``Targets`` (with the CLS and saliency MILAN's switches use)."""
+def teacher_arm(arm: str) -> bool:
+    """Arms that learn from teacher targets (every arm but ``pixel`` and ``random``)."""
+    return arm in URFM_ARMS or arm == "distill" or arm.startswith(SWEEP_PREFIX)
+
+
+def arm_recipe(arm: str, a) -> dict:
+    """The URFMConfig fields an arm changes: ``distill`` = mask 0 and the loss on every token (feature
+    distillation); ``urfm_m<r>`` = the urfm recipe at mask ratio r; the others keep the flags' recipe."""
+    if arm == "distill":
+        return dict(mask_ratio=0.0, loss_on="all_cls" if a.loss_on == "all_cls" else "all")
+    if arm.startswith(SWEEP_PREFIX):
+        return dict(mask_ratio=float(arm.removeprefix(SWEEP_PREFIX)))
+    return {}
+
+
+def arm_names(a) -> list[str]:
+    """--arms, then one arm per --mask-ratios value not already there (0: distill; --mask-ratio: urfm)."""
+    arms = [x for x in a.arms.split(",") if x]
+    for r in (float(x) for x in (a.mask_ratios or "").split(",") if x):
+        name = "distill" if r == 0 else "urfm" if r == a.mask_ratio else f"{SWEEP_PREFIX}{r:g}"
+        if name not in arms:
+            arms.append(name)
+    return arms
+
+
+def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a, seed: int | None = None) -> list[float]:
+    """``targets``: the patch targets [N, n, D], or ``Targets`` (with the CLS and saliency MILAN's switches use).
+    ``seed`` (default ``a.seed``): the batches and masks, the same in every arm."""
     cfg = model.cfg
     tokens, cls_t, keep = targets if isinstance(targets, Targets) else (targets, None, None)
     opt = torch.optim.AdamW(model.param_groups(0.05), lr=a.lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(a.seed)  # the same batches and masks in every arm
+    g = torch.Generator().manual_seed(a.seed if seed is None else seed)  # the same batches and masks in every arm
     n, losses, warmup = len(images01), [], max(1, a.steps // 10)
     model.train()
     for step in range(a.steps):
@@ -280,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-dim", type=int, default=128)
     p.add_argument("--decoder-depth", type=int, default=2)
     p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratios", default="", help="also pretrain the urfm recipe at these mask ratios, e.g. "
+                   "0,0.25,0.5,0.75 (0: the distill arm; --mask-ratio: the urfm arm; r: an arm urfm_m<r>)")
     p.add_argument("--target-norm", action="store_true", help="LayerNorm the teacher targets (MaskDistill)")
     p.add_argument("--target-std", action="store_true",
                    help="standardise each target channel over the pretraining set (removes the component all "
@@ -309,79 +338,130 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-batch", type=int, default=32)
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--arms", default="urfm,urfm_random_teacher,pixel,random",
-                   help="ViT arms to pretrain and evaluate (ablations: a subset, on --eval-split val)")
+                   help="ViT arms to pretrain and evaluate (ablations: a subset, on --eval-split val); also "
+                        "distill (mask 0, loss on every token: feature distillation)")
     p.add_argument("--reuse", action="store_true", help="take the arms' checkpoints from --ckpt-dir (an earlier "
                    "run with the same pretraining settings) instead of pretraining again")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="pretraining images; initial weights, batches and masks "
+                   "unless --pretrain-seeds")
+    p.add_argument("--pretrain-seeds", default="", help="pretrain every arm once per seed (initial weights, batches, "
+                   "masks; the images stay --seed's), e.g. 0,1: tables pool the seeds, with their spread")
+    p.add_argument("--name", default="label_efficiency", help="file name of the outputs in --out")
     return p
 
 
-def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ckpt_dir: Path) -> dict:
-    """Pretrain every arm from the common init; returns per-arm checkpoint path, loss curve and seconds."""
-    torch.manual_seed(a.seed)
+def arm_label(arm: str, seed: int, a) -> str:
+    """The backbone's name in the results: the arm, with ``@s<seed>`` when there are several pretraining seeds."""
+    return f"{arm}@s{seed}" if len(pretrain_seeds(a)) > 1 else arm
+
+
+def pretrain_seeds(a) -> list[int]:
+    return [int(x) for x in a.pretrain_seeds.split(",")] if a.pretrain_seeds else [a.seed]
+
+
+def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ckpt_dir: Path,
+                  seed: int | None = None) -> dict:
+    """Pretrain every arm from the common init of ``seed`` (initial weights, batches, masks; default ``a.seed``);
+    returns per-arm checkpoint path, loss curve and seconds, keyed by ``arm_label``."""
+    seed = a.seed if seed is None else seed
+    torch.manual_seed(seed)
     init = URFM(cfg).state_dict()  # the common starting point
     out = {}
-    for arm in a.arms.split(","):
+    for arm in arm_names(a):
         t0 = time.perf_counter()
-        width = teachers[arm].out_dim if arm in URFM_ARMS else cfg.patch_size**2 * 3  # pixel: p*p*3 values
-        arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width})
+        width = teachers[teacher_key(arm)].out_dim if teacher_arm(arm) else cfg.patch_size**2 * 3  # pixel: p*p*3
+        arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width, **arm_recipe(arm, a)})
         model = build_student(arm_cfg, init)
-        path = ckpt_dir / f"{arm}.pth"
+        label = arm_label(arm, seed, a)
+        path = ckpt_dir / f"{label}.pth"
         args = dict(model="vit_tiny", objective=arm, steps=a.steps, batch=a.batch, img_size=a.img_size,
-                    pretrain_images=a.pretrain_images, lr=a.lr, seed=a.seed)
+                    pretrain_images=a.pretrain_images, lr=a.lr, seed=seed)
         if a.reuse:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             same_cfg = URFMConfig.from_dict(saved["config"]).to_dict() == arm_cfg.to_dict()  # defaults filled in
             if saved["args"].get("steps") != a.steps or not same_cfg:
                 raise SystemExit(f"error: --reuse: {path} was pretrained with other settings")
             model.load_state_dict(saved["model"])
-            out[arm] = dict(path=path, curve=saved.get("pretrain_loss", []), seconds=0.0, model=model)
+            out[label] = dict(path=path, curve=saved.get("pretrain_loss", []), seconds=0.0, model=model, arm=arm,
+                              seed=seed)
             continue
-        curve = [] if arm == "random" else pretrain(arm, model, images01, teachers.get(f"{arm}_targets"), a)
+        targets = teachers.get(f"{teacher_key(arm)}_targets")
+        curve = [] if arm == "random" else pretrain(arm, model, images01, targets, a, seed)
         torch.save({"model": model.state_dict(), "epoch": 0, "step": len(curve), "args": args,
                     "config": arm_cfg.to_dict(), "pretrain_loss": curve}, path)
-        out[arm] = dict(path=path, curve=curve, seconds=time.perf_counter() - t0, model=model)
-        print(f"{arm}: {out[arm]['seconds']:.0f}s", flush=True)
+        out[label] = dict(path=path, curve=curve, seconds=time.perf_counter() - t0, model=model, arm=arm,
+                          seed=seed)
+        print(f"{label}: {out[label]['seconds']:.0f}s", flush=True)
     return out
 
 
-def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth: torch.Tensor) -> dict:
-    """Each URFM arm's loss (trained vs. its initial weights) on held-out synthetic and real frames."""
-    with tempfile.TemporaryDirectory() as tmp:
-        real, n_files = real_frames(a.img_size, Path(tmp))
+def teacher_key(arm: str) -> str:
+    """Which teacher's targets an arm learns from: ``urfm`` (the pretrained one) or ``urfm_random_teacher``."""
+    return "urfm_random_teacher" if arm == "urfm_random_teacher" else "urfm"
+
+
+def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth: torch.Tensor,
+                     real: tuple[torch.Tensor, int]) -> dict:
+    """Each teacher arm's loss (trained vs. its initial weights) on held-out synthetic and real frames. Each arm
+    is scored with its own recipe: ``distill``'s loss covers every token, the masked arms' the masked ones."""
+    real, n_files = real
     res = {"real_files": n_files, "real_frames": len(real), "synthetic_frames": len(held_synth)}
-    torch.manual_seed(a.seed)
-    init = URFM(cfg).state_dict()
-    for arm in (x for x in URFM_ARMS if x in arms):
-        t = teachers[arm]
-        arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": t.out_dim})
-        start = build_student(arm_cfg, init)
+    targets, inits = {}, {}
+    for label, v in arms.items():
+        arm = v["arm"]
+        if not teacher_arm(arm):
+            continue
+        key = teacher_key(arm)
+        if v["seed"] not in inits:  # the common initial weights of that pretraining seed
+            torch.manual_seed(v["seed"])
+            inits[v["seed"]] = URFM(cfg).state_dict()
+        start = build_student(v["model"].cfg, inits[v["seed"]])
         for name, imgs in (("synthetic", held_synth), ("real", real)):
             if not len(imgs):
                 continue
-            tg = apply_stats(teacher_targets(t, imgs, cfg.grid_size, cls=cfg.loss_on == "all_cls"),
-                             teachers.get(f"{arm}_stats"))
-            res[f"{arm}/{name}"] = dict(trained=held_out_loss(arms[arm]["model"], imgs, tg),
-                                        init=held_out_loss(start, imgs, tg))
+            if (key, name) not in targets:
+                tg = teacher_targets(teachers[key], imgs, cfg.grid_size, cls=cfg.loss_on == "all_cls")
+                targets[key, name] = apply_stats(tg, teachers.get(f"{key}_stats"))
+            tg = targets[key, name]
+            res[f"{label}/{name}"] = dict(trained=held_out_loss(v["model"], imgs, tg),
+                                          init=held_out_loss(start, imgs, tg))
     return res
 
 
-def evaluate_arms(a, arms: dict, teacher, seeds: list[int]) -> list[dict]:
+def evaluate_arms(a, arms: dict, teacher, seeds: list[int], with_teacher: bool = True) -> list[dict]:
+    """Linear probe and k-NN (+ fine-tuning at the first seed) of every arm in ``arms``, and of the teacher's
+    pooled map when ``with_teacher``."""
     x, y = synthetic.generate(a.eval_train, size=a.img_size, seed=EVAL_SEEDS["train"])
     xe, ye = synthetic.generate(a.eval_n, size=a.img_size, seed=EVAL_SEEDS[a.eval_split])
     splits = {"train": Split(x.expand(-1, 3, -1, -1).contiguous(), y),
               a.eval_split: Split(xe.expand(-1, 3, -1, -1).contiguous(), ye)}
     classes = list(synthetic.CLASSES)
-    backbones = [resolve_backbone(f"{arm}={arms[arm]['path']}", "vit_tiny", a.pool, None) for arm in arms]
+    backbones = [resolve_backbone(f"{label}={arms[label]['path']}", "vit_tiny", a.pool, None) for label in arms]
     ceiling = Backbone("teacher", teacher.source, lambda num_classes=0, drop_path_rate=0.0: PooledTeacher(teacher),
                        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size, {"format": "teacher", "source": teacher.source})
     dev = torch.device("cpu")
-    records = run(backbones + [ceiling], splits, classes, ["linear", "knn"], [0.01, 0.1, 1.0], seeds, dev)
+    records = run(backbones + [ceiling] * with_teacher, splits, classes, ["linear", "knn"], [0.01, 0.1, 1.0],
+                  seeds, dev)
     if not a.no_finetune:
         records += run(backbones, splits, classes, ["finetune"], [0.01, 0.1, 1.0], seeds[:1], dev,
                        dict(ft_epochs=a.ft_epochs, ft_min_steps=a.ft_min_steps, ft_batch_size=a.ft_batch))
     return records
+
+
+def pooled_summary(records: list[dict]) -> list[dict]:
+    """``summarize`` over every pretraining seed of an arm (``urfm@s0``, ``urfm@s1`` -> ``urfm``): mean ± std
+    over all pretraining x probe seeds, and ``accuracy_seed_std``, the std of the pretraining seeds' means."""
+    base = lambda label: label.partition("@s")[0]
+    per_seed: dict[tuple, list[float]] = {}
+    for row in summarize(records):
+        per_seed.setdefault((base(row["backbone"]), row["protocol"], row["fraction"]), []).append(row["accuracy"])
+    out = summarize([{**r, "backbone": base(r["backbone"])} for r in records])
+    for row in out:
+        means = torch.tensor(per_seed[row["backbone"], row["protocol"], row["fraction"]], dtype=torch.float64)
+        row["pretrain_seeds"] = len(means)
+        row["accuracy_seed_std"] = float(means.std()) if len(means) > 1 else 0.0
+    return out
 
 
 def target_check(summary: list[dict]) -> list[dict]:
@@ -401,6 +481,34 @@ def target_check(summary: list[dict]) -> list[dict]:
     return rows
 
 
+def headline_table(summary: list[dict]) -> str:
+    """Accuracy per arm: mean ± std over every run (pretraining x probe seeds), and with several pretraining
+    seeds the std of their means in brackets."""
+    cell = {(r["backbone"], r["protocol"], r["fraction"]): r for r in summary}
+    arms = list(dict.fromkeys(r["backbone"] for r in summary))
+    cols = [(p, f) for p in ("linear", "knn") for f in (0.01, 0.1, 1.0)]
+    head = "| arm | " + " | ".join(f"{'k-NN' if p == 'knn' else p} {f:.0%}" for p, f in cols) + " |"
+
+    def fmt(r):
+        if r is None:
+            return "-"
+        seeds = f" [{100 * r['accuracy_seed_std']:.1f}]" if r.get("pretrain_seeds", 1) > 1 else ""
+        return f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}{seeds}"
+
+    rows = [f"| {arm} | " + " | ".join(fmt(cell.get((arm, p, f))) for p, f in cols) + " |" for arm in arms]
+    return "\n".join([head, "|---" * (len(cols) + 1) + "|", *rows])
+
+
+def recipe_text(a, arms: dict) -> str:
+    """One phrase per pretrained arm: its mask ratio and loss."""
+    seen = {}
+    for v in arms.values():
+        c = v["model"].cfg
+        seen.setdefault(v["arm"], f"`{v['arm']}` mask {c.mask_ratio:g}, loss on {c.loss_on}"
+                        + (" (pixels)" if v["arm"] == "pixel" else ""))
+    return "; ".join(x for k, x in seen.items() if k != "random")
+
+
 def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summary, minutes,
                   cpu_minutes: float = 0.0) -> None:
     cmd = "python experiments/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -412,13 +520,16 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
     check_rows = "\n".join(f"| {c['protocol']} | {c['fraction']:g} | {c['versus']} | {100 * c['margin']:+.1f} | "
                            f"{100 * c['std']:.1f} | {'yes' if c['met'] else 'no'} |" for c in checks)
     title = f"Synthetic lesions, {a.img_size}px ViT-Ti/{a.patch} x{a.depth}, teacher {teacher.source}"
-    plot(summary, out / "label_efficiency.png", title=title)
-    (out / "label_efficiency.md").write_text(
+    name = a.name
+    plot(summary, out / f"{name}.png", title=title)
+    (out / f"{name}.md").write_text(
         f"# Label efficiency on synthetic lesions (teacher: {teacher.source})\n\n"
         f"`{cmd.strip()}`: {minutes:.1f} min with {a.threads} CPU threads ({cpu_minutes:.1f} CPU-minutes, user + "
         f"system; load average {os.getloadavg()[1]:.1f} over the last 5 minutes of the run).\n\n"
         f"Pretraining: {a.pretrain_images} synthetic images (no augmentation; teacher targets cached), "
-        f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, mask {a.mask_ratio}, ViT-Ti width 192 x {a.depth} blocks, "
+        f"{a.steps} steps x {a.batch}, AdamW lr {a.lr}, pretraining seeds {a.pretrain_seeds or a.seed} "
+        f"(initial weights, batches, masks; images seed {a.seed}), mask {a.mask_ratio}, "
+        f"ViT-Ti width 192 x {a.depth} blocks, "
         f"{a.img_size}px, patch {a.patch} ({cfg.num_patches} tokens), decoder {a.decoder_dim}d{a.decoder_depth}b, "
         f"target norm {a.target_norm}, centred {a.target_center}, standardised {a.target_std}, loss on {a.loss_on}, "
         f"masking {a.mask_type}, decoder {a.decoder}. "
@@ -430,7 +541,9 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         + ("no fine-tuning (--no-finetune); " if a.no_finetune else
            f"fine-tuning seed {a.seeds.split(',')[0]} only (std 0); ") +
         "`teacher` = the pretrained teacher's pooled map (probes only). Accuracy etc. in %, mean ± std.\n\n"
-        + format_table(summary, markdown=True) + "\n\n![label efficiency](label_efficiency.png)\n\n"
+        f"Arms: {recipe_text(a, arms)}.\n\n## Accuracy (%), mean ± std over all runs [std of the pretraining "
+        "seeds' means]\n\n" + headline_table(summary) + "\n\n## Every metric\n\n"
+        + format_table(summary, markdown=True) + f"\n\n![label efficiency]({name}.png)\n\n"
         "## Target: urfm beats pixel and random by more than 2 std (accuracy, points)\n\n"
         "| protocol | fraction | versus | margin | larger std | met |\n|---|---|---|---|---|---|\n"
         + check_rows + "\n\n## URFM loss on held-out frames (fixed masks)\n\n"
@@ -439,13 +552,13 @@ def write_outputs(a, argv, out: Path, cfg, teacher, arms, losses, records, summa
         f"{losses['synthetic_frames']} unseen synthetic images. Each arm's student against its own initial "
         "weights, each with its own teacher's targets.\n\n| arm/frames | init | trained |\n|---|---|---|\n"
         + loss_rows + "\n")
-    (out / "label_efficiency.json").write_text(json.dumps(dict(
+    (out / f"{name}.json").write_text(json.dumps(dict(
         command=cmd.strip(), args=vars(a), teacher=teacher.source, minutes=round(minutes, 2),
         cpu_minutes=round(cpu_minutes, 2), load_average=[round(x, 2) for x in os.getloadavg()],
         threads=a.threads, summary=summary, target_check=checks, held_out_loss=losses, runs=records,
         pretrain_seconds={k: round(v["seconds"], 1) for k, v in arms.items()},
         pretrain_loss={k: v["curve"][::10] for k, v in arms.items()}), indent=1) + "\n")
-    print(f"wrote {out}/label_efficiency.{{md,png,json}} in {minutes:.1f} min")
+    print(f"wrote {out}/{name}.{{md,png,json}} in {minutes:.1f} min", flush=True)
 
 
 def student_config(a) -> URFMConfig:
@@ -476,32 +589,37 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    teachers = {"urfm": teacher, "urfm_random_teacher": random_teacher_like(a.teacher, cfg.grid_size,
-                                                                        a.teacher_size or None)}
+    teachers = {"urfm": teacher}
+    if "urfm_random_teacher" in arm_names(a):
+        teachers["urfm_random_teacher"] = random_teacher_like(a.teacher, cfg.grid_size, a.teacher_size or None)
 
     t0 = time.perf_counter()
     images01, _ = synthetic01(a.pretrain_images, a.img_size, a.seed)  # labels never used
     if not a.reuse or a.target_center or a.target_std:  # --reuse still needs the statistics
-        for arm in (x for x in URFM_ARMS if x in a.arms.split(",")):
-            tg = teacher_targets(teachers[arm], images01, cfg.grid_size, cls=cfg.loss_on == "all_cls",
+        for key in dict.fromkeys(teacher_key(x) for x in arm_names(a) if teacher_arm(x)):
+            tg = teacher_targets(teachers[key], images01, cfg.grid_size, cls=cfg.loss_on == "all_cls",
                                  saliency=cfg.mask_type == "attention")  # (N, n, D) or Targets
-            teachers[f"{arm}_stats"] = stats = target_stats(tg, a.target_center, a.target_std)
-            teachers[f"{arm}_targets"] = apply_stats(tg, stats)
+            teachers[f"{key}_stats"] = stats = target_stats(tg, a.target_center, a.target_std)
+            teachers[f"{key}_targets"] = apply_stats(tg, stats)
         print(f"{len(images01)} pretraining images, teacher targets in {time.perf_counter() - t0:.0f}s", flush=True)
-
-    arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir)
     held, _ = synthetic01(256, a.img_size, seed=EVAL_SEEDS["val"] + 1)  # unseen, unlabelled
-    losses = real_scan_losses(a, arms, teachers, cfg, held)
-    print(f"held-out URFM losses: {json.dumps(losses)}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        real = real_frames(a.img_size, Path(tmp))
 
-    t0 = time.perf_counter()
+    all_arms, losses, records = {}, {}, []
     seeds = [int(s) for s in a.seeds.split(",")]
-    records = evaluate_arms(a, arms, teacher, seeds)
-    summary = summarize(records)
-    print(f"evaluation: {time.perf_counter() - t0:.0f}s", flush=True)
-    minutes = (time.perf_counter() - t_start) / 60
-    cpu_minutes = sum(os.times()[:2]) / 60  # this process's user + system time, every thread
-    write_outputs(a, argv, out, cfg, teacher, arms, losses, records, summary, minutes, cpu_minutes)
+    for i, seed in enumerate(pretrain_seeds(a)):  # results rewritten after each pretraining seed
+        arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir, seed)
+        all_arms.update(arms)
+        losses.update(real_scan_losses(a, arms, teachers, cfg, held, real))
+        print(f"held-out URFM losses: {json.dumps(losses)}", flush=True)
+        t0 = time.perf_counter()
+        records += evaluate_arms(a, arms, teacher, seeds, with_teacher=i == 0)
+        print(f"evaluation: {time.perf_counter() - t0:.0f}s", flush=True)
+        minutes = (time.perf_counter() - t_start) / 60
+        cpu_minutes = sum(os.times()[:2]) / 60  # this process's user + system time, every thread
+        write_outputs(a, argv, out, cfg, teacher, all_arms, losses, records, pooled_summary(records), minutes,
+                      cpu_minutes)
     return 0
 
 
