@@ -91,7 +91,7 @@ def teacher_targets(teacher, images01: torch.Tensor, grid: int, batch: int = 64,
                     saliency: bool = False):
     """[N, 3, S, S] in [0, 1] -> [N, grid*grid, D]: computed once per image (no augmentation). With ``cls`` or
     ``saliency`` (MILAN's loss on CLS, attention masking): ``Targets`` of the whole set, from the same passes."""
-    parts = [teacher(images01[i : i + batch], grid, cls=cls, saliency=saliency)
+    parts = [teacher(as01(images01[i : i + batch]), grid, cls=cls, saliency=saliency)
              for i in range(0, len(images01), batch)]
     if not (cls or saliency):
         return torch.cat(parts)
@@ -108,7 +108,7 @@ def target_stats(targets, center: bool, std: bool) -> tuple[torch.Tensor, torch.
     if not (center or std):
         return None
     shift = tokens.mean(0) if center else tokens.mean((0, 1))  # (n, D) or (D,)
-    scale = (tokens - shift).std((0, 1)) + 1e-6 if std else torch.ones(tokens.shape[-1])
+    scale = (tokens - shift).std((0, 1)) + 1e-6 if std else torch.ones(tokens.shape[-1], device=tokens.device)
     return shift, scale
 
 
@@ -192,37 +192,116 @@ def arm_names(a) -> list[str]:
     return arms
 
 
-def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a, seed: int | None = None) -> list[float]:
+def as01(images: torch.Tensor) -> torch.Tensor:
+    """Images as float RGB in [0, 1]: uint8 grey [B, 1, S, S] (the device-resident store) is converted per batch."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.float().div_(255).expand(-1, 3, -1, -1)
+
+
+class Clock:
+    """Seconds of training, paused while the encoder is probed; on CUDA, synchronised when read."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.spent, self.t0 = device, 0.0, time.perf_counter()
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.spent + time.perf_counter() - self.t0
+
+    def pause(self) -> None:
+        self.spent, self.t0 = self.read(), None
+
+    def resume(self) -> None:
+        self.t0 = time.perf_counter()
+
+
+def lr_factor(step: int, a, clock: Clock | None) -> float:
+    """Linear warm-up over the first 10 % of the run, then cosine to 0: of ``--steps`` (by step) or of
+    ``--budget-s`` (by training seconds, read every step on CPU and every 10 steps on CUDA)."""
+    if clock is None:
+        warmup = max(1, a.steps // 10)
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, a.steps - warmup)))
+        return (step + 1) / warmup if step < warmup else cosine
+    t = min(1.0, clock.spent / a.budget_s)
+    return max(t / 0.1, 1e-3) if t < 0.1 else 0.5 * (1 + math.cos(math.pi * (t - 0.1) / 0.9))
+
+
+def train_step(arm: str, model: URFM, opt, imgs01: torch.Tensor, targets, ids_shuffle, amp: bool) -> torch.Tensor:
+    """One optimizer step; returns the loss (a tensor: reading it would synchronise a GPU)."""
+    tokens, cls_t = targets
+    imgs = normalize(imgs01, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=amp):
+        if arm == "pixel":
+            loss = pixel_mae_loss(model, imgs, pixel_targets(imgs, model.cfg.patch_size), ids_shuffle)
+        else:
+            loss = model(imgs, tokens, ids_shuffle, cls_t)[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a, seed: int | None = None,
+             on_point=None) -> list[float]:
     """``targets``: the patch targets [N, n, D], or ``Targets`` (with the CLS and saliency MILAN's switches use).
-    ``seed`` (default ``a.seed``): the batches and masks, the same in every arm."""
-    cfg = model.cfg
+    ``seed`` (default ``a.seed``): the batches and masks, the same in every arm. The model, images and targets
+    live on one device. ``--budget-s``: train for that many seconds instead of ``--steps``; ``on_point(fraction,
+    step)`` is called (training clock paused) at each of ``--probe-points`` and at the end."""
+    cfg, dev = model.cfg, images01.device
     tokens, cls_t, keep = targets if isinstance(targets, Targets) else (targets, None, None)
-    opt = torch.optim.AdamW(model.param_groups(0.05), lr=a.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=a.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
     g = torch.Generator().manual_seed(a.seed if seed is None else seed)  # the same batches and masks in every arm
-    n, losses, warmup = len(images01), [], max(1, a.steps // 10)
+    budget = getattr(a, "budget_s", 0.0)
+    clock = Clock(dev) if budget else None
+    points = sorted(float(x) for x in (getattr(a, "probe_points", "") or "").split(",") if x)
+    n, losses, pending, step = len(images01), [], [], 0
+    sync_every = 10 if dev.type == "cuda" else 1
     model.train()
-    for step in range(a.steps):
+    while (clock.spent < budget if clock else step < a.steps):
         idx = torch.randint(0, n, (a.batch,), generator=g)
         noise = torch.rand(a.batch, cfg.num_patches, generator=g)  # the same draws whatever the masking
-        ids_shuffle = attention_masking(keep[idx], noise=noise) if cfg.mask_type == "attention" else noise.argsort(1)
-        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, a.steps - warmup)))
-        f = (step + 1) / warmup if step < warmup else cosine
+        ids_shuffle = attention_masking(keep[idx.to(dev)].cpu(), noise=noise) if cfg.mask_type == "attention" \
+            else noise.argsort(1)
+        f = lr_factor(step, a, clock)
         for group in opt.param_groups:
             group["lr"] = a.lr * f
-        imgs = normalize(images01[idx], IMAGENET_MEAN, IMAGENET_STD)
-        if arm == "pixel":
-            loss = pixel_mae_loss(model, imgs, pixel_targets(imgs, cfg.patch_size), ids_shuffle)
-        else:
-            loss = model(imgs, tokens[idx], ids_shuffle, None if cls_t is None else cls_t[idx])[0]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{arm}: loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % max(1, a.steps // 5) == 0 or step == a.steps - 1:
-            print(f"  [{arm}] step {step:5d}/{a.steps} loss {loss.item():.4f} lr {a.lr * f:.2e}", flush=True)
+        idx_d = idx.to(dev, non_blocking=True)
+        batch_targets = (None, None) if arm == "pixel" else (tokens[idx_d], None if cls_t is None else cls_t[idx_d])
+        pending.append(train_step(arm, model, opt, as01(images01[idx_d]), batch_targets, ids_shuffle.to(dev),
+                                  getattr(a, "amp", False)))
+        step += 1
+        if step % sync_every == 0 or not clock and step == a.steps:
+            losses += check_losses(arm, pending, step)
+            pending = []
+            if clock:
+                clock.spent, clock.t0 = clock.read(), time.perf_counter()
+        progress = clock.spent / budget if clock else step / a.steps
+        if clock and not pending and step % 500 == 0:
+            print(f"  [{arm}] step {step:6d} {clock.spent:6.1f}/{budget:g}s loss {losses[-1]:.4f} lr {a.lr * f:.2e}",
+                  flush=True)
+        elif not clock and ((step - 1) % max(1, a.steps // 5) == 0 or step == a.steps):
+            print(f"  [{arm}] step {step - 1:5d}/{a.steps} loss {losses[-1]:.4f} lr {a.lr * f:.2e}", flush=True)
+        while points and on_point and points[0] < 1 and progress >= points[0]:
+            clock.pause() if clock else None
+            on_point(points.pop(0), step)
+            clock.resume() if clock else None
+    losses += check_losses(arm, pending, step)
+    if on_point:
+        on_point(1.0, step)
     return losses
+
+
+def check_losses(arm: str, pending: list[torch.Tensor], step: int) -> list[float]:
+    """The losses as floats (one synchronisation for a batch of steps); a non-finite one stops the run."""
+    if not pending:
+        return []
+    values = torch.stack(pending).float().tolist()
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{arm}: loss {v} at step {step - len(values) + i}")
+    return values
 
 
 @torch.no_grad()
@@ -348,7 +427,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-seeds", default="", help="pretrain every arm once per seed (initial weights, batches, "
                    "masks; the images stay --seed's), e.g. 0,1: tables pool the seeds, with their spread")
     p.add_argument("--name", default="label_efficiency", help="file name of the outputs in --out")
+    g = p.add_argument_group("the curve: probes along each arm's run, on a GPU (--preset gpu)")
+    g.add_argument("--preset", choices=list(PRESETS), help="defaults for a run (flags given still win); gpu: the "
+                   "CPU architecture at ~100x its samples in <= 300 s on one H100/H200 (see --plan)")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: images, teacher targets, student and "
+                   "batches all live there")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the student and the teacher")
+    g.add_argument("--budget-s", type=float, default=0.0, help="train each arm for this many seconds (probes "
+                   "excluded) instead of --steps; the steps taken are recorded. Turns on the curve")
+    g.add_argument("--probe-points", default="", help="fractions of each arm's run at which its encoder is probed "
+                   "(linear + k-NN), e.g. 0.125,0.25,0.5; the end is always probed")
+    g.add_argument("--deadline-s", type=float, default=0.0, help="the whole run's seconds from start: an arm that "
+                   "would overrun gets a shorter budget (said in the report)")
+    g.add_argument("--plan", action="store_true", help="print the phases and their time budgets; run nothing")
     return p
+
+
+def parse_args(argv=None):
+    """Flags, with ``--preset``'s values as defaults (any flag given on the command line wins)."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.preset:
+        p.set_defaults(**PRESETS[a.preset])
+        a = p.parse_args(argv)
+    return a
 
 
 def arm_label(arm: str, seed: int, a) -> str:
@@ -578,8 +680,225 @@ def pretrained_teacher(a, grid: int):
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# The curve: each arm trained for a time budget on one device, its encoder probed along the way
+
+# --preset gpu: the CPU experiment's architecture, teacher and settings (chosen on the validation split on
+# CPU; nothing here was tuned on a GPU) at ~100x its samples: the question is whether the 75 % mask wins back
+# its place against distillation (mask 0) once samples are cheap. Batch 256 with lr 2e-3 (square-root scaling
+# of the CPU's 1e-3 at 32, rounded down); 65,536 distinct images (the CPU run: 4,096); 3 trained arms x 50 s.
+PRESETS = {
+    "gpu": dict(device="cuda", amp=True, budget_s=50.0, probe_points="0.125,0.25,0.5", deadline_s=270.0,
+                pretrain_images=65536, batch=256, lr=2e-3, arms="urfm,distill,pixel,random", seeds="0,1,2",
+                no_finetune=True, threads=8, out="gpu_out", name="label_efficiency_gpu",
+                ckpt_dir="runs/label_efficiency_gpu"),
+}
+# Planned seconds of the phases around the arms' budgets (--plan); measured ones go in the report.
+PLAN_STARTUP_S, PLAN_DATA_S, PLAN_PROBE_S, PLAN_MARGIN_S = 20, 35, 5, 25
+
+
+def plan_phases(a) -> list[tuple[str, float]]:
+    """(phase, seconds) of a curve run, start-up (python, torch, CUDA, teacher) included."""
+    trained = [x for x in arm_names(a) if x != "random"]
+    points = len([x for x in a.probe_points.split(",") if x and float(x) < 1]) + 1
+    phases = [("start-up: python, torch, CUDA context, teacher weights", PLAN_STARTUP_S),
+              (f"data: render {a.pretrain_images} + {a.eval_train + a.eval_n} images, teacher targets", PLAN_DATA_S),
+              ("probe teacher and random (references)", 2 * PLAN_PROBE_S)]
+    for arm in trained:
+        phases += [(f"train {arm}", a.budget_s), (f"probe {arm} at {points} points", points * PLAN_PROBE_S)]
+    return phases + [("write reports, margin", PLAN_MARGIN_S)]
+
+
+def print_plan(a) -> int:
+    phases = plan_phases(a)
+    for name, sec in phases:
+        print(f"{sec:6.0f} s  {name}")
+    print(f"{sum(s for _, s in phases):6.0f} s  total (deadline for the arms: {a.deadline_s:g} s after start-up)")
+    return 0
+
+
+def render(n: int, size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic images rendered on ``device``: uint8 grey [n, 1, S, S] (kept as is: 1/12 of float RGB) and labels."""
+    x, y = synthetic.generate(n, size=size, seed=seed, device=device)
+    return x, y.cpu()
+
+
+@torch.no_grad()
+def device_targets(a, teacher, images: torch.Tensor, cfg: URFMConfig):
+    """The teacher's targets of the pretraining images, cached on their device (fp32), centred as on CPU."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=a.amp):
+        tg = teacher_targets(teacher, images, cfg.grid_size, batch=1024 if images.device.type == "cuda" else 64,
+                             cls=cfg.loss_on == "all_cls", saliency=cfg.mask_type == "attention")
+    tg = Targets(*(None if t is None else t.float() for t in tg)) if isinstance(tg, Targets) else tg.float()
+    return apply_stats(tg, target_stats(tg, a.target_center, a.target_std))
+
+
+class CurveReport:
+    """The curve's results: JSON and markdown rewritten after every probe point, so a kill keeps what finished."""
+
+    def __init__(self, a, argv, out: Path, teacher, device: torch.device):
+        self.a, self.out, self.t0 = a, out, time.perf_counter()
+        self.cmd = "python experiments/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        self.teacher, self.device = teacher.source, device
+        self.name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        self.phases, self.arms, self.records, self.notes = [], {}, [], []
+
+    def phase(self, name: str, seconds: float) -> None:
+        self.phases.append(dict(phase=name, seconds=round(seconds, 1)))
+        self.write()
+
+    def point(self, arm: str, frac: float, step: int, train_s: float, records: list[dict]) -> None:
+        for r in records:
+            r.update(backbone=arm, point=frac, step=step, samples=step * self.a.batch, train_seconds=round(train_s, 1))
+        self.records += records
+        self.write()
+
+    def table(self) -> str:
+        rows = {}
+        for r in self.records:
+            rows.setdefault((r["backbone"], r["point"]), []).append(r)
+        cols = [(p, f) for p in ("linear", "knn") for f in (0.01, 0.1, 1.0)]
+        head = ("| arm | point | steps | samples | train s | "
+                + " | ".join(f"{'k-NN' if p == 'knn' else p} {f:.0%}" for p, f in cols) + " |")
+        lines = [head, "|---" * (5 + len(cols)) + "|"]
+        for (arm, frac), rs in rows.items():
+            cell = {(s["protocol"], s["fraction"]): s for s in summarize(rs)}
+            acc = [cell.get(c) for c in cols]
+            lines.append(f"| {arm} | {'-' if frac is None else f'{frac:g}'} | {rs[0]['step']} | {rs[0]['samples']} | "
+                         f"{rs[0]['train_seconds']} | " + " | ".join(
+                             "-" if c is None else f"{100 * c['accuracy']:.1f} ± {100 * c['accuracy_std']:.1f}"
+                             for c in acc) + " |")
+        return "\n".join(lines)
+
+    def write(self) -> None:
+        a, minutes = self.a, (time.perf_counter() - self.t0) / 60
+        versions = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if self.device.type == "cuda" else "")
+        phases = "\n".join(f"| {p['phase']} | {p['seconds']} |" for p in self.phases)
+        md = (f"# Probe quality against samples seen ({self.name})\n\n`{self.cmd.strip()}`: {minutes:.1f} min so far "
+              f"on {self.name} ({versions}); rewritten after every probe point.\n\n"
+              f"Student ViT-Ti width 192 x {a.depth} blocks, {a.img_size}px, patch {a.patch}, decoder {a.decoder_dim}d"
+              f"{a.decoder_depth}b; teacher {self.teacher} at {a.teacher_size or 'its own'}px, targets centred "
+              f"{a.target_center}; {a.pretrain_images} synthetic pretraining images rendered on the device; batch "
+              f"{a.batch}, AdamW lr {a.lr}, warm-up 10 % then cosine over each arm's {a.budget_s:g} s; bf16 autocast "
+              f"{a.amp}. Arms: urfm = mask {a.mask_ratio}, loss on the masked tokens; distill = mask 0, loss on "
+              f"every token; pixel = MAE's normalised pixels at mask {a.mask_ratio}; random = the common initial "
+              f"weights; teacher = its pooled map (ceiling). Probes: linear and k-NN on the `{a.eval_split}` split "
+              f"({a.eval_train} labelled train / {a.eval_n} images), seeds {a.seeds}; accuracy in %, mean ± std over "
+              "the probe seeds.\n\n" + self.table() + "\n\n## Phases (seconds)\n\n| phase | seconds |\n|---|---|\n"
+              + phases + "\n" + "".join(f"\n- {n}" for n in self.notes) + "\n")
+        _atomic_write(self.out / f"{a.name}.md", md)
+        _atomic_write(self.out / f"{a.name}.json", json.dumps(dict(
+            command=self.cmd.strip(), device=self.name, versions=versions, args=vars(a), teacher=self.teacher,
+            minutes=round(minutes, 2), phases=self.phases, arms=self.arms, notes=self.notes,
+            summary=self.summary(), runs=self.records), indent=1) + "\n")
+
+    def summary(self) -> list[dict]:
+        out = []
+        for (arm, frac) in dict.fromkeys((r["backbone"], r["point"]) for r in self.records):
+            rs = [r for r in self.records if (r["backbone"], r["point"]) == (arm, frac)]
+            out += [dict(row, point=frac, step=rs[0]["step"], samples=rs[0]["samples"]) for row in summarize(rs)]
+        return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def probe_checkpoint(a, label: str, path: Path, splits: dict, device: torch.device) -> list[dict]:
+    """Linear probe and k-NN of a saved student (read back as evaluate reads any checkpoint)."""
+    bb = resolve_backbone(f"{label}={path}", "vit_tiny", a.pool, None)
+    return run([bb], splits, list(synthetic.CLASSES), ["linear", "knn"], [0.01, 0.1, 1.0],
+               [int(s) for s in a.seeds.split(",")], device, progress=lambda msg: None)
+
+
+def arm_budget(a, t_start: float, arms_left: int) -> float:
+    """--budget-s, or less when the arms left would run past --deadline-s (probes at their planned cost)."""
+    if not a.deadline_s:
+        return a.budget_s
+    points = len([x for x in a.probe_points.split(",") if x and float(x) < 1]) + 1
+    left = a.deadline_s - (time.perf_counter() - t_start) - arms_left * points * PLAN_PROBE_S
+    return max(0.0, min(a.budget_s, left / max(1, arms_left)))
+
+
+def main_curve(a, argv) -> int:
+    t_start = time.perf_counter()
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {a.device}: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    torch.set_num_threads(a.threads)
+    cfg = student_config(a)
+    teacher = pretrained_teacher(a, cfg.grid_size)
+    if teacher is None:
+        return 2
+    teacher = teacher.to(dev)
+    out, ckpt_dir = Path(a.out), Path(a.ckpt_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    report = CurveReport(a, argv, out, teacher, dev)
+    report.phase("start-up in main (teacher to device)", time.perf_counter() - t_start)
+
+    t0 = time.perf_counter()
+    images, _ = render(a.pretrain_images, a.img_size, a.seed, dev)  # labels never used
+    targets = device_targets(a, teacher, images, cfg)
+    (x, y), (xe, ye) = (render(n, a.img_size, EVAL_SEEDS[k], dev) for n, k in ((a.eval_train, "train"),
+                                                                                (a.eval_n, a.eval_split)))
+    splits = {"train": Split(x.expand(-1, 3, -1, -1).contiguous(), y),
+              a.eval_split: Split(xe.expand(-1, 3, -1, -1).contiguous(), ye)}
+    report.phase(f"data: {a.pretrain_images} + {a.eval_train + a.eval_n} images rendered, teacher targets",
+                 time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    ceiling = Backbone("teacher", teacher.source, lambda num_classes=0, drop_path_rate=0.0: PooledTeacher(teacher),
+                       (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size, {"format": "teacher", "source": teacher.source})
+    report.point("teacher", None, 0, 0.0, run([ceiling], splits, list(synthetic.CLASSES), ["linear", "knn"],
+                                              [0.01, 0.1, 1.0], [int(s) for s in a.seeds.split(",")], dev,
+                                              progress=lambda msg: None))
+    torch.manual_seed(a.seed)
+    init = URFM(cfg).state_dict()  # the common starting point
+    trained = [arm for arm in arm_names(a) if arm != "random"]
+    for i, arm in enumerate(["random"] * ("random" in arm_names(a)) + trained):
+        width = teacher.out_dim if teacher_arm(arm) else cfg.patch_size**2 * 3
+        model = build_student(URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width, **arm_recipe(arm, a)}),
+                              init).to(dev)
+        budget = 0.0 if arm == "random" else arm_budget(a, t_start, len(trained) - i + ("random" in arm_names(a)))
+        if arm != "random" and budget < a.budget_s:
+            report.notes.append(f"{arm}: budget cut to {budget:.1f} s of {a.budget_s:g} s to meet --deadline-s")
+        clock = {"train_s": 0.0, "t": time.perf_counter(), "probe_s": 0.0}
+
+        def on_point(frac, step, arm=arm, model=model, clock=clock):
+            t_probe = time.perf_counter()
+            path = ckpt_dir / f"{arm}_{frac:g}.pth"
+            torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "epoch": 0,
+                        "step": step, "config": model.cfg.to_dict(), "args": dict(objective=arm, step=step)}, path)
+            train_s = t_probe - clock["t"] - clock["probe_s"]
+            report.point(arm, frac, step, train_s, probe_checkpoint(a, f"{arm}_{frac:g}", path, splits, dev))
+            model.train()
+            clock["probe_s"] += time.perf_counter() - t_probe
+            print(f"{arm}: point {frac:g}, step {step}, {train_s:.1f} s trained", flush=True)
+
+        if arm == "random" or budget <= 0:
+            on_point(1.0, 0) if arm == "random" else report.notes.append(f"{arm}: skipped, no time left")
+            continue
+        run_args = argparse.Namespace(**{**vars(a), "budget_s": budget})
+        curve = pretrain(arm, model, images, targets if teacher_arm(arm) else None, run_args, a.seed, on_point)
+        report.arms[arm] = dict(steps=len(curve), samples=len(curve) * a.batch, budget_s=round(budget, 1),
+                                loss_first=curve[0] if curve else None,
+                                loss_last50=sum(curve[-50:]) / max(1, len(curve[-50:])),
+                                loss=curve[:: max(1, len(curve) // 200)])
+        report.phase(f"train + probe {arm}", time.perf_counter() - clock["t"])
+    print(f"wrote {out}/{a.name}.{{md,json}} in {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    a = parse_args(argv)
+    if a.plan:
+        return print_plan(a)
+    if a.budget_s or a.probe_points:
+        return main_curve(a, argv)
     torch.set_num_threads(a.threads)
     out, ckpt_dir = Path(a.out), Path(a.ckpt_dir)
     t_start = time.perf_counter()
