@@ -48,6 +48,7 @@ from urfm_fast.config import RECIPE_CHOICES
 from urfm_fast.data import synthetic
 from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from urfm_fast.evaluate import Backbone, Split, format_table, plot, resolve_backbone, run, summarize
+from urfm_fast.model import ops
 from urfm_fast.model.masking import attention_masking, split_ids
 from urfm_fast.model.teacher import (
     EFFICIENTNET_LITE0,
@@ -248,7 +249,8 @@ def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a, seed: in
     """``targets``: the patch targets [N, n, D], or ``Targets`` (with the CLS and saliency MILAN's switches use).
     ``seed`` (default ``a.seed``): the batches and masks, the same in every arm. The model, images and targets
     live on one device. ``--budget-s``: train for that many seconds instead of ``--steps``; ``on_point(fraction,
-    step)`` is called (training clock paused) at each of ``--probe-points`` and at the end."""
+    step, seconds)`` is called (training clock paused) at each of ``--probe-points`` and at the end, with the
+    training seconds so far (None without ``--budget-s``)."""
     cfg, dev = model.cfg, images01.device
     tokens, cls_t, keep = targets if isinstance(targets, Targets) else (targets, None, None)
     opt = torch.optim.AdamW(model.param_groups(0.05), lr=a.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
@@ -285,11 +287,11 @@ def pretrain(arm: str, model: URFM, images01: torch.Tensor, targets, a, seed: in
             print(f"  [{arm}] step {step - 1:5d}/{a.steps} loss {losses[-1]:.4f} lr {a.lr * f:.2e}", flush=True)
         while points and on_point and points[0] < 1 and progress >= points[0]:
             clock.pause() if clock else None
-            on_point(points.pop(0), step)
+            on_point(points.pop(0), step, clock.spent if clock else None)
             clock.resume() if clock else None
     losses += check_losses(arm, pending, step)
     if on_point:
-        on_point(1.0, step)
+        on_point(1.0, step, clock.read() if clock else None)
     return losses
 
 
@@ -437,8 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "excluded) instead of --steps; the steps taken are recorded. Turns on the curve")
     g.add_argument("--probe-points", default="", help="fractions of each arm's run at which its encoder is probed "
                    "(linear + k-NN), e.g. 0.125,0.25,0.5; the end is always probed")
+    g.add_argument("--probe-fractions", default="0.01,0.1,1", help="label fractions of the curve's probes")
     g.add_argument("--deadline-s", type=float, default=0.0, help="the whole run's seconds from start: an arm that "
                    "would overrun gets a shorter budget (said in the report)")
+    g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="the student's hot path (URFM_KERNELS); the gpu preset uses torch (SDPA): the recipe's "
+                        "answer must not hang on the kernels that bench/gpu_check.sh is there to check")
     g.add_argument("--plan", action="store_true", help="print the phases and their time budgets; run nothing")
     return p
 
@@ -463,14 +469,14 @@ def pretrain_seeds(a) -> list[int]:
 
 
 def pretrain_arms(a, cfg: URFMConfig, teachers: dict, images01: torch.Tensor, ckpt_dir: Path,
-                  seed: int | None = None) -> dict:
-    """Pretrain every arm from the common init of ``seed`` (initial weights, batches, masks; default ``a.seed``);
-    returns per-arm checkpoint path, loss curve and seconds, keyed by ``arm_label``."""
+                  seed: int | None = None, only: list[str] | None = None) -> dict:
+    """Pretrain every arm (or ``only`` these) from the common init of ``seed`` (initial weights, batches, masks;
+    default ``a.seed``); returns per-arm checkpoint path, loss curve and seconds, keyed by ``arm_label``."""
     seed = a.seed if seed is None else seed
     torch.manual_seed(seed)
     init = URFM(cfg).state_dict()  # the common starting point
     out = {}
-    for arm in arm_names(a):
+    for arm in only or arm_names(a):
         t0 = time.perf_counter()
         width = teachers[teacher_key(arm)].out_dim if teacher_arm(arm) else cfg.patch_size**2 * 3  # pixel: p*p*3
         arm_cfg = URFMConfig.from_dict({**cfg.to_dict(), "target_dim": width, **arm_recipe(arm, a)})
@@ -509,7 +515,7 @@ def real_scan_losses(a, arms: dict, teachers: dict, cfg: URFMConfig, held_synth:
     is scored with its own recipe: ``distill``'s loss covers every token, the masked arms' the masked ones."""
     real, n_files = real
     res = {"real_files": n_files, "real_frames": len(real), "synthetic_frames": len(held_synth)}
-    targets, inits = {}, {}
+    targets, inits = teachers.setdefault("held_out_targets", {}), {}
     for label, v in arms.items():
         arm = v["arm"]
         if not teacher_arm(arm):
@@ -691,7 +697,7 @@ PRESETS = {
     "gpu": dict(device="cuda", amp=True, budget_s=50.0, probe_points="0.125,0.25,0.5", deadline_s=270.0,
                 pretrain_images=65536, batch=256, lr=2e-3, arms="urfm,distill,pixel,random", seeds="0,1,2",
                 no_finetune=True, threads=8, out="gpu_out", name="label_efficiency_gpu",
-                ckpt_dir="runs/label_efficiency_gpu"),
+                ckpt_dir="runs/label_efficiency_gpu", kernels="torch"),
 }
 # Planned seconds of the phases around the arms' budgets (--plan); measured ones go in the report.
 PLAN_STARTUP_S, PLAN_DATA_S, PLAN_PROBE_S, PLAN_MARGIN_S = 20, 35, 5, 25
@@ -809,8 +815,12 @@ def _atomic_write(path: Path, text: str) -> None:
 def probe_checkpoint(a, label: str, path: Path, splits: dict, device: torch.device) -> list[dict]:
     """Linear probe and k-NN of a saved student (read back as evaluate reads any checkpoint)."""
     bb = resolve_backbone(f"{label}={path}", "vit_tiny", a.pool, None)
-    return run([bb], splits, list(synthetic.CLASSES), ["linear", "knn"], [0.01, 0.1, 1.0],
+    return run([bb], splits, list(synthetic.CLASSES), ["linear", "knn"], fractions(a),
                [int(s) for s in a.seeds.split(",")], device, progress=lambda msg: None)
+
+
+def fractions(a) -> list[float]:
+    return [float(x) for x in a.probe_fractions.split(",")]
 
 
 def arm_budget(a, t_start: float, arms_left: int) -> float:
@@ -829,6 +839,7 @@ def main_curve(a, argv) -> int:
         print(f"error: --device {a.device}: torch sees no CUDA device", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
+    ops.set_backend(a.kernels)
     cfg = student_config(a)
     teacher = pretrained_teacher(a, cfg.grid_size)
     if teacher is None:
@@ -854,7 +865,7 @@ def main_curve(a, argv) -> int:
     ceiling = Backbone("teacher", teacher.source, lambda num_classes=0, drop_path_rate=0.0: PooledTeacher(teacher),
                        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), a.img_size, {"format": "teacher", "source": teacher.source})
     report.point("teacher", None, 0, 0.0, run([ceiling], splits, list(synthetic.CLASSES), ["linear", "knn"],
-                                              [0.01, 0.1, 1.0], [int(s) for s in a.seeds.split(",")], dev,
+                                              fractions(a), [int(s) for s in a.seeds.split(",")], dev,
                                               progress=lambda msg: None))
     torch.manual_seed(a.seed)
     init = URFM(cfg).state_dict()  # the common starting point
@@ -866,21 +877,18 @@ def main_curve(a, argv) -> int:
         budget = 0.0 if arm == "random" else arm_budget(a, t_start, len(trained) - i + ("random" in arm_names(a)))
         if arm != "random" and budget < a.budget_s:
             report.notes.append(f"{arm}: budget cut to {budget:.1f} s of {a.budget_s:g} s to meet --deadline-s")
-        clock = {"train_s": 0.0, "t": time.perf_counter(), "probe_s": 0.0}
+        t_arm = time.perf_counter()
 
-        def on_point(frac, step, arm=arm, model=model, clock=clock):
-            t_probe = time.perf_counter()
+        def on_point(frac, step, train_s, arm=arm, model=model):
             path = ckpt_dir / f"{arm}_{frac:g}.pth"
             torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "epoch": 0,
                         "step": step, "config": model.cfg.to_dict(), "args": dict(objective=arm, step=step)}, path)
-            train_s = t_probe - clock["t"] - clock["probe_s"]
-            report.point(arm, frac, step, train_s, probe_checkpoint(a, f"{arm}_{frac:g}", path, splits, dev))
+            report.point(arm, frac, step, train_s or 0.0, probe_checkpoint(a, f"{arm}_{frac:g}", path, splits, dev))
             model.train()
-            clock["probe_s"] += time.perf_counter() - t_probe
-            print(f"{arm}: point {frac:g}, step {step}, {train_s:.1f} s trained", flush=True)
+            print(f"{arm}: point {frac:g}, step {step}, {train_s or 0.0:.1f} s trained", flush=True)
 
         if arm == "random" or budget <= 0:
-            on_point(1.0, 0) if arm == "random" else report.notes.append(f"{arm}: skipped, no time left")
+            on_point(1.0, 0, 0.0) if arm == "random" else report.notes.append(f"{arm}: skipped, no time left")
             continue
         run_args = argparse.Namespace(**{**vars(a), "budget_s": budget})
         curve = pretrain(arm, model, images, targets if teacher_arm(arm) else None, run_args, a.seed, on_point)
@@ -888,9 +896,17 @@ def main_curve(a, argv) -> int:
                                 loss_first=curve[0] if curve else None,
                                 loss_last50=sum(curve[-50:]) / max(1, len(curve[-50:])),
                                 loss=curve[:: max(1, len(curve) // 200)])
-        report.phase(f"train + probe {arm}", time.perf_counter() - clock["t"])
+        report.phase(f"train + probe {arm}", time.perf_counter() - t_arm)
     print(f"wrote {out}/{a.name}.{{md,json}} in {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
     return 0
+
+
+def jobs(a) -> list[tuple[int, str]]:
+    """(pretraining seed, arm) in the order they run: --arms for every seed, then the --mask-ratios arms."""
+    arms = arm_names(a)
+    given = [x for x in a.arms.split(",") if x]
+    groups = [[x for x in arms if x in given], [x for x in arms if x not in given]]
+    return [(seed, arm) for group in groups for seed in pretrain_seeds(a) for arm in group]
 
 
 def main(argv=None) -> int:
@@ -927,11 +943,10 @@ def main(argv=None) -> int:
 
     all_arms, losses, records = {}, {}, []
     seeds = [int(s) for s in a.seeds.split(",")]
-    for i, seed in enumerate(pretrain_seeds(a)):  # results rewritten after each pretraining seed
-        arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir, seed)
+    for i, (seed, arm) in enumerate(jobs(a)):  # results rewritten after each arm: a kill keeps what finished
+        arms = pretrain_arms(a, cfg, teachers, images01, ckpt_dir, seed, only=[arm])
         all_arms.update(arms)
         losses.update(real_scan_losses(a, arms, teachers, cfg, held, real))
-        print(f"held-out URFM losses: {json.dumps(losses)}", flush=True)
         t0 = time.perf_counter()
         records += evaluate_arms(a, arms, teacher, seeds, with_teacher=i == 0)
         print(f"evaluation: {time.perf_counter() - t0:.0f}s", flush=True)
