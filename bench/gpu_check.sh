@@ -32,7 +32,7 @@ cd "$REPO"
 # GPU_CHECK_PLAN="name:seconds ..." replaces it (a subset, other budgets); GPU_CHECK_SMOKE=1 runs
 # the phases at tiny shapes on whatever device there is, to prove the script runs (the tests do).
 DEFAULT_PLAN="env:20 correctness:110 kernel_speed:50 e2e_eager:70 e2e_compiled:130 gpu_tests:40"
-METHOD_PLAN="env:15 e2e_eager:75 e2e_compiled:120 correctness:50 method:300"
+METHOD_PLAN="env:20 e2e_eager:75 e2e_compiled:115 correctness:50 method:300"
 WITH_METHOD=0
 if [ "${1:-}" = "--with-method" ]; then
     WITH_METHOD=1

@@ -1,8 +1,11 @@
-"""Does URFM pretraining buy label efficiency? Five arms, one ViT, one budget, on CPU.
+"""Does URFM pretraining buy label efficiency? Five arms, one ViT, one budget, on CPU; and on a GPU, a curve.
 
     pip install -e ".[experiments]"
     python experiments/label_efficiency.py --out docs   # the committed run (docs/label_efficiency.md)
     python experiments/label_efficiency.py --teacher /path/to/BiomedCLIP --out runs/le   # BiomedCLIP teacher
+    python experiments/label_efficiency.py --out docs --name label_efficiency_tradeoff \
+        --arms distill,urfm,pixel,random --pretrain-seeds 0,1 --no-finetune   # docs/label_efficiency_tradeoff.md
+    bash experiments/gpu_method.sh              # = --preset gpu: the curve on one H100/H200 in <= 300 s (--plan)
 
 Arms (same ViT, initial weights, images, batches, masks, optimizer and number of steps):
 1. ``urfm``                : the student predicts the frozen pretrained teacher's patch features of the
@@ -13,6 +16,15 @@ Arms (same ViT, initial weights, images, batches, masks, optimizer and number of
 4. ``random``              : no pretraining (the common initial weights).
 5. ``teacher``             : the pretrained teacher's own features, average-pooled (a reference ceiling;
                              linear probe and k-NN only).
+Also (``--arms``): ``distill``, the urfm student with mask ratio 0 and the loss on every token (feature
+distillation); ``--mask-ratios 0,0.25,0.5,0.75`` adds the urfm recipe at each ratio (``urfm_m0.25``...);
+``--pretrain-seeds 0,1`` pretrains every arm once per seed (initial weights, batches, masks) and the tables
+pool the seeds with their spread. Arms run one at a time and the outputs are rewritten after each.
+
+The curve (``--budget-s``, ``--probe-points``; ``--preset gpu`` sets them): each arm trains for a time budget
+on ``--device`` (images rendered there and kept as uint8, teacher targets cached there, bf16 autocast with
+``--amp``), and its encoder is probed (linear, k-NN) at fractions of the budget, so the result is probe
+quality against samples seen; ``label_efficiency_gpu.{md,json}`` are rewritten after every probe point.
 
 Pretraining images are synthetic (seed 0) without augmentation, so each teacher runs once per image
 and its targets are cached. Evaluation (``urfm_fast.evaluate``): linear probe and k-NN at 1 %, 10 % and

