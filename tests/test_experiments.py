@@ -37,7 +37,7 @@ def test_milan_ablation_two_variants(tmp_path):
 
 
 def test_label_efficiency_distill_arm_sweep_and_two_pretraining_seeds(tmp_path):
-    _run("label_efficiency.py", tmp_path, "--arms", "distill,random", "--mask-ratios", "0,0.5", "--pretrain-seeds",
+    _run("label_efficiency.py", tmp_path, "--arms", "distill", "--mask-ratios", "0,0.5", "--pretrain-seeds",
          "0,1", "--no-finetune", "--name", "trade")
     res = json.loads((tmp_path / "out" / "trade.json").read_text())
     rows = {(r["backbone"], r["protocol"], r["fraction"]): r for r in res["summary"]}
