@@ -2,7 +2,7 @@
 proven on CPU: the plans fit their budgets, without CUDA (or without the teacher's weights file) each stops at
 once with one line, and the whole path runs at toy size (GPU_CHECK_SMOKE / GPU_METHOD_SMOKE: the time-budget
 loop, probes along the way, bf16 autocast on the CPU, the teacher read from the one weights file) in a python
-that cannot import open_clip, pydicom or matplotlib, as on the GPU machine."""
+that cannot import open_clip, pydicom, matplotlib or tqdm, as on the GPU machine."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD = ROOT / "experiments" / "gpu_method.sh"
 CHECK = ROOT / "bench" / "gpu_check.sh"
 # imported at start-up from PYTHONPATH: the GPU machine has none of these
-BLOCK = "import sys\nfor m in ('open_clip', 'pydicom', 'matplotlib'):\n    sys.modules[m] = None\n"
+BLOCK = "import sys\nfor m in ('open_clip', 'pydicom', 'matplotlib', 'tqdm', 'tqdm.auto'):\n    sys.modules[m] = None\n"
 
 
 def _bash(script: Path, env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
