@@ -16,6 +16,8 @@ Phases, in the order of what they are worth:
                   between Triton and SDPA), kernels off, and the MAE/MILAN-style reference
     e2e_compiled  the same step with every transformer block compiled (as pretrain does); compile
                   time apart
+    method        (--with-method; run by gpu_check.sh, not here) experiments/gpu_method.sh: the recipe's
+                  probe-quality curve, its own report in DIR/label_efficiency_gpu.md
 Each result row is written to DIR/gpu_results.json (atomically, after every row) and
 DIR/gpu_report.md is rendered again from it, so a phase killed by its time budget leaves every row
 it finished. ``record`` notes a phase's end as the shell saw it (exit status, timeout).
@@ -34,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = ("env", "correctness", "kernel_speed", "e2e_eager", "e2e_compiled", "gpu_tests")
+PHASES = ("env", "correctness", "kernel_speed", "e2e_eager", "e2e_compiled", "gpu_tests", "method")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
     sys.path.insert(1, str(ROOT))

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check: the one command to run on a CUDA machine (H100/H200), within 7 minutes.
 #
-#   bash bench/gpu_check.sh           run every phase; results in $OUT (default ./gpu_out)
-#   bash bench/gpu_check.sh --plan    print each phase's time budget and the total; run nothing
+#   bash bench/gpu_check.sh                 run every phase; results in $OUT (default ./gpu_out)
+#   bash bench/gpu_check.sh --plan          print each phase's time budget and the total; run nothing
+#   bash bench/gpu_check.sh --with-method   one short GPU slot, <= 560 s: the throughput phases that matter
+#                                           most (trimmed), then experiments/gpu_method.sh (the method's
+#                                           curve, <= 300 s; it needs the teacher's weights file, see there)
+#   bash bench/gpu_check.sh --with-method --plan
 #
 # Python: the machine's own python3 (PYTHON to change) with torch (CUDA build), triton, timm and
 # numpy; pytest only for the last phase. Nothing is installed and nothing is downloaded: the
@@ -22,9 +26,20 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 
 # name:seconds, in order; the total must stay <= 420 (a 10-minute command limit, with margin).
+# With --with-method the total stays <= 560: the end-to-end step (the Speed figures) first, a shortened
+# kernel correctness sweep (its rows are kept when cut), then the method (its own 300 s plan, see
+# `bash experiments/gpu_method.sh --plan`); kernel_speed and gpu_tests are left to the plain run.
 # GPU_CHECK_PLAN="name:seconds ..." replaces it (a subset, other budgets); GPU_CHECK_SMOKE=1 runs
 # the phases at tiny shapes on whatever device there is, to prove the script runs (the tests do).
-read -r -a PLAN <<<"${GPU_CHECK_PLAN:-env:20 correctness:110 kernel_speed:50 e2e_eager:70 e2e_compiled:130 gpu_tests:40}"
+DEFAULT_PLAN="env:20 correctness:110 kernel_speed:50 e2e_eager:70 e2e_compiled:130 gpu_tests:40"
+METHOD_PLAN="env:20 e2e_eager:75 e2e_compiled:115 correctness:50 method:300"
+WITH_METHOD=0
+if [ "${1:-}" = "--with-method" ]; then
+    WITH_METHOD=1
+    shift
+    DEFAULT_PLAN=$METHOD_PLAN
+fi
+read -r -a PLAN <<<"${GPU_CHECK_PLAN:-$DEFAULT_PLAN}"
 SMOKE=${GPU_CHECK_SMOKE:-0}
 
 if [ "${1:-}" = "--plan" ]; then
@@ -36,7 +51,7 @@ if [ "${1:-}" = "--plan" ]; then
     echo "total $total"
     exit 0
 elif [ $# -gt 0 ]; then
-    echo "usage: bash bench/gpu_check.sh [--plan]" >&2
+    echo "usage: bash bench/gpu_check.sh [--with-method] [--plan]" >&2
     exit 2
 fi
 
@@ -78,6 +93,10 @@ for p in "${PLAN[@]}"; do
         fi
         # SIGINT at the limit: pytest stops as on Ctrl-C and still prints its summary
         timeout -s INT -k 10 "$budget" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" >"$log" 2>&1
+    elif [ "$name" = method ]; then
+        # its own clock stops it 5 s early, so its report says "cut"; this timeout is the backstop
+        OUT="$OUT" GPU_METHOD_BUDGET=$((budget - 5)) GPU_METHOD_SMOKE="$SMOKE" GPU_METHOD_WORK="$WORK/method" \
+            timeout -k 10 "$budget" bash experiments/gpu_method.sh >"$log" 2>&1
     else
         timeout -k 10 "$budget" "$PY" bench/gpu_check.py "$name" --out "$OUT" --budget "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"} \
             >"$log" 2>&1
@@ -100,6 +119,7 @@ for p in "${PLAN[@]}"; do
     fi
     note=""
     [ "$name" = gpu_tests ] && note=$(grep -E "passed|failed|error" "$log" | tail -1)
+    [ "$name" = method ] && note="$(grep -E "^== gpu_method: (done|cut|failed)|^gpu_method:" "$log" | tail -1 | cut -c1-200)"
     [ "$rc" != 0 ] && [ -z "$note" ] && note="last log line: $(tail -n 1 "$log" | cut -c1-200)"
     record "$name" "$status" "$budget" "$took" "$note"
     say "$name: $status in $took s"

@@ -61,3 +61,16 @@ def test_label_efficiency_segmentation_task(tmp_path):
     res = json.loads((tmp_path / "out" / "label_efficiency_seg.json").read_text())
     assert {r["backbone"] for r in res["summary"]} == {"urfm", "random", "teacher"}
     assert {r["fraction"] for r in res["summary"]} == {0.01, 0.1, 1.0} and "dice" in res["runs"][0]
+
+
+def test_label_efficiency_distill_arm_sweep_and_two_pretraining_seeds(tmp_path):
+    _run("label_efficiency.py", tmp_path, "--arms", "distill", "--mask-ratios", "0,0.5", "--pretrain-seeds",
+         "0,1", "--no-finetune", "--name", "trade")
+    res = json.loads((tmp_path / "out" / "trade.json").read_text())
+    rows = {(r["backbone"], r["protocol"], r["fraction"]): r for r in res["summary"]}
+    assert rows["distill", "linear", 1.0]["pretrain_seeds"] == 2 and rows["distill", "linear", 1.0]["seeds"] == 2
+    assert rows["urfm_m0.5", "knn", 0.01]["pretrain_seeds"] == 2 and "teacher" in {k[0] for k in rows}
+    distill = torch.load(tmp_path / "ckpt" / "distill@s1.pth", weights_only=True)
+    assert distill["config"]["mask_ratio"] == 0 and distill["config"]["loss_on"] == "all"
+    assert distill["args"]["seed"] == 1
+    assert torch.load(tmp_path / "ckpt" / "urfm_m0.5@s0.pth", weights_only=True)["config"]["mask_ratio"] == 0.5

@@ -30,18 +30,30 @@ def _run(env_extra: dict, *args, timeout=300):
                           timeout=timeout)  # fmt: skip
 
 
-def test_plan_lists_every_phase_within_seven_minutes():
-    proc = _run({}, "--plan")
+def _plan(*args) -> tuple[list[str], int]:
+    proc = _run({}, *args, "--plan")
     assert proc.returncode == 0, proc.stderr
     *phases, total = [line.split() for line in proc.stdout.strip().splitlines()]
-    assert [name for name, _ in phases] == list(gpu_check.PHASES)
-    assert total[0] == "total" and int(total[1]) == sum(int(s) for _, s in phases) <= 420
+    assert total[0] == "total" and int(total[1]) == sum(int(s) for _, s in phases)
+    return [name for name, _ in phases], int(total[1])
+
+
+def test_plan_lists_every_phase_within_seven_minutes():
+    names, total = _plan()
+    assert names == [p for p in gpu_check.PHASES if p != "method"] and total <= 420
+
+
+def test_plan_with_the_method_fits_one_short_slot():
+    names, total = _plan("--with-method")
+    assert total <= 560 and names[0] == "env" and names[1] == "e2e_eager" and names[-1] == "method"
+    assert set(names) <= set(gpu_check.PHASES)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
-def test_without_cuda_it_reports_that_and_stops(tmp_path):
+@pytest.mark.parametrize("args", [(), ("--with-method",)])
+def test_without_cuda_it_reports_that_and_stops(tmp_path, args):
     t0 = time.monotonic()
-    proc = _run({"OUT": str(tmp_path)})
+    proc = _run({"OUT": str(tmp_path)}, *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 60
     assert "no CUDA device" in (tmp_path / "gpu_report.md").read_text()

@@ -77,10 +77,28 @@ def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 def _bar(total: int, desc: str, unit: str, show: bool):
     """A tqdm bar on stderr for a loop that can take minutes; ``show`` False: none (quiet, not a terminal)."""
+    if not show:  # no bar, no tqdm needed (a bare GPU machine may lack it)
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True,
-                mininterval=1.0)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @torch.no_grad()

