@@ -52,10 +52,21 @@ def test_epochs_ranks_disjoint_and_drop_last():
         assert all(x.shape == (3, 3, 8, 8) for x, _ in batches)
         seen.append(torch.cat([i for _, i in batches[:3]]))
         torch.testing.assert_close(torch.cat([i for _, i in batches[3:]]),
-                                   epoch_permutation(23, 0, 1)[6 * 0 + 3 * rank: 3 * rank + 3])
+                                   epoch_permutation(23, 0, 1)[6 * 0 + 3 * rank: 3 * rank + 3].long())
     both = torch.cat(seen)
     assert len(set(both.tolist())) == 18  # ranks never overlap
     assert set(both.tolist()) == set(epoch_permutation(23, 0, 0)[:18].tolist())
+
+
+def test_epoch_permutation_is_int64s_permutation_in_int32():
+    """The int32 order (half the memory at 10M entries) is the very permutation torch draws as int64, so runs
+    keep their order (the golden curve depends on it)."""
+    from urfm_fast.data.stream import mix_seed
+
+    for n, seed, epoch in ((1, 0, 0), (23, 0, 1), (100_003, 7, 3)):
+        perm = epoch_permutation(n, seed, epoch)
+        g = torch.Generator().manual_seed(int(mix_seed(seed, epoch, 0x5EED)) & 0x7FFFFFFFFFFFFFFF)
+        assert perm.dtype == torch.int32 and torch.equal(perm.long(), torch.randperm(n, generator=g))
 
 
 def test_deterministic_independent_of_workers_and_ranks():

@@ -270,9 +270,12 @@ def open_source(source, *, seed=0, synthetic_length=4096, synthetic_size=256, sh
 
 
 def epoch_permutation(n, seed, epoch):
-    """The global order of epoch `epoch`: int64 [n], a pure function of (seed, epoch)."""
+    """The global order of epoch `epoch`: integers [n], a pure function of (seed, epoch).
+
+    int32 below 2^31 entries: torch draws the same permutation for either dtype, and int32 halves its memory
+    and cuts its time by ~20 % (every rank computes it whole: 10M entries, the largest start-up cost)."""
     g = torch.Generator().manual_seed(int(mix_seed(seed, epoch, 0x5EED)) & 0x7FFFFFFFFFFFFFFF)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g, dtype=torch.int32 if n < 2**31 else torch.int64)
 
 
 def sample_seeds(seed, epoch, sample_index):
@@ -329,7 +332,7 @@ def _collate(items):
 
 class _RankBatches(Sampler):
     """Infinite: from (epoch, step) on, this rank's slice of every global batch of every epoch.
-    order(epoch) -> int64 [>= steps * global batch] sample keys (default: epoch_permutation)."""
+    order(epoch) -> integers [>= steps * global batch], the sample keys (default: epoch_permutation)."""
 
     def __init__(self, n, batch_size, world_size, rank, seed, epoch, step, order=None):
         self.n, self.b, self.w, self.r, self.seed = n, batch_size, world_size, rank, seed
