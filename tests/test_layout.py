@@ -92,3 +92,17 @@ def test_the_checker_finds_a_circle_and_an_upward_import():
     assert _cycle({"a": {"b"}, "b": set()}) is None
     graph = {"urfm_fast.eval.data": {"urfm_fast.prepare", "urfm_fast.data.shards"}, "urfm_fast.prepare": set()}
     assert _upward(graph) == [("urfm_fast.eval.data", "urfm_fast.prepare")]
+
+
+def test_readme_is_short_and_reaches_every_doc_page():
+    """README is the five-minute page; the manual is docs/, every page of it linked from README."""
+    import re
+
+    root = PKG.parent
+    readme = (root / "README.md").read_text()
+    assert len(readme.encode()) < 12 * 1024
+    assert readme.index("pip install -e .") < readme.index("## A five-minute tour")  # the two commands first
+    linked = {root / m for m in re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", readme)}
+    pages = set((root / "docs").glob("*.md"))
+    assert pages - linked == set(), sorted(p.name for p in pages - linked)
+    assert all(p.is_file() for p in linked), sorted(str(p) for p in linked if not p.is_file())
