@@ -58,14 +58,8 @@ fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/gpu_out}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d -t urfm_gpu_check.XXXXXX)}
-mkdir -p "$OUT/logs" "$WORK/logs" "$WORK/src/urfm_fast"
-for f in "$REPO"/urfm_fast/*; do
-    [ "$(basename "$f")" = __pycache__ ] || ln -sfn "$f" "$WORK/src/urfm_fast/"
-done
-ln -sfn "$REPO/kernels" "$WORK/src/urfm_fast/kernels"
-export PYTHONPATH="$WORK/src:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1
-export TRITON_CACHE_DIR="$WORK/triton_cache" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cache"
+mkdir -p "$OUT/logs" "$WORK/logs"
+. "$REPO/bench/gpu_env.sh"
 unset TRITON_INTERPRET URFM_KERNELS
 SMOKE_ARG=() TESTS=(tests/test_kernels_attention.py tests/test_kernels_gather.py tests/test_kernels_cosine_loss.py
     tests/test_ops_dispatch.py tests/test_kernel_check.py)

@@ -25,16 +25,8 @@ BUDGET=${GPU_METHOD_BUDGET:-300}  # seconds for the whole command, python start-
 SMOKE=${GPU_METHOD_SMOKE:-0}
 T0=$(date +%s)
 
-# the repository on the path through a folder of links in which urfm_fast/kernels points at kernels/
 WORK=${GPU_METHOD_WORK:-$(mktemp -d -t urfm_gpu_method.XXXXXX)}
-mkdir -p "$WORK/src/urfm_fast"
-for f in "$REPO"/urfm_fast/*; do
-    [ "$(basename "$f")" = __pycache__ ] || ln -sfn "$f" "$WORK/src/urfm_fast/"
-done
-ln -sfn "$REPO/kernels" "$WORK/src/urfm_fast/kernels"
-export PYTHONPATH="$WORK/src:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1
-export TRITON_CACHE_DIR="$WORK/triton_cache" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cache"
+. "$REPO/bench/gpu_env.sh"
 
 case "${1:-}" in
     --plan)

@@ -137,10 +137,11 @@ def run(backbones: list[Backbone], splits: dict[str, Split], classes: list[str],
         device, hp: dict | None = None, progress=print) -> list[dict]:
     """Every backbone x protocol x fraction x seed; returns one record per run."""
 
+    from urfm_fast.eval.data import train_and_eval
+
     _bind_lazy()
     hp = hp or {}
-    eval_name = "test" if "test" in splits else "val"
-    train, ev = splits["train"], splits[eval_name]
+    train, eval_name, ev = train_and_eval(splits)
     C = len(classes)
     records = []
     for bb in backbones:

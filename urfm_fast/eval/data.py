@@ -221,6 +221,12 @@ def load_synthetic(size: int, n_train: int, n_val: int) -> tuple[dict[str, Split
     return splits, list(synthetic.CLASSES)
 
 
+def train_and_eval(splits: dict) -> tuple:
+    """(train split, name of the reported split, that split): ``test`` when there is one, else ``val``."""
+    name = "test" if "test" in splits else "val"
+    return splits["train"], name, splits[name]
+
+
 def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000, key=None):
     from urfm_fast.data.shards import MARKER
 

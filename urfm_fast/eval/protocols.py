@@ -71,6 +71,15 @@ def _autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def optimizer_step(opt, loss: torch.Tensor, step: int, what: str) -> None:
+    """One step of a fine-tuning loop; a NaN/Inf loss stops the run (a broken recipe, not a bad batch)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} loss is {loss.item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(x_u8.float() / 255.0, mean, std)
 
@@ -202,11 +211,7 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
         y = train.labels[idx].to(device)
         with _autocast(device):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, step, "fine-tuning")
         bar.update(1)
         if show_progress and step % 10 == 0:  # .item() syncs the device: only for a visible bar
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urfm_fast.eval.protocols import _autocast, _bar, _batches, _normalize, extract_features
+from urfm_fast.eval.protocols import _autocast, _bar, _batches, _normalize, extract_features, optimizer_step
 from urfm_fast.train.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -241,11 +241,7 @@ def finetune_segmentation(bb: Backbone, train: SegSplit, evals: SegSplit, num_cl
         with _autocast(device):
             logits = _resize_logits(model(_normalize(x, bb.mean, bb.std)).float(), y.shape[-2:])
             loss = F.cross_entropy(logits, y) + dice_loss(logits, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"segmentation fine-tuning loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, step, "segmentation fine-tuning")
         bar.update(1)
     bar.close()
     return predict_confusion(model, evals, bb, device, num_classes)
@@ -284,11 +280,10 @@ def _record(label, protocol, frac, seed, n_train, eval_name, n_eval, t0, m: dict
 def run_segmentation(backbones: list[Backbone], splits: dict, classes: list[str], protocols, fractions, seeds,
                      device, hp: dict | None = None, progress=print) -> list[dict]:
     """One record per run with dice, iou, their per-class lists, pixel accuracy and the confusion matrix."""
-    from urfm_fast.eval.data import label_runs
+    from urfm_fast.eval.data import label_runs, train_and_eval
 
     hp = hp or {}
-    eval_name = "test" if "test" in splits else "val"
-    train, ev = splits["train"], splits[eval_name]
+    train, eval_name, ev = train_and_eval(splits)
     C = len(classes)
     records = []
     for bb in backbones:
