@@ -27,10 +27,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from urfm_fast import prepare
-from urfm_fast.data import shards
+from urfm_fast.data import convert, index_bin, shards
 from urfm_fast.data.augment import batch_augment
-from urfm_fast.data.stream import ImageFolderDataset, ShardDataset, build_train_stream, epoch_permutation
+from urfm_fast.data.dataset import ImageFolderDataset, ShardDataset
+from urfm_fast.data.stream import build_train_stream, epoch_permutation
 
 N_IMAGES = 128
 SIDE = 256
@@ -50,7 +50,7 @@ def corpus(tmp_path_factory):
     for k, im in enumerate(imgs):
         Image.fromarray(im).save(png / f"{k:04d}.png")
     shards = root / "shards"
-    prepare.prepare([png], shards, short_side=SIDE, workers=2, progress=False)
+    convert.prepare([png], shards, short_side=SIDE, workers=2, progress=False)
     return png, shards
 
 
@@ -115,7 +115,7 @@ def big_index(tmp_path_factory):
             k, j = divmod(i, per_shard)
             f.write(f'{{"shard": {k}, "offset": {j * 256 * 320}, "h": 256, "w": 320, "id": "{i % 977:08x}'
                     f'{i // 31:016x}", "frame": {i % 31}, "crop": "regions", "roi": [12, 600, 80, 880]}}\n')
-    shards.write_index_bin(root)
+    index_bin.write_index_bin(root)
     return root
 
 
@@ -147,7 +147,7 @@ def test_index_open_bin(benchmark, measure, big_index):
 
     measure(benchmark, start, items=INDEX_ENTRIES, reference="test_index_open_jsonl")
     benchmark.extra_info["entries"] = INDEX_ENTRIES
-    benchmark.extra_info["bin_bytes"] = os.path.getsize(big_index / shards.INDEX_BIN)
+    benchmark.extra_info["bin_bytes"] = os.path.getsize(big_index / index_bin.INDEX_BIN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +164,13 @@ def huge_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("huge_index")
     (root / shards.MARKER).write_text('{"format": "urfm-shards", "version": 1, "short_side": 256}\n')
     per_shard = shards.SHARD_BYTES // (256 * 320) + 1
-    arr = np.zeros(BIG_ENTRIES, dtype=shards.RECORD)
+    arr = np.zeros(BIG_ENTRIES, dtype=index_bin.RECORD)
     i = np.arange(BIG_ENTRIES, dtype=np.int64)
     arr["shard"], arr["offset"] = i // per_shard, (i % per_shard) * 256 * 320
     arr["h"], arr["w"], arr["frame"] = 256, 320, i % 31
     arr["src_id"], arr["path_id"] = i % 977, i // 31
     del i
-    shards.write_index_bin(root, arr, None)
+    index_bin.write_index_bin(root, arr, None)
     del arr
     return root
 
@@ -226,4 +226,4 @@ def test_index_open_bin_10m(benchmark, measure, huge_index):
     parts["private_peak_mb"], parts["mapped_file_mb"] = after[0] - before[0], after[1] - before[1]
     del perm, kept, ds
     benchmark.extra_info.update({k: round(v, 4) for k, v in parts.items()}, entries=BIG_ENTRIES,
-                                rank_entries=rank_entries, bin_bytes=os.path.getsize(huge_index / shards.INDEX_BIN))
+                                rank_entries=rank_entries, bin_bytes=os.path.getsize(huge_index / index_bin.INDEX_BIN))

@@ -29,8 +29,7 @@ import time
 import numpy as np
 import pytest
 
-from urfm_fast import prepare
-from urfm_fast.data import deid
+from urfm_fast.data import convert, deid, scan_region
 
 PYDICOM_US = ("US1_UNCR.dcm", "color3d_jpeg_baseline.dcm", "gdcm-US-ALOKA-16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 CINES = ("color3d_jpeg_baseline.dcm", "ultrasound-multiframe.dcm", "GREYSCALE_CINE.zip", "RGB_CINE.zip")
@@ -83,7 +82,7 @@ def _prepare_cpu(srcs, out):
     Frames decoded = written + left out as near-duplicates of the frame before (each is decoded, cropped,
     cleaned and resized)."""
     t0 = time.process_time()
-    c = prepare.prepare(srcs, out, workers=1, progress=False)
+    c = convert.prepare(srcs, out, workers=1, progress=False)
     return c["images_added"] + c["frames_duplicate"], time.process_time() - t0
 
 
@@ -120,7 +119,7 @@ def test_prepare_real_dicom(benchmark, measure, real_set, tmp_path):
 
     def run():
         t0 = time.process_time()
-        c = prepare.prepare([real_set / "stills", real_set / "cines"], next(outs), workers=1, progress=False)
+        c = convert.prepare([real_set / "stills", real_set / "cines"], next(outs), workers=1, progress=False)
         cpu.append(time.process_time() - t0)
         return c
 
@@ -146,7 +145,7 @@ def test_text_detector(benchmark, measure, real_set, name):
     from pydicom.pixels import iter_pixels
 
     path = next(p for p in real_set.glob(f"*/{name}"))
-    g = prepare.to_grey8(next(iter_pixels(path)))
+    g = scan_region.to_grey8(next(iter_pixels(path)))
     live = np.ones(g.shape, bool)
     roi = (0, g.shape[0], 0, g.shape[1])
     deid.check_detector()  # session created outside the timed rounds

@@ -20,7 +20,7 @@ import pytest
 import timm
 import torch
 
-from bench.reference import CLIP_MEAN, CLIP_STD, _normalize
+from bench.reference import CLIP_MEAN, CLIP_STD, normalize
 from urfm_fast.model import ops
 from urfm_fast.model.flops import teacher_forward_flops
 from urfm_fast.model.teacher import BiomedCLIPTeacher
@@ -58,7 +58,7 @@ def test_teacher_reference(benchmark, measure, step_cfg, device, amp_dtype, imag
 
     def fn():
         with torch.no_grad(), autocast:
-            return trunk.forward_features(_normalize(images01, CLIP_MEAN, CLIP_STD))[:, 1:].float()
+            return trunk.forward_features(normalize(images01, CLIP_MEAN, CLIP_STD))[:, 1:].float()
 
     _run(benchmark, measure, fn, batch_size, teacher_flops, reference=None)
 

@@ -57,10 +57,10 @@ def find_text_with(whole, crop):
         y0, y1, x0, x1 = roi
         text = np.zeros(live.shape, bool)
         if whole:
-            text |= deid.boxes_mask(g.shape, deid.text_boxes(g, deid._line_max(g.shape), whole))[y0:y1, x0:x1]
+            text |= deid.boxes_mask(g.shape, deid.text_boxes(g, deid.line_max(g.shape), whole))[y0:y1, x0:x1]
         if crop:
             c = np.where(live, g[y0:y1, x0:x1], 0).astype(np.uint8)
-            deid.boxes_mask(c.shape, deid.text_boxes(c, deid._line_max(c.shape), crop), out=text)
+            deid.boxes_mask(c.shape, deid.text_boxes(c, deid.line_max(c.shape), crop), out=text)
         return text
 
     return find
@@ -94,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--v4", action="store_true", help="PP-OCRv4 from rapidocr-onnxruntime instead of PP-OCRv6")
     args = ap.parse_args(argv)
     if args.v4:
-        deid._MODEL, deid._SESSIONS = V4_MODEL, {}
+        deid.DET_MODEL, deid.SESSIONS = V4_MODEL, {}
     deid.check_detector()
     print(f"model: {os.path.basename(deid.model_path())}, {args.frames} frames")
     print("| passes (whole / crop) | words fully blanked | clean tissue blanked | CPU s |\n|---|---|---|---|")

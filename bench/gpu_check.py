@@ -22,7 +22,9 @@ Each result row is written to DIR/gpu_results.json (atomically, after every row)
 DIR/gpu_report.md is rendered again from it, so a phase killed by its time budget leaves every row
 it finished. ``record`` notes a phase's end as the shell saw it (exit status, timeout).
 ``--smoke`` runs a phase at tiny shapes on this machine (CPU: the Triton interpreter in fp32, no
-inductor), only to prove its code runs; its numbers mean nothing.
+inductor), only to prove its code runs; its numbers mean nothing. Where Triton's interpreter cannot run
+(triton < 3.7 with numpy >= 2.4), the phases made of kernels only (correctness, kernel_speed) say so in one
+line and end with exit status 77, recorded as skipped; the compiled GPU path is unaffected.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 
 PHASES = ("env", "correctness", "kernel_speed", "e2e_eager", "e2e_compiled", "gpu_tests", "method")
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
-    sys.path.insert(1, str(ROOT))
+if str(ROOT) not in map(os.path.realpath, sys.path):  # run as a script: make `bench` importable, behind the
+    sys.path.append(str(ROOT))  # urfm_fast the caller put on the path (gpu_env.sh's links, or an install)
 
 # -- results: JSON rewritten atomically after every row, markdown rendered from it -----------------
 
@@ -109,21 +112,42 @@ def _device_and_dtype(smoke: bool):
     return torch.device("cpu"), torch.float32  # the interpreter's bf16 tl.dot is wrong
 
 
-def phase_env(res: Results, smoke: bool) -> int:
+def _version(name: str) -> str:
     import importlib.metadata as md
 
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "missing"
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])  # "3.6.0+git" -> (3, 6)
+
+
+def interpreter_fault(triton: str, numpy: str) -> str | None:
+    """Why Triton's interpreter cannot run with these versions, or None. Triton before 3.7 converts
+    1-element arrays to Python scalars, an error from numpy 2.4 on; compiled kernels are unaffected."""
+    if "missing" in (triton, numpy) or _minor(triton) >= (3, 7) or _minor(numpy) < (2, 4):
+        return None
+    return f"triton {triton}'s interpreter breaks on numpy {numpy} (>= 2.4); the compiled GPU path is unaffected"
+
+
+def _interpreter_skip(phase: str) -> str | None:
+    """The reason to skip a phase that runs Triton kernels, when they would run under a broken interpreter."""
+    if phase not in INTERPRETED or os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    fault = interpreter_fault(_version("triton"), _version("numpy"))
+    return fault and f"skipped, it runs Triton kernels under the interpreter: {fault}"
+
+
+def phase_env(res: Results, smoke: bool) -> int:
     import torch
 
     from urfm_fast.model.flops import measured_matmul_flops, peak_flops
 
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "missing"
-
     row = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda)
-    row.update({n: version(n) for n in ("triton", "timm", "numpy", "pytest")})
+    row.update({n: _version(n) for n in ("triton", "timm", "numpy", "onnxruntime", "pytest")})
     row["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -164,7 +188,7 @@ def _attention_config_rows(device, dtype, smoke: bool):
     for tokens, heads, head_dim in _attention_shapes(smoke):
         configs = {}  # every config any of the three kernels may time at this shape
         for loop_block, accumulators in A.TUNED.values():
-            for c in A.prune_tiles(A._gpu_configs(), tokens, loop_block, A.block_d(head_dim), accumulators):
+            for c in A.prune_tiles(A.gpu_configs(), tokens, loop_block, A.block_d(head_dim), accumulators):
                 configs[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)] = c
         g = torch.Generator().manual_seed(0)
         qkv_do = [torch.randn(batch, heads, tokens, head_dim, generator=g) for _ in range(4)]
@@ -370,6 +394,8 @@ def phase_e2e_compiled(res: Results, smoke: bool) -> int:
 
 RUNNERS = {"env": phase_env, "correctness": phase_correctness, "kernel_speed": phase_kernel_speed,
            "e2e_eager": phase_e2e_eager, "e2e_compiled": phase_e2e_compiled}  # fmt: skip
+INTERPRETED = ("correctness", "kernel_speed")  # nothing but Triton kernels (e2e falls back to SDPA when one fails)
+SKIPPED = 77  # a phase that did not run (automake's skip status; gpu_check.sh records "skipped")
 
 
 def smoke_all(out: Path) -> int:
@@ -378,6 +404,10 @@ def smoke_all(out: Path) -> int:
     res = Results(out)
     failed = []
     for name, runner in RUNNERS.items():
+        if skip := _interpreter_skip(name):
+            print(f"gpu_check: {name} {skip}")
+            res.update(name, status="skipped", note=skip)
+            continue
         res.update(name, status="running")
         rc = runner(res, smoke=True)
         res.update(name, status="smoke ok" if rc in (0, 3) else f"smoke exit {rc}")
@@ -407,6 +437,10 @@ def main(argv=None) -> int:
         return 0
     if a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before urfm_fast is imported
+    if skip := _interpreter_skip(a.phase):
+        print(f"gpu_check: {a.phase} {skip}")
+        res.update(a.phase, status="skipped", budget=a.budget, note=skip)
+        return SKIPPED
     res.update(a.phase, status="running", budget=a.budget)
     return RUNNERS[a.phase](res, a.smoke)
 

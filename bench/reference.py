@@ -193,7 +193,7 @@ def build_teacher(img_size: int = 224) -> nn.Module:
     return teacher
 
 
-def _normalize(x, mean, std):
+def normalize(x, mean, std):
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -229,8 +229,8 @@ class ReferenceStep:
     def __call__(self, images01: torch.Tensor) -> float:
         self.model.train()
         with torch.no_grad(), self.autocast():
-            target = self.teacher.forward_features(_normalize(images01, CLIP_MEAN, CLIP_STD))[:, 1:]
-        samples = _normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
+            target = self.teacher.forward_features(normalize(images01, CLIP_MEAN, CLIP_STD))[:, 1:]
+        samples = normalize(images01, IMAGENET_MEAN, IMAGENET_STD)
         with self.autocast():
             loss, _, _ = self.model(samples, target.float(), mask_ratio=self.cfg.mask_ratio)
         loss_value = loss.item()

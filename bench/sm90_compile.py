@@ -213,11 +213,11 @@ def row_jobs(all_configs: bool) -> list[Job]:
     jobs = []
     gm, cm = "urfm_fast.kernels.gather", "urfm_fast.kernels.cosine_loss"
     for d in _widths(all_configs):
-        bd, w = G._block_d(d), G._num_warps(G._block_d(d))
+        bd, w = G.copy_block_d(d), G.warps_for(G.copy_block_d(d))
         for head in (0, 1):
-            const = (("HEAD", head), ("ROWS", G._ROWS), ("BLOCK_D", bd))
+            const = (("HEAD", head), ("ROWS", G.ROWS_PER_PROGRAM), ("BLOCK_D", bd))
             jobs.append(Job(f"gather_fwd HEAD={head} D={d}", gm, "_gather_fwd_kernel", "bf16", const, w, 3))
-        const = (("ROWS", G._ROWS), ("BLOCK_D", bd))
+        const = (("ROWS", G.ROWS_PER_PROGRAM), ("BLOCK_D", bd))
         jobs.append(Job(f"unshuffle_fwd D={d}", gm, "_unshuffle_fwd_kernel", "bf16", const, w, 3))
         for colsum in (0, 1):
             const = (("HAS_COLSUM", colsum), ("BLOCK_D", bd))

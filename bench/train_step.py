@@ -11,7 +11,8 @@ import contextlib
 import torch
 
 from urfm_fast import URFM
-from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.data.augment import normalize
 from urfm_fast.model.teacher import BiomedCLIPTeacher
 from urfm_fast.train.ema import EMA
 

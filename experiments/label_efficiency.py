@@ -56,19 +56,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from urfm_fast import URFM, URFMConfig
-from urfm_fast.config import RECIPE_CHOICES
+from urfm_fast.config import EFFICIENTNET_LITE0, IMAGENET_MEAN, IMAGENET_STD, RECIPE_CHOICES
 from urfm_fast.data import synthetic
-from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from urfm_fast.evaluate import Backbone, Split, format_table, plot, resolve_backbone, run, summarize
+from urfm_fast.data.augment import normalize
+from urfm_fast.eval.backbones import Backbone, resolve_backbone
+from urfm_fast.eval.config import EvalConfig
+from urfm_fast.eval.data import Split
+from urfm_fast.eval.report import format_table, plot, summarize
+from urfm_fast.eval.run import run
 from urfm_fast.model import ops
 from urfm_fast.model.masking import attention_masking, split_ids
-from urfm_fast.model.teacher import (
-    EFFICIENTNET_LITE0,
-    Targets,
-    TeacherUnavailable,
-    load_teacher,
-    timm_teacher,
-)
+from urfm_fast.model.teacher import Targets, TeacherUnavailable, load_teacher
+from urfm_fast.model.teacher.timm_model import timm_teacher
 
 URFM_ARMS = ("urfm", "urfm_random_teacher")  # the masked recipe at --mask-ratio, with either teacher
 SWEEP_PREFIX = "urfm_m"  # urfm_m0.5: the urfm arm at another mask ratio (--mask-ratios)
@@ -345,9 +344,8 @@ def synthetic01(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 def real_frames(size: int, workdir: Path) -> tuple[torch.Tensor, int]:
     """Held-out real ultrasound frames: pydicom-data/deid-data DICOM test files -> urfm_fast.prepare ->
     centre square crops at ``size`` px, [N, 3, S, S] in [0, 1]. Empty when neither package is installed."""
-    from urfm_fast import prepare
+    from urfm_fast.data import ShardDataset, convert
     from urfm_fast.data.sources import PrepareError
-    from urfm_fast.data.stream import ShardDataset
 
     files = []
     try:
@@ -372,7 +370,7 @@ def real_frames(size: int, workdir: Path) -> tuple[torch.Tensor, int]:
         if not link.exists():
             os.symlink(f, link)
     try:
-        prepare.prepare([src], workdir / "real_shards", short_side=size, frame_stride=10, workers=1, progress=False)
+        convert.prepare([src], workdir / "real_shards", short_side=size, frame_stride=10, workers=1, progress=False)
     except PrepareError as e:  # e.g. the de-identification's text detector is not installed: a logged skip
         print(f"held-out real frames skipped: {e}", flush=True)
         return torch.empty(0, 3, size, size), 0
@@ -581,7 +579,7 @@ def evaluate_arms(a, arms: dict, teacher, seeds: list[int], with_teacher: bool =
                   seeds, dev)
     if not a.no_finetune:
         records += run(backbones, splits, classes, ["finetune"], [0.01, 0.1, 1.0], seeds[:1], dev,
-                       dict(ft_epochs=a.ft_epochs, ft_min_steps=a.ft_min_steps, ft_batch_size=a.ft_batch))
+                       EvalConfig(ft_epochs=a.ft_epochs, ft_min_steps=a.ft_min_steps, ft_batch_size=a.ft_batch))
     return records
 
 

@@ -28,7 +28,10 @@ import label_efficiency as le  # noqa: E402  (the harness this ablation runs in)
 
 from urfm_fast import URFM, URFMConfig
 from urfm_fast.data import synthetic  # noqa: E402
-from urfm_fast.evaluate import Split, format_table, resolve_backbone, run, summarize  # noqa: E402
+from urfm_fast.eval.backbones import resolve_backbone  # noqa: E402
+from urfm_fast.eval.data import Split  # noqa: E402
+from urfm_fast.eval.report import format_table, summarize  # noqa: E402
+from urfm_fast.eval.run import run  # noqa: E402
 
 VARIANTS = {
     "default": {},

@@ -279,7 +279,7 @@ GPU_TILES = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64
              (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]  # fmt: skip
 
 
-def _gpu_configs():
+def gpu_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_TILES]
 
 
@@ -335,7 +335,7 @@ TUNED = {"fwd": ("BLOCK_N", 1), "dkdv": ("BLOCK_M", 2), "dq": ("BLOCK_N", 1)}
 def _autotuned(kernel, kind: str):
     key = ["N", "HEAD_DIM", "DOT_PRECISION", "BH_BUCKET"]
     prune = {"early_config_prune": _pruner(*TUNED[kind])}
-    return triton.autotune(_gpu_configs(), key=key, prune_configs_by=prune)(kernel)
+    return triton.autotune(gpu_configs(), key=key, prune_configs_by=prune)(kernel)
 
 
 if INTERPRET or not HAS_TRITON:

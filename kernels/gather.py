@@ -231,14 +231,14 @@ def _unshuffle_bwd_kernel(
 # launchers
 # --------------------------------------------------------------------------------------------
 
-_ROWS = 4  # rows per program in the forward copies
+ROWS_PER_PROGRAM = 4  # rows per program in the forward copies
 
 
-def _block_d(D: int) -> int:
+def copy_block_d(D: int) -> int:
     return min(next_power_of_2(D), 1024)
 
 
-def _num_warps(block_d: int) -> int:
+def warps_for(block_d: int) -> int:
     return 8 if block_d >= 1024 else 4
 
 
@@ -290,7 +290,7 @@ def _segment_sum(g: torch.Tensor, idx: torch.Tensor, n_dest: int, colsum: bool, 
     B, K, D = g.shape
     order, bounds = _segments(idx, n_dest)
     dx = empty((B, n_dest, D), dtype, g.device)
-    block_d = _block_d(D)
+    block_d = copy_block_d(D)
     n_d = triton.cdiv(D, block_d)
     splits = _batch_splits(B, n_dest * n_d) if colsum else B
     b_per_split = triton.cdiv(B, splits)
@@ -312,11 +312,11 @@ def gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     K = idx.shape[1]
     out = empty((B, K, D), x.dtype, x.device)
     if out.numel():
-        block_d = _block_d(D)
-        grid = (triton.cdiv(B * K, _ROWS), triton.cdiv(D, block_d))
+        block_d = copy_block_d(D)
+        grid = (triton.cdiv(B * K, ROWS_PER_PROGRAM), triton.cdiv(D, block_d))
         _gather_fwd_kernel[grid](
             x, idx, x, x, out, B * K, K, D, x.stride(0), x.stride(1), 0,  # no pos, no cls
-            HEAD=0, ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            HEAD=0, ROWS=ROWS_PER_PROGRAM, BLOCK_D=block_d, num_warps=warps_for(block_d),
         )  # fmt: skip
     return out
 
@@ -337,11 +337,11 @@ def gather_visible_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cl
     K = idx.shape[1]
     out = empty((B, K + 1, D), torch.promote_types(torch.promote_types(x.dtype, pos.dtype), cls.dtype), x.device)
     if out.numel():
-        block_d = _block_d(D)
-        grid = (triton.cdiv(B * (K + 1), _ROWS), triton.cdiv(D, block_d))
+        block_d = copy_block_d(D)
+        grid = (triton.cdiv(B * (K + 1), ROWS_PER_PROGRAM), triton.cdiv(D, block_d))
         _gather_fwd_kernel[grid](
             x, idx, pos, cls, out, B * (K + 1), K, D, x.stride(0), x.stride(1), pos.stride(0),
-            HEAD=1, ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            HEAD=1, ROWS=ROWS_PER_PROGRAM, BLOCK_D=block_d, num_warps=warps_for(block_d),
         )  # fmt: skip
     return out
 
@@ -374,12 +374,12 @@ def unshuffle_fwd(
     pos = _check_vec("pos", pos, (N + 1, D), x.device)
     out = empty((B, N + 1, D), x.dtype, x.device)
     if out.numel():
-        block_d = _block_d(D)
-        grid = (triton.cdiv(B * (N + 1), _ROWS), triton.cdiv(D, block_d))
+        block_d = copy_block_d(D)
+        grid = (triton.cdiv(B * (N + 1), ROWS_PER_PROGRAM), triton.cdiv(D, block_d))
         _unshuffle_fwd_kernel[grid](
             x, mask_token, ids_restore, pos, out, B * (N + 1), N, K1 - 1, D,
             x.stride(0), x.stride(1), pos.stride(0),
-            ROWS=_ROWS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            ROWS=ROWS_PER_PROGRAM, BLOCK_D=block_d, num_warps=warps_for(block_d),
         )  # fmt: skip
     return out
 
@@ -393,7 +393,7 @@ def unshuffle_bwd(
     B, N1, D = grad.shape
     ids_restore = _check_ids_restore(ids_restore, B, grad.device)
     dx = empty((B, K + 1, D), grad.dtype, grad.device)
-    block_d = _block_d(D)
+    block_d = copy_block_d(D)
     n_d = triton.cdiv(D, block_d)
     b_per_split = triton.cdiv(B, _batch_splits(B, N1 * n_d))
     splits = triton.cdiv(B, b_per_split)

@@ -6,11 +6,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from urfm_fast.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from urfm_fast.data.augment import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     batch_augment,
     crop_params,
     hash_uniform,

@@ -84,7 +84,7 @@ def test_official_prefers_ema_and_infers_config(official):
     assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.target_dim) == (64, 1, 16, 768)
     assert ck.has_decoder and ck.meta["args"]["model"] == "mae_vit_tiny_patch16_dec768d8b"
 
-    live_ck = load_checkpoint(path, prefer_ema=False)
+    live_ck = load_checkpoint(path, weights="live")
     assert live_ck.meta["weights"] == "model"
     assert torch.equal(live_ck.state_dict["blocks.0.attn.qkv.weight"], live["blocks.0.attn.qkv.weight"])
     assert not torch.equal(live_ck.state_dict["blocks.0.attn.qkv.weight"], ck.state_dict["blocks.0.attn.qkv.weight"])
@@ -213,7 +213,7 @@ def test_backbone_features_match_our_encoder(official):
 
 
 def test_timm_registration(official):
-    import urfm_fast  # noqa: F401  (registration happens on import)
+    import urfm_fast.checkpoints.backbone  # noqa: F401  (the module defining urfm_vit_* registers them)
 
     m = timm.create_model("urfm_vit_tiny_patch16_224", pretrained=True, img_size=32,
                           pretrained_cfg_overlay=dict(file=str(official[0])))

@@ -22,6 +22,14 @@ from hypothesis import strategies as st  # noqa: E402
 from urfm_fast import URFMConfig, evaluate, pretrain  # noqa: E402
 from urfm_fast import prepare as P  # noqa: E402
 from urfm_fast.cli_checks import FlagError  # noqa: E402
+from urfm_fast.config import visible_count  # noqa: E402
+from urfm_fast.data import convert, sources  # noqa: E402
+from urfm_fast.eval import run as eval_run  # noqa: E402
+from urfm_fast.eval.config import parse_config  # noqa: E402
+from urfm_fast.eval.data import Split, check_classes  # noqa: E402
+from urfm_fast.eval.report import json_safe  # noqa: E402
+from urfm_fast.train.config import TrainConfig  # noqa: E402
+from urfm_fast.train.schedule import lr_at, mask_ratio_at  # noqa: E402
 
 SPECIAL = ["0", "-1", "-5", "1", "1.0", "0.5", "nan", "inf", "-inf", "1e309", "", " ", "x", "1,2", "9" * 30,
            "/nonexistent/path", ".", "/dev/null", "synthetic", "latest", "random", "\x00", "-0.1", "1e-300",
@@ -100,7 +108,7 @@ def test_pretrain_any_value_is_accepted_or_refused_in_one_line(capsys, tmp_path_
                                   mask_type=cfg.mask_type, decoder_embed_dim=cfg.decoder_dim,
                                   decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads,
                                   **({"depth": cfg.depth} if cfg.depth else {}))
-    assert 1 <= model_cfg.num_visible < model_cfg.num_patches
+    assert 1 <= model_cfg.num_visible <= model_cfg.num_patches
     assert cfg.batch_size >= 1 and cfg.log_every >= 1
     assert cfg.micro_batch == 0 or cfg.batch_size % cfg.micro_batch == 0
     base = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
@@ -108,13 +116,23 @@ def test_pretrain_any_value_is_accepted_or_refused_in_one_line(capsys, tmp_path_
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * 10)
     assert total >= 1 and warmup >= 0
     for step in (0, warmup // 2, warmup, total - 1):
-        assert math.isfinite(pretrain.lr_at(step, base, cfg.min_lr, warmup, total))
+        assert math.isfinite(lr_at(step, base, cfg.min_lr, warmup, total))
+    for step in (0, total // 2, total - 1):  # every ratio of the mask schedule is a valid visible count
+        assert 1 <= visible_count(model_cfg.num_patches, mask_ratio_at(
+            step, total, cfg.mask_ratio, cfg.mask_schedule, cfg.mask_start, cfg.mask_ramp, cfg.mask_levels)) \
+            <= model_cfg.num_patches
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--batch-size", "0"], "--batch-size 0: must be an integer in [1, "),
     (["--batch-size", "-4"], "--batch-size -4"),
-    (["--mask-ratio", "1.0"], "--mask-ratio 1.0: must be a finite number in (0, 1)"),
+    (["--mask-ratio", "1.0"], "--mask-ratio 1.0: must be a finite number in [0, 1)"),
+    (["--mask-start", "1"], "--mask-start 1.0: must be a finite number in [0, 1)"),
+    (["--mask-ramp", "0"], "--mask-ramp 0.0: must be a finite number in (0, 1]"),
+    (["--mask-levels", "0"], "--mask-levels 0: must be an integer in [1, 1024]"),
+    (["--decoder", "prompting", "--mask-ratio", "0"], "--decoder prompting: updates only mask tokens"),
+    (["--decoder", "prompting", "--mask-schedule", "linear"], "--decoder prompting: updates only mask tokens"),
+    (["--target", "pixels", "--loss-on", "all_cls"], "--target pixels: has no teacher CLS"),
     (["--mask-ratio", "-0.1"], "--mask-ratio -0.1"),
     (["--img-size", "50"], "--img-size 50: must be a multiple of the patch size 16"),
     (["--lr", "nan"], "--lr nan: must be a finite number"),
@@ -135,12 +153,14 @@ def test_pretrain_attacks_of_the_issue_are_refused(argv, needle):
     assert needle in str(e.value)
 
 
-def test_a_warmup_longer_than_the_run_is_said(capsys):
-    pretrain.parse_config(["--steps", "10", "--warmup-steps", "20"])
-    err = capsys.readouterr().err
-    assert "warning: --warmup-steps 20 is longer than the run (10 steps)" in err
-    pretrain.parse_config(["--steps", "10", "--warmup-steps", "10"])
-    assert capsys.readouterr().err == ""
+def test_a_warmup_longer_than_the_run_is_shortened_and_said():
+    from urfm_fast.train.plan import resolve_warmup
+
+    cfg, _, _ = pretrain.parse_config(["--steps", "10", "--warmup-steps", "20"])
+    n, note = resolve_warmup(cfg, steps_per_epoch=4, total=10)
+    assert n == 1 and "warning: the warm-up (20 steps, --warmup-steps 20) is longer than the run (10 steps)" in note
+    cfg, _, _ = pretrain.parse_config(["--steps", "10", "--warmup-steps", "10"])
+    assert resolve_warmup(cfg, steps_per_epoch=4, total=10) == (10, None)
 
 
 EVAL_PARSER = evaluate.build_parser()
@@ -154,8 +174,7 @@ def test_evaluate_any_value_is_accepted_or_refused_in_one_line(capsys, tmp_path_
     if not any(f == "--out" for (f, _), _ in pairs):
         argv += ["--out", str(tmp_path_factory.getbasetemp() / "eval_out")]
     try:
-        a = EVAL_PARSER.parse_args(argv)
-        evaluate.check_args(a)
+        a, _ = parse_config(argv)  # parsed and checked
     except SystemExit as e:
         return _refused_in_one_line(capsys, e.code)
     except FlagError as e:
@@ -176,8 +195,8 @@ def test_prepare_any_number_is_accepted_or_refused_in_one_line(capsys, short_sid
             P.main(["/nonexistent", "--out", "/nonexistent", *parser_args])
         return _refused_in_one_line(capsys, e.value.code)
     try:
-        P.check_options(*ints)
-    except P.PrepareError as e:
+        convert.check_options(*ints)
+    except sources.PrepareError as e:
         assert "\n" not in str(e) and "must be an integer in" in str(e)
         return
     assert 16 <= ints[0] and ints[1] >= 1 and ints[2] >= 1
@@ -187,13 +206,13 @@ def test_evaluate_results_are_strict_json_and_single_class_is_refused(tmp_path, 
     import json
 
     rec = {"accuracy": 1.0, "macro_auc": float("nan"), "summary": [{"macro_auc_std": float("inf")}]}
-    text = json.dumps(evaluate.json_safe(rec), allow_nan=False)
+    text = json.dumps(json_safe(rec), allow_nan=False)
     back = json.loads(text)
     assert back["macro_auc"] is None and "single-class" in back["macro_auc_null_reason"]
     assert back["summary"][0]["macro_auc_std"] is None
-    one = evaluate.Split(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    one = Split(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="at least two"):
-        evaluate._check_classes("x", {"train": one, "val": one}, ["a"])
+        check_classes("x", {"train": one, "val": one}, ["a"])
 
 
 def test_evaluate_read_only_output_is_refused_before_any_work(tmp_path, capsys):
@@ -218,7 +237,7 @@ def test_evaluate_full_disk_is_found_before_any_work(tmp_path, monkeypatch, caps
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    monkeypatch.setattr(evaluate, "load_data", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(eval_run, "load_data", lambda *a, **k: pytest.fail("work started"))
     argv = ["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", "synthetic",
             "--protocol", "knn", "--seeds", "0", "--label-fractions", "1", "--out", str(tmp_path / "o")]
     assert evaluate.main(argv) == 2
@@ -248,7 +267,7 @@ def test_every_pretrain_field_is_checked():
     from urfm_fast.train.checks import CHECKED_ELSEWHERE
 
     source = Path(checks.__file__).read_text()
-    unchecked = [f.name for f in dataclasses.fields(pretrain.TrainConfig)
+    unchecked = [f.name for f in dataclasses.fields(TrainConfig)
                  if f'"{f.name}"' not in source and f"cfg.{f.name}" not in source and f.name not in CHECKED_ELSEWHERE]
     assert not unchecked, f"TrainConfig fields without a check in urfm_fast/train/checks.py: {unchecked}"
 
@@ -258,9 +277,9 @@ def test_single_class_evaluation_split_is_reported_as_null_in_strict_json(tmp_pa
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
-    train = evaluate.Split(images, torch.tensor([0, 0, 0, 1, 1, 1]))
-    val = evaluate.Split(images[:3], torch.tensor([0, 0, 0]))  # one class: no AUC exists
-    monkeypatch.setattr(evaluate, "load_data", lambda *a, **k: ({"train": train, "val": val}, ["a", "b"]))
+    train = Split(images, torch.tensor([0, 0, 0, 1, 1, 1]))
+    val = Split(images[:3], torch.tensor([0, 0, 0]))  # one class: no AUC exists
+    monkeypatch.setattr(eval_run, "load_data", lambda *a, **k: ({"train": train, "val": val}, ["a", "b"]))
     out = tmp_path / "o"
     assert evaluate.main(["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", "synthetic",
                           "--protocol", "knn", "--seeds", "0", "--label-fractions", "1", "--out", str(out)]) == 0

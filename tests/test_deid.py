@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from urfm_fast import prepare as P
-from urfm_fast.data import deid
+from urfm_fast.data import convert, deid, review, scan_region, shards, sources
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("onnxruntime")
@@ -66,7 +66,7 @@ def footprint(mask, roi, out_shape):
 def prepared(src, out, **kw):
     """prepare src into out -> [(index record with path, uint8 image)] in index order."""
     kw.setdefault("short_side", 128)
-    P.prepare([src], out, workers=1, progress=False, path_map=str(out) + ".map", **kw)
+    convert.prepare([src], out, workers=1, progress=False, path_map=str(out) + ".map", **kw)
     tp, ShardDataset = shared()
     ds = ShardDataset(out)
     return [(r, ds[k][0].numpy()) for k, r in enumerate(tp.named(out, str(out) + ".map")[0])]
@@ -136,9 +136,9 @@ def test_text_inside_a_region_box_and_burned_in_flag(tmp_path):
     c = json.loads((tmp_path / "o_text" / "summary.json").read_text())
     assert c["burned_in_cleaned"] == 1 and c["images_blanked"] == 1
     # Annex E's other branch: leave such files out, with the reason logged
-    c = P.prepare([tmp_path / "text"], tmp_path / "o_skip", workers=1, progress=False, burned_in="skip")
+    c = convert.prepare([tmp_path / "text"], tmp_path / "o_skip", workers=1, progress=False, burned_in="skip")
     assert c["files_skipped"] == 1 and c["images_added"] == 0
-    (skip,) = P._read_jsonl(tmp_path / "o_skip" / "skipped.jsonl")
+    (skip,) = shards.read_jsonl(tmp_path / "o_skip" / "skipped.jsonl")
     assert skip["reason"].startswith("BurnedInAnnotation YES")
 
 
@@ -199,8 +199,8 @@ def _real_path(name):
 @pytest.mark.parametrize("name", sorted(REAL_TEXT))
 def test_real_files_known_text_blanked(name):
     p = _real_path(name)
-    full = P.to_grey8(next(pydicom.pixels.iter_pixels(p)))
-    frames = P.read_dicom_file(p, 0, stride=10)  # short side 0: no resize, source pixels
+    full = scan_region.to_grey8(next(pydicom.pixels.iter_pixels(p)))
+    frames = sources.read_dicom_file(p, 0, stride=10)  # short side 0: no resize, source pixels
     y0, y1, x0, x1 = frames[0][3]["roi"]
     for by0, by1, bx0, bx1 in REAL_TEXT[name]:
         assert full[by0:by1, bx0:bx1].max() > 150  # the text is there in the source
@@ -233,7 +233,7 @@ def test_no_names_anywhere_and_rerun_adds_nothing(tmp_path, capfd):
     assert c["files_added"] == 3 and c["files_skipped"] == 3, c
     blobs = tp.all_output_bytes(out) + [("stdout", text.out.encode()), ("stderr", text.err.encode())]
     with Image.open(out / "review.png") as sheet:  # 2x2 tiles of 200 px
-        assert sheet.mode == "RGB" and sheet.width == 2 * 204 + 4
+        assert sheet.mode == "RGB" and sheet.width == 2 * (review.TILE + 4) + 4
     for name, blob in blobs:
         for s in SECRETS:
             assert s.lower().encode() not in blob.lower(), (name, s)
@@ -265,15 +265,15 @@ def test_old_shard_folder_loads_and_is_renamed(tmp_path):
     for k in range(3):
         Image.fromarray(tissue(40, 50, k)).save(src / f"MRN4417291_{k}.png")
     out = tmp_path / "shards"
-    P.prepare([src], out, short_side=32, workers=1, progress=False, path_map=tmp_path / "map.jsonl")
+    convert.prepare([src], out, short_side=32, workers=1, progress=False, path_map=tmp_path / "map.jsonl")
     index, _ = tp.named(out, tmp_path / "map.jsonl")
     # what an older prepare wrote: names in the index, no salt
-    P._write_jsonl(os.path.join(out, "index.jsonl"), [
+    shards.write_jsonl(os.path.join(out, "index.jsonl"), [
         {k: r[k] for k in ("shard", "offset", "h", "w", "src", "path", "frame", "crop")} for r in index])
     meta = json.loads((out / "urfm_shards.json").read_text())
     (out / "urfm_shards.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "salt"}))
     assert len(ShardDataset(out)) == 3  # loads for pretraining as it is
-    c = P.prepare([src], out, short_side=32, workers=1, progress=False)
+    c = convert.prepare([src], out, short_side=32, workers=1, progress=False)
     assert c["files_added"] == 0 and c["files_already_done"] == 3
     for name, blob in tp.all_output_bytes(out):
         assert b"MRN4417291" not in blob and b"Doe_Jane" not in blob, name
@@ -285,17 +285,17 @@ def test_mostly_text_is_left_out(tmp_path):
     img, _ = plant(page, [(6, 6 + 16 * k, f"Measurement {k}: 12.3 mm  RI 0.71", 13, 255) for k in range(12)])
     (tmp_path / "src").mkdir()
     Image.fromarray(img).save(tmp_path / "src" / "report.png")
-    c = P.prepare([tmp_path / "src"], tmp_path / "out", short_side=64, workers=1, progress=False)
+    c = convert.prepare([tmp_path / "src"], tmp_path / "out", short_side=64, workers=1, progress=False)
     assert c["images_added"] == 0 and c["files_skipped"] == 1
-    (skip,) = P._read_jsonl(tmp_path / "out" / "skipped.jsonl")
+    (skip,) = shards.read_jsonl(tmp_path / "out" / "skipped.jsonl")
     assert skip["reason"].startswith("mostly text or overlays (")
 
 
 def test_detector_missing_is_refused(tmp_path, monkeypatch, capfd):
     (tmp_path / "src").mkdir()
     Image.fromarray(tissue(40, 40, 0)).save(tmp_path / "src" / "a.png")
-    monkeypatch.setattr(deid, "_MODEL", ("no_such_package_here", "det.onnx"))
-    monkeypatch.setattr(deid, "_SESSIONS", {})
+    monkeypatch.setattr(deid, "DET_MODEL", ("no_such_package_here", "det.onnx"))
+    monkeypatch.setattr(deid, "SESSIONS", {})
     assert P.main([str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     err = capfd.readouterr().err
     assert "pip install 'rapidocr>=3.10'" in err and "Traceback" not in err

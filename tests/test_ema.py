@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from urfm_fast import URFM, URFMConfig
-from urfm_fast.checkpoints.formats import CheckpointError, load_checkpoint
-from urfm_fast.train.ema import EMA, trustworthy, warmup_decay
+from urfm_fast.checkpoints.formats import CheckpointError, load_checkpoint, trustworthy
+from urfm_fast.train.ema import EMA, warmup_decay
 
 
 def _model():
@@ -83,6 +83,5 @@ def test_weight_choice(tmp_path, updates, decay, auto_takes):
     assert torch.equal(auto.state_dict["cls_token"], want["cls_token"])
     assert load_checkpoint(path, weights="ema").meta["weights"] == "ema"
     assert load_checkpoint(path, weights="live").meta["weights"] == "model"
-    assert load_checkpoint(path, prefer_ema=False).meta["weights"] == "model"  # the older switch
     with pytest.raises(CheckpointError, match="weights must be"):
         load_checkpoint(path, weights="best")

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from test_checkpoint_io import TINY, MaeOfficial
 
-from urfm_fast.eval.backbones import split_spec
-from urfm_fast.evaluate import main, resolve_backbone
+from urfm_fast.eval.backbones import resolve_backbone, split_spec
+from urfm_fast.evaluate import main
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -176,7 +176,7 @@ def test_timm_file_strict_one_line(tmp_path, capsys, how, needle):
 
 def test_timm_file_bad_names_one_line(tmp_path, capsys):
     _one_line_error(capsys, _argv(tmp_path, f"timm:no_such_model={tmp_path / 'w.pth'}"), "no_such_model")
-    _one_line_error(capsys, _argv(tmp_path, f"timm:test_vit={tmp_path / 'w.pth'}"), "no such file")
+    _one_line_error(capsys, _argv(tmp_path, f"timm:test_vit={tmp_path / 'w.pth'}"), "does not exist")
 
 
 def test_timm_hub_names_keep_working(monkeypatch):
@@ -222,9 +222,10 @@ def test_lite0_teacher_is_a_frozen_backbone(tmp_path, capsys):
     with pytest.raises(ValueError, match="frozen teacher"):
         bb.make(num_classes=3)
     with pytest.raises(ValueError, match="frozen teacher"):  # the protocol itself refuses too
+        from urfm_fast.eval.config import EvalConfig
         from urfm_fast.eval.protocols import finetune
 
-        finetune(bb, None, None, 3, 0, torch.device("cpu"))
+        finetune(bb, None, None, 3, 0, torch.device("cpu"), EvalConfig())
     _one_line_error(capsys, _argv(tmp_path, "lite=teacher:efficientnet_lite0", protocol="linear,finetune"),
                     "'lite'", "not fine-tuned")
     assert not (tmp_path / "out").exists()
@@ -236,7 +237,7 @@ def small_biomedclip(monkeypatch, tmp_path):
     trunk is a timm ViT shrunk to width 64 and 2 blocks, and the teacher class shrunk to match."""
     from timm.models import VisionTransformer
 
-    import urfm_fast.model.teacher as T
+    import urfm_fast.model.teacher.biomedclip as T
     from urfm_fast.model.vit import ViTEncoder
 
     monkeypatch.setattr(T, "ViTEncoder", lambda img_size, embed_dim, depth, num_heads: ViTEncoder(32, 16, 3, 64, 2, 2))
@@ -276,7 +277,7 @@ def test_biomedclip_file_teacher(small_biomedclip, tmp_path, capsys):
         broken.pop(key) if value is None else broken.update({key: value})
         torch.save(broken, tmp_path / f"b{k}.bin")
         _one_line_error(capsys, _argv(tmp_path, f"teacher:{tmp_path / f'b{k}.bin'}"), key.removeprefix("visual.trunk."))
-    _one_line_error(capsys, _argv(tmp_path, f"teacher:{tmp_path / 'nothing.bin'}"), "not found")
+    _one_line_error(capsys, _argv(tmp_path, f"teacher:{tmp_path / 'nothing.bin'}"), "nothing.bin does not exist")
 
 
 def test_open_clip_tower_teacher(tmp_path):
@@ -316,3 +317,16 @@ def test_teacher_mae_and_timm_file_in_one_table(tmp_path, mae_file, capsys):
     assert all(r["n_train"] == 16 and r["n_eval"] == 8 for r in res["runs"])
     table = out[out.index("backbone  "):]
     assert all(b in table for b in labels)
+
+
+@pytest.mark.parametrize("spec", ["runs/a/checkpoint-0000030.pth", "nope.pth", "./ckpt", "mae:gone.pth",
+                                  "timm:vit_tiny_patch16_224=gone.safetensors", "teacher:/gone/biomedclip.bin",
+                                  "x=teacher:timm:vit_tiny_patch16_224=gone.pth"])
+def test_a_path_that_does_not_exist_says_so(spec, tmp_path, capsys):
+    with pytest.raises(ValueError, match="gone|nope|ckpt|checkpoint-0000030") as e:
+        resolve_backbone(spec, "vit_tiny", "token", 32)
+    assert str(e.value).endswith("does not exist") and "\n" not in str(e.value)
+    if spec == "runs/a/checkpoint-0000030.pth":  # through the command: one line, exit 2 (not timm's hub hint)
+        assert main(["--backbone", spec, "--data", "synthetic", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.strip().endswith("runs/a/checkpoint-0000030.pth does not exist"), err

@@ -9,16 +9,12 @@ import torch
 from PIL import Image
 from test_checkpoint_io import make_official_checkpoint
 
-from urfm_fast.evaluate import (
-    classification_metrics,
-    knn_classify,
-    load_data,
-    main,
-    read_shard_labels,
-    resolve_backbone,
-    run,
-    stratified_subset,
-)
+from urfm_fast.eval.backbones import resolve_backbone
+from urfm_fast.eval.config import EvalConfig
+from urfm_fast.eval.data import load_data, read_shard_labels, stratified_subset
+from urfm_fast.eval.protocols import classification_metrics, knn_classify
+from urfm_fast.eval.run import run
+from urfm_fast.evaluate import main
 
 # ---------------------------------------------------------------------------------------------
 # metrics
@@ -66,7 +62,8 @@ def test_fractions_stratified_nested_reproducible():
 
 def test_knn_votes():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
-    probs = knn_classify(train, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05], [0.1, 1.0]]), 2, k=2)
+    probs = knn_classify(train, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05], [0.1, 1.0]]), 2, k=2,
+                         temperature=0.07)
     assert probs.argmax(1).tolist() == [0, 1]
     torch.testing.assert_close(probs.sum(1), torch.ones(2))
 
@@ -111,8 +108,8 @@ def test_each_protocol_separates_tiny_dataset(setup, one_thread):
     assert bb.img_size == 32 and bb.meta["weights"] == "ema"
     splits, classes = load_data(str(setup / "data"), 32)
     assert classes == ["bright", "dark", "half"] and splits["train"].images.shape == (48, 3, 32, 32)
-    hp = dict(lp_epochs=50, ft_epochs=5, ft_min_steps=25, ft_batch_size=16)
-    recs = run([bb], splits, classes, ["linear", "knn", "finetune"], [1.0], [0], torch.device("cpu"), hp,
+    cfg = EvalConfig(lp_epochs=50, ft_epochs=5, ft_min_steps=25, ft_batch_size=16)
+    recs = run([bb], splits, classes, ["linear", "knn", "finetune"], [1.0], [0], torch.device("cpu"), cfg,
                progress=lambda s: None)
     acc = {r["protocol"]: r["accuracy"] for r in recs}
     assert set(acc) == {"linear", "knn", "finetune"}
@@ -138,9 +135,13 @@ def test_cli_writes_results_table_plot(setup, capsys, one_thread):
         assert [e.step for e in acc.Scalars("urfm/linear/accuracy")] == [12, 48]
     assert {r["n_train"] for r in res["runs"]} == {12, 48}  # ceil(.25 * 16) = 4 per class
     assert (out / "label_efficiency.png").stat().st_size > 1000
-    assert "±" in capsys.readouterr().out
-    assert main(argv) == 2  # refuses to overwrite
-    assert "--force" in capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "±" in printed and "[row 1/8," in printed and "[row 8/8," in printed and "estimate: about" in printed
+    assert "±" in (out / "table.txt").read_text()
+    assert main(argv) == 0  # the same command again: every row is done, none runs twice
+    assert "8 of 8 rows already done" in capsys.readouterr().out
+    assert main([*argv, "--lp-epochs", "21"]) == 2  # other settings: refuses to mix them into these results
+    assert "--lp-epochs 20 there, 21 now); pass --force" in capsys.readouterr().err
 
 
 def test_cli_bad_backbone_one_line(setup, capsys):
@@ -169,7 +170,7 @@ def test_cli_backbones_of_different_sizes_share_first_size(setup, capsys, one_th
 @pytest.fixture(scope="module")
 def labelled_shards(tmp_path_factory):
     """python -m urfm_fast.prepare on a tiny labelled folder (flat files; labels only in the CSV)."""
-    from urfm_fast import prepare
+    from urfm_fast.data import convert, shards
 
     root = tmp_path_factory.mktemp("shards")
     _write_imagefolder(root / "folder", n_train=8, n_val=4)
@@ -181,10 +182,10 @@ def labelled_shards(tmp_path_factory):
         name = f"{cls[0]}{split[0]}{p.stem}.png"
         p.rename(src / name)
         rows.append((name, cls, split))
-    c = prepare.prepare([src], root / "out", short_side=32, workers=1, progress=False, path_map=root / "map.jsonl")
+    c = convert.prepare([src], root / "out", short_side=32, workers=1, progress=False, path_map=root / "map.jsonl")
     assert c["images_total"] == 36 and c["files_skipped"] == 0
-    paths = {r["id"]: r["path"] for r in prepare._read_jsonl(root / "map.jsonl")}
-    return root / "out", rows, [paths[r["id"]] for r in prepare.read_index(root / "out")]
+    paths = {r["id"]: r["path"] for r in shards.read_jsonl(root / "map.jsonl")}
+    return root / "out", rows, [paths[r["id"]] for r in shards.read_index(root / "out")]
 
 
 def _write_csv(path, header, rows):
@@ -240,3 +241,171 @@ def test_labels_csv_errors_one_line(labelled_shards, tmp_path, capsys):
     # a shard folder without --labels says what is missing
     assert main(["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", str(out)]) == 2
     assert "pass --labels" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# EvalConfig: the flags, --config files, the CPU sizing
+
+
+def test_config_file_then_flags_given_win(tmp_path):
+    from urfm_fast.eval.config import parse_config
+
+    (tmp_path / "e.yaml").write_text("backbone: [a=random]\ndata: synthetic\nseeds: [3, 4]\nlabel-fractions: 0.5\n"
+                                     "lp_epochs: 7\nquiet: true\nforce: false\n")
+    (tmp_path / "e.json").write_text(json.dumps({"backbone": ["random"], "data": "synthetic", "knn_k": 5}))
+    cfg, given = parse_config(["--config", str(tmp_path / "e.yaml"), "--lp-epochs", "9", "--out", str(tmp_path)])
+    assert cfg.backbone == ["a=random"] and cfg.seeds == [3, 4] and cfg.label_fractions == [0.5]
+    assert cfg.lp_epochs == 9 and cfg.quiet is True and cfg.knn_k == EvalConfig.knn_k  # the flag wins; defaults
+    assert "knn_k" not in given and given["lp_epochs"] == 9
+    cfg, _ = parse_config(["--config", str(tmp_path / "e.json"), "--out", str(tmp_path)])
+    assert cfg.knn_k == 5 and cfg.seeds == EvalConfig.seeds
+    for text, needle in (("seedz: 1\n", "unknown key 'seedz'"), ("knn_k: x\n", "invalid int value: 'x'"),
+                         ("data: synthetic\n", "required: --backbone")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(needle)) as e:
+            parse_config(["--config", str(tmp_path / "bad.yaml")])
+        assert "\n" not in str(e.value)
+
+
+def test_results_args_are_the_config_fields(setup, one_thread):
+    import dataclasses
+
+    out = setup / "fields"
+    argv = ["--backbone", "random", "--arch", "vit_tiny", "--img-size", "32", "--data", str(setup / "data"),
+            "--protocol", "knn", "--label-fractions", "1", "--seeds", "0", "--out", str(out)]
+    assert main(argv) == 0
+    args = json.loads((out / "results.json").read_text())["args"]
+    assert list(args) == [f.name for f in dataclasses.fields(EvalConfig)]
+    assert args["img_size"] == 32 and args["synthetic_train"] == EvalConfig.synthetic_train  # real data: no sizing
+
+
+def test_built_in_data_on_a_cpu_runs_at_the_demo_size(tmp_path):
+    from urfm_fast.eval.config import CPU_DEMO, cpu_demo_line, fit_machine, parse_config
+
+    cfg, given = parse_config(["--backbone", "random", "--data", "synthetic", "--img-size", "32",
+                               "--out", str(tmp_path)])
+    sized, applied = fit_machine(cfg, given, on_cpu=True)
+    assert sized.img_size == 32 and "img_size" not in applied  # a flag given wins
+    assert sized.arch == "vit_tiny" and sized.depth == 4 and sized.ft_epochs == CPU_DEMO["ft_epochs"]
+    assert applied and "\n" not in cpu_demo_line(applied) and "--arch vit_tiny" in cpu_demo_line(applied)
+    assert fit_machine(cfg, given, on_cpu=False) == (cfg, {})  # a GPU keeps the full size
+    real, given = parse_config(["--backbone", "random", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert fit_machine(real, given, on_cpu=True) == (real, {})  # real data keeps it too
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows kept: interrupted runs keep what finished, a rerun continues
+
+
+def _wait_for_rows(path, proc, timeout=300):
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        try:
+            if json.loads(path.read_text())["runs"]:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    pytest.fail("no row written in time" if proc.poll() is None else f"evaluate ended: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupted_run_keeps_its_rows_and_a_rerun_skips_them(tmp_path, monkeypatch, capsys, sig, code):
+    import signal
+    import subprocess
+    import sys
+
+    from urfm_fast.eval import run as eval_run
+
+    out = tmp_path / "o"
+    argv = ["--backbone", "random", "--arch", "vit_tiny", "--depth", "1", "--img-size", "32", "--data", "synthetic",
+            "--synthetic-train", "40", "--synthetic-val", "20", "--protocol", "linear", "--label-fractions", "1",
+            "--seeds", ",".join(map(str, range(40))), "--lp-min-steps", "2000", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "urfm_fast.evaluate", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(out / "results.json", proc)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and err.strip() == eval_run.INTERRUPTED, err
+    kept = json.loads((out / "results.json").read_text())["runs"]
+    assert 1 <= len(kept) < 40 and [r["seed"] for r in kept] == list(range(len(kept)))
+    # the same command again runs only the rows left (the probe replaced by a quick stand-in)
+    ran = []
+
+    def quick(train_f, train_y, eval_f, num_classes, seed, **kw):
+        ran.append(seed)
+        return torch.full((len(eval_f), num_classes), 1.0 / num_classes)
+
+    monkeypatch.setattr(eval_run, "linear_probe", quick)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"{len(kept)} of 40 rows already done" in capsys.readouterr().out
+    assert ran == list(range(len(kept), 40))
+    res = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in res["runs"]] == list(range(40)) and res["runs"][: len(kept)] == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# attentive probe
+
+
+def test_attentive_head_matches_a_hand_written_forward():
+    import math
+
+    import torch.nn.functional as F
+
+    from urfm_fast.eval.attentive import AttentiveHead
+
+    torch.manual_seed(0)
+    head = AttentiveHead(32, 3, num_heads=4).eval()
+    for p in head.parameters():  # no zero biases or unit norms: every term shows
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randn(5, 7, 32)
+    x = F.layer_norm(tokens, (32,), head.norm_kv.weight, head.norm_kv.bias, 1e-6)
+    q = head.query[0, 0] @ head.q.weight.T + head.q.bias  # (32,)
+    kv = x @ head.kv.weight.T + head.kv.bias  # (5, 7, 64)
+    k, v = kv[..., :32], kv[..., 32:]
+    heads = []
+    for h in range(4):
+        s = slice(8 * h, 8 * (h + 1))
+        att = torch.softmax((k[..., s] @ q[s]) / math.sqrt(8), dim=-1)  # (5, 7)
+        heads.append((att[..., None] * v[..., s]).sum(1))  # (5, 8)
+    o = torch.cat(heads, -1) @ head.proj.weight.T + head.proj.bias
+    want = F.layer_norm(o, (32,), head.norm.weight, head.norm.bias, 1e-6) @ head.fc.weight.T + head.fc.bias
+    torch.testing.assert_close(head(tokens), want, atol=1e-5, rtol=1e-5)
+
+
+def _marked_patch_toy(n, seed):
+    """Tokens [n, 16, 32]: every patch holds a class code (dims 0-3) and a position code (dims 8-31); the label
+    is the class of the one marked patch (dim 4), at a random position. Pooling mixes it with 15 distractors."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(16, 24, generator=torch.Generator().manual_seed(99))
+    codes = torch.randint(0, 4, (n, 16), generator=g)
+    marked = torch.randint(0, 16, (n,), generator=g)
+    t = torch.zeros(n, 16, 32)
+    t[..., :4] = torch.nn.functional.one_hot(codes, 4).float()
+    t[..., 8:] = pos
+    t[torch.arange(n), marked, 4] = 3.0
+    t += 0.05 * torch.randn(t.shape, generator=g)
+    return t, codes[torch.arange(n), marked]
+
+
+def test_attentive_probe_finds_the_marked_patch_that_pooling_loses(one_thread):
+    from urfm_fast.eval.attentive import attentive_probe
+    from urfm_fast.eval.protocols import linear_probe
+
+    (tt, ty), (et, ey) = _marked_patch_toy(512, 0), _marked_patch_toy(256, 1)
+    att = attentive_probe(tt, ty, et, 4, 0, epochs=100, min_steps=300).argmax(1)
+    lin = linear_probe(tt.mean(1), ty, et.mean(1), 4, 0, epochs=100, lr=0.1, min_steps=300).argmax(1)
+    acc_att, acc_lin = (float((p == ey).float().mean()) for p in (att, lin))
+    assert acc_att > 0.9 and acc_att > acc_lin + 0.3, (acc_att, acc_lin)
+
+
+def test_attentive_protocol_end_to_end(setup, one_thread):
+    bb = resolve_backbone(f"tiny={setup / 'tiny.pth'}", "vit_tiny", "token", None)
+    splits, classes = load_data(str(setup / "data"), 32)
+    recs = run([bb], splits, classes, ["attentive"], [1.0], [0], torch.device("cpu"),
+               EvalConfig(lp_epochs=20, lp_min_steps=50), progress=lambda s: None)
+    assert [r["protocol"] for r in recs] == ["attentive"] and recs[0]["accuracy"] >= 0.9, recs

@@ -74,3 +74,22 @@ def test_label_efficiency_distill_arm_sweep_and_two_pretraining_seeds(tmp_path):
     assert distill["config"]["mask_ratio"] == 0 and distill["config"]["loss_on"] == "all"
     assert distill["args"]["seed"] == 1
     assert torch.load(tmp_path / "ckpt" / "urfm_m0.5@s0.pth", weights_only=True)["config"]["mask_ratio"] == 0.5
+
+
+def test_does_it_work_trains_every_arm_through_the_product(tmp_path):
+    cmd = [sys.executable, str(ROOT / "experiments" / "does_it_work.py"), "--smoke", "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work"), "--pretrain-seeds", "0", "--probe-seeds", "0", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "does_it_work_study.json").read_text())
+    arms = ("urfm", "distill", "schedule", "pixel", "random")
+    assert {(row["backbone"], row["protocol"], row["fraction"]) for row in res["test"]} == {
+        (b, p, f) for b in (*arms, "teacher") for p in ("linear", "attentive", "knn") for f in (0.01, 0.1, 1.0)}
+    assert {row["backbone"] for row in res["dense"]} == {*arms, "teacher"} and "mean_ap" in res["dense"][0]
+    # each arm is what its own trainer run wrote down, not what this script meant to ask for
+    train = {arm: json.loads(Path(res["runs"][f"{arm}@s0"]["config"]).read_text())["train"] for arm in arms}
+    assert train["distill"]["mask_ratio"] == 0 and train["urfm"]["mask_ratio"] == 0.75
+    assert train["pixel"]["target"] == "pixels" and train["schedule"]["mask_schedule"] != "constant"
+    assert train["random"]["lr"] == 0 and all(t["cache_targets"] and t["augment"] == "none" for t in train.values())
+    kept = {p.stem for p in (tmp_path / "out" / "does_it_work_runs").glob("*.json")}
+    assert {f"{arm}@s0" for arm in arms} <= kept and len(kept) == len(arms) + 3  # and the three ramps tried

@@ -38,6 +38,20 @@ def test_files_and_keys(exported):
     assert cfg["urfm"]["weights"] == "ema" and cfg["urfm"]["epoch"] == 1199
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_process_umask(exported, tmp_path, umask):
+    """Both files are written as any other file of the process (safetensors alone writes 0600)."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        assert main([str(exported[0]), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_timm_loads_export_both_ways_with_identical_features(exported):
     ckpt, out, _ = exported
     a = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -158,3 +172,17 @@ def test_readme_recipe_as_written_raises_on_a_mismatched_name(exported_4_blocks_
     scope = {}
     exec(runs, scope)  # the local-dir line alone loads
     assert len(scope["model"].blocks) == 4
+
+
+def test_readme_backbone_snippet_runs_at_the_checkpoint_size(exported_4_blocks_64px):
+    """README's load_backbone block, run as written on a 64-px checkpoint (the CPU demo's size): it feeds the
+    model images of the checkpoint's own size, so it runs where a fixed 224 would fail."""
+    from pathlib import Path
+
+    ckpt, _ = exported_4_blocks_64px
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "load_backbone(" in b)
+    code = block.split("```")[0].replace("runs/vitb/checkpoint-00001000.pth", str(ckpt))
+    scope = {}
+    exec(code, scope)
+    assert scope["feats"].shape == (2, 1 + 16, 192)  # 64 px / patch 16 = 4 x 4 tokens + CLS

@@ -86,3 +86,21 @@ def test_end_to_end_phases_run_at_tiny_shapes(phase, tmp_path):
     steps = [r for r in rows if "images_per_s" in r]
     assert steps and all(r["images_per_s"] > 0 for r in steps)
     assert any(r["row"].startswith("attention choice") for r in rows)  # the start-up choice is reported
+
+
+@pytest.mark.parametrize("triton,numpy,broken", [("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0", True),
+                                                 ("3.6.0", "2.3.5", False), ("3.8.0", "2.5.2", False),
+                                                 ("3.6.0", "missing", False)])  # fmt: skip
+def test_interpreter_fault_is_triton_before_3_7_with_numpy_2_4(triton, numpy, broken):
+    fault = gpu_check.interpreter_fault(triton, numpy)
+    assert bool(fault) == broken and (not fault or f"triton {triton}" in fault and f"numpy {numpy}" in fault)
+
+
+def test_smoke_skips_the_kernel_phases_where_the_interpreter_breaks(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gpu_check, "_version", {"triton": "3.6.0", "numpy": "2.5.2"}.get)
+    for phase in gpu_check.INTERPRETED:
+        assert gpu_check.main([phase, "--out", str(tmp_path), "--smoke"]) == gpu_check.SKIPPED
+    phases = json.loads((tmp_path / "gpu_results.json").read_text())["phases"]
+    assert {phases[p]["status"] for p in gpu_check.INTERPRETED} == {"skipped"}
+    assert all("triton 3.6.0's interpreter breaks on numpy 2.5.2" in phases[p]["note"] for p in gpu_check.INTERPRETED)

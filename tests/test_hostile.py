@@ -293,7 +293,7 @@ def _skips(out):
 def test_prepare_reads_regular_files_only(tmp_path, alarm):
     import os
 
-    from urfm_fast import prepare as P
+    from urfm_fast.data import convert
 
     src = tmp_path / "src"
     (src / "real").mkdir(parents=True)
@@ -307,7 +307,8 @@ def test_prepare_reads_regular_files_only(tmp_path, alarm):
     (src / "real" / "loop").symlink_to(src)  # a link loop: reported, not followed forever
     (src / "again").symlink_to(src / "real")  # a second way into one folder: read once
     # two workers: on a hang the alarm interrupts the parent's wait and the pool is terminated
-    c = P.prepare([src], tmp_path / "out", short_side=32, workers=2, progress=False, path_map=_map(tmp_path / "out"))
+    c = convert.prepare([src], tmp_path / "out", short_side=32, workers=2, progress=False,
+                        path_map=_map(tmp_path / "out"))
     skips = _skips(tmp_path / "out")
     for name in ("x.png", "zero.png", "random.dcm"):
         assert skips[name] == "not a regular file (FIFO, device or socket); not opened"
@@ -338,8 +339,7 @@ def _dicom_header_only(path, rows, cols):
 def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, monkeypatch):
     import zipfile
 
-    from urfm_fast import prepare as P
-    from urfm_fast.data import sources
+    from urfm_fast.data import convert, sources
 
     pytest.importorskip("pydicom")
     src = tmp_path / "src"
@@ -357,7 +357,7 @@ def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, m
     spooled = []
     real_copy = sources._copy_bounded
     monkeypatch.setattr(sources, "_copy_bounded", lambda s, d, n: spooled.append(n) or real_copy(s, d, n))
-    P.prepare([src], tmp_path / "out", short_side=32, workers=1, progress=False, path_map=_map(tmp_path / "out"))
+    convert.prepare([src], tmp_path / "out", short_side=32, workers=1, progress=False, path_map=_map(tmp_path / "out"))
     skips = _skips(tmp_path / "out")
     assert "exceeds the pixel budget" in skips["huge.dcm"]
     assert skips["bomb.zip/zeros.dcm"].startswith("zip member too large")
@@ -366,26 +366,26 @@ def test_prepare_pixel_budget_and_zip_members_refused_before_reading(tmp_path, m
     assert len(spooled) == 1  # only ok.png was decompressed
     monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 4 << 30)
     monkeypatch.setattr(sources, "MAX_MEMBER_RATIO", 100)
-    P.prepare([src], tmp_path / "out2", short_side=32, workers=1, progress=False,
+    convert.prepare([src], tmp_path / "out2", short_side=32, workers=1, progress=False,
               path_map=_map(tmp_path / "out2"))
     assert "zip bomb" in _skips(tmp_path / "out2")["bomb.zip/zeros.dcm"]
 
 
 def test_prepare_one_writer_per_output_folder(tmp_path):
-    from urfm_fast import prepare as P
+    from urfm_fast.data import convert, shards, sources
 
     src = tmp_path / "src"
     src.mkdir()
     _png(src / "a.png")
     out = tmp_path / "out"
     out.mkdir()
-    held = P._lock(str(out))  # another prepare is running on out
+    held = shards.lock_folder(str(out))  # another prepare is running on out
     try:
-        with pytest.raises(P.PrepareError, match="another prepare is writing"):
-            P.prepare([src], out, short_side=32, workers=1, progress=False)
+        with pytest.raises(sources.PrepareError, match="another prepare is writing"):
+            convert.prepare([src], out, short_side=32, workers=1, progress=False)
     finally:
         held.close()
-    assert P.prepare([src], out, short_side=32, workers=1, progress=False)["images_added"] == 1
+    assert convert.prepare([src], out, short_side=32, workers=1, progress=False)["images_added"] == 1
 
 
 @pytest.mark.parametrize("argv, needle", [

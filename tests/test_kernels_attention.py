@@ -150,7 +150,7 @@ def test_attention_launcher_refuses_fp32_on_gpu():
 
 
 def test_autotune_configs_pruned_for_vit_token_counts():
-    configs = A._gpu_configs()
+    configs = A.gpu_configs()
     tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cs}
     at50 = tiles(A.prune_tiles(configs, 50, "BLOCK_N"))
     # 50 tokens: no 128-wide tile, no third stage (one or two loop iterations)
@@ -164,7 +164,7 @@ def test_autotune_configs_pruned_for_vit_token_counts():
 
 def test_forced_config_launches_that_tile(kernel_device, kernel_dtype, close_to_fp32):
     # what the GPU check uses to verify, one by one, every config the autotuner may pick
-    config = A._gpu_configs()[3]  # 64 x 64, 4 warps, 2 stages
+    config = A.gpu_configs()[3]  # 64 x 64, 4 warps, 2 stages
     with A.forced_config(config):
         kernel, tile = A._kernel(A._fwd, A._attn_fwd_kernel)
         assert kernel is A._attn_fwd_kernel

@@ -11,7 +11,7 @@ from test_pretrain import TINY, fast_random_teacher, metrics  # noqa: F401 (auto
 from test_shard_index import make_shard_folder
 
 from urfm_fast import pretrain
-from urfm_fast.data import shards
+from urfm_fast.data import index_bin
 from urfm_fast.data.mixture import MixtureDataset, folder_of_positions, mixture_order, resolve_weights
 from urfm_fast.data.stream import DataError, TrainStream, open_source
 
@@ -22,7 +22,7 @@ SIZES = [40, 24]
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")
     a, b = make_shard_folder(root / "a", n=SIZES[0], seed=1), make_shard_folder(root / "b", n=SIZES[1], seed=2)
-    shards.write_index_bin(a), shards.write_index_bin(b)
+    index_bin.write_index_bin(a), index_bin.write_index_bin(b)
     return a, b
 
 
@@ -160,7 +160,7 @@ def test_run_records_folders_and_shares(folders, reference):
     a, b = cfg["data_sources"]
     assert (a["path"], a["images"], a["weight"]) == (str(folders[0]), 40, pytest.approx(0.8))
     assert (b["path"], b["images"], b["weight"]) == (str(folders[1]), 24, pytest.approx(0.2))
-    assert len(a["id"]) == 16 and a["id"] != b["id"] and a["id"] == shards.folder_id(folders[0])
+    assert len(a["id"]) == 16 and a["id"] != b["id"] and a["id"] == index_bin.folder_id(folders[0])
     recs = metrics(reference)
     assert [sum(r["source_samples"]) for r in recs] == [16 * r["step"] for r in recs]
     for before, r in zip([{"source_samples": [0, 0]}] + recs, recs):  # each window's share: its own samples

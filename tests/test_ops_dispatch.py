@@ -142,3 +142,17 @@ def test_cross_attention_cpu_fallback_forward_and_backward(backend, B, H, Lq, Lk
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     for name, a, b in zip("qkv", grads, ref_grads, strict=True):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend,level,shown", [("auto", "INFO", False), ("auto", "DEBUG", True),
+                                                  ("torch", "INFO", True), ("triton", "INFO", True)])
+def test_backend_line_only_when_chosen_or_verbose(backend, level, shown, monkeypatch, caplog):
+    """The start-up line ``urfm_fast kernels backend: ...`` stays off stderr for the default ``auto``."""
+    import logging
+
+    monkeypatch.setattr(ops, "_logged", False)  # the line is written once per process
+    monkeypatch.setattr(ops, "_backend", backend)
+    with caplog.at_level(getattr(logging, level), logger=ops.log.name):
+        assert ops.get_backend() == backend
+    assert any("kernels backend" in r.getMessage() for r in caplog.records) == shown
+

@@ -63,11 +63,18 @@ def _fresh(code: str) -> str:
                           timeout=120).stdout.strip()
 
 
-def test_package_imports_lazily_and_still_registers_with_timm():
-    """prepare (and its --help) start without torch; ``import urfm_fast`` then timm finds urfm_vit_*."""
+def test_package_imports_lazily_and_registers_with_timm_where_defined():
+    """prepare (and its --help) start without torch; the module defining urfm_vit_* registers them on import,
+    before timm or after it, and ``from urfm_fast import load_backbone`` is that import."""
     assert _fresh("import sys, urfm_fast.prepare; print(sorted({'torch', 'timm'} & set(sys.modules)))") == "[]"
-    out = _fresh("import urfm_fast, timm; print(timm.create_model('urfm_vit_tiny_patch16_224', img_size=32).embed_dim)")
-    assert out == "192"
+    # the data wing's face too: no lazy binding, and still no torch until an item is read
+    assert _fresh("import sys; from urfm_fast.data import ShardDataset; "
+                  "print(sorted({'torch', 'timm'} & set(sys.modules)))") == "[]"
+    make = "print(timm.create_model('urfm_vit_tiny_patch16_224', img_size=32).embed_dim)"
+    assert _fresh(f"import timm, urfm_fast.checkpoints.backbone; {make}") == "192"
+    assert _fresh(f"from urfm_fast import load_backbone; import timm; {make}") == "192"
+    # nothing imports timm or torch behind the user's back: a bare ``import urfm_fast`` registers nothing
+    assert _fresh("import sys, urfm_fast; print(sorted({'torch', 'timm'} & set(sys.modules)))") == "[]"
 
 
 def test_one_checkpoint_error():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from urfm_fast import prepare as P
-from urfm_fast.data import sources
+from urfm_fast.data import convert, scan_region, shards, sources
 from urfm_fast.data.stream import ShardDataset, build_train_stream
 
 pydicom = pytest.importorskip("pydicom")
@@ -80,7 +80,8 @@ def named(out, path_map):
     """(index records, skipped records) of a shard folder with src/path joined back from a --path-map."""
     m = {r["id"]: r for r in map(json.loads, open(path_map))}
     join = lambda r: dict(r, src=m[r["id"]]["src"], path=m[r["id"]]["path"])
-    return [join(r) for r in P.read_index(out)], [join(r) for r in P._read_jsonl(os.path.join(out, "skipped.jsonl"))]
+    skipped = shards.read_jsonl(os.path.join(out, "skipped.jsonl"))
+    return [join(r) for r in shards.read_index(out)], [join(r) for r in skipped]
 
 
 def all_output_bytes(out):
@@ -127,19 +128,19 @@ def test_messy_folder(messy, tmp_path, capfd):
 
     # idempotent: nothing new -> nothing read or written
     before = {n: b for n, b in all_output_bytes(out) if not n.endswith("summary.json")}
-    c2 = P.prepare([root], out, short_side=32, workers=1, progress=False)
+    c2 = convert.prepare([root], out, short_side=32, workers=1, progress=False)
     assert c2["files_added"] == 0 and c2["files_skipped"] == 0 and c2["files_already_done"] == 10
     assert {n: b for n, b in all_output_bytes(out) if not n.endswith("summary.json")} == before
     # resumable: a torn index line (crash) is cut, new files are appended
     with open(out / "index.jsonl", "a") as f:
         f.write('{"shard": 0, "off')
     Image.fromarray(speckle(33, 45, 5)).save(root / "nested dir" / "new.png")
-    c3 = P.prepare([root], out, short_side=32, workers=1, progress=False)
+    c3 = convert.prepare([root], out, short_side=32, workers=1, progress=False)
     assert c3["files_added"] == 1 and c3["images_total"] == 12
     assert len(ShardDataset(out)) == 12 and isinstance(ShardDataset(out).index, np.memmap)
     # a different short side would mix sizes: refused
-    with pytest.raises(P.PrepareError, match="short side"):
-        P.prepare([root], out, short_side=64, workers=1, progress=False)
+    with pytest.raises(sources.PrepareError, match="short side"):
+        convert.prepare([root], out, short_side=64, workers=1, progress=False)
 
 
 def test_frame_stride_and_same_output_any_worker_count(messy, tmp_path):
@@ -147,10 +148,10 @@ def test_frame_stride_and_same_output_any_worker_count(messy, tmp_path):
     outs = []
     for w in (1, 2):
         out = tmp_path / f"o{w}"
-        c = P.prepare([root / "nested dir"], out, short_side=24, frame_stride=3, workers=w, progress=False)
+        c = convert.prepare([root / "nested dir"], out, short_side=24, frame_stride=3, workers=w, progress=False)
         assert c["images_added"] == 4  # cine frames 0 and 3, rgbscan, scan.tif
-        shards = {os.path.relpath(n, out): b for n, b in all_output_bytes(out / "shards")}
-        outs.append((shards, [{k: v for k, v in r.items() if k != "id"} for r in P.read_index(out)]))
+        pixels = {os.path.relpath(n, out): b for n, b in all_output_bytes(out / "shards")}
+        outs.append((pixels, [{k: v for k, v in r.items() if k != "id"} for r in shards.read_index(out)]))
     assert outs[0] == outs[1]  # pixels and index alike (ids differ: each folder has its own salt)
 
 
@@ -185,13 +186,13 @@ def test_detects_fan_and_blanks_text():
     d.text((250, 200), "MI 0.9", fill=255)
     d.line((150, 120, 190, 150), fill=255, width=1)  # caliper inside the fan
     g = np.asarray(im)
-    mask = P.detect_scan_region(g)
+    mask = scan_region.detect_scan_region(g)
     assert mask is not None
     assert (mask & fan).sum() / fan.sum() > 0.95  # the live image is kept
     assert not mask[:15, :].any() and not mask[195:, 245:].any()  # text is outside
-    crop = P.crop_to_mask(g, mask)
+    crop = scan_region.crop_to_mask(g, mask)
     assert crop.shape[0] < 240 and crop.shape[1] < 320 and (crop > 200).sum() < 100
-    assert P.detect_scan_region(np.zeros((100, 100), np.uint8)) is None  # nothing live: keep whole
+    assert scan_region.detect_scan_region(np.zeros((100, 100), np.uint8)) is None  # nothing live: keep whole
 
 
 REAL = {  # name -> (frames expected with --frame-stride 40, crop kind)
@@ -225,7 +226,7 @@ def test_real_ultrasound_dicom(tmp_path):
         ds = pydicom.dcmread(src / n, stop_before_pixels=True)
         names += [str(v) for v in (ds.get("PatientName"), ds.get("PatientID")) if v and len(str(v)) >= 4]
     out = tmp_path / "out"
-    c = P.prepare([src], out, short_side=64, frame_stride=40, workers=1, progress=False,
+    c = convert.prepare([src], out, short_side=64, frame_stride=40, workers=1, progress=False,
                   path_map=tmp_path / "map.jsonl")
     assert c["files_skipped"] == 0, (out / "skipped.jsonl").read_text()
     index, _ = named(out, tmp_path / "map.jsonl")
@@ -307,7 +308,7 @@ def test_zip_archives(tmp_path, monkeypatch, capfd):
             assert s.encode() not in blob, (name, s)
     # pixels identical to reading the same files from a folder
     ref = tmp_path / "ref"
-    P.prepare([loose], ref, short_side=32, workers=1, progress=False, path_map=tmp_path / "ref.jsonl")
+    convert.prepare([loose], ref, short_side=32, workers=1, progress=False, path_map=tmp_path / "ref.jsonl")
     a, b = ShardDataset(out), ShardDataset(ref)
     ia = {(r["path"].split("/", 1)[1], r["frame"]): k for k, r in enumerate(index) if r["path"].startswith("study")}
     ib = {(r["path"], r["frame"]): k for k, r in enumerate(named(ref, tmp_path / "ref.jsonl")[0])}
@@ -316,17 +317,17 @@ def test_zip_archives(tmp_path, monkeypatch, capfd):
         assert torch.equal(a[k], b[ib[key]]), key
     # idempotent, also with workers; a new member in a changed archive is added, the rest is not re-read
     before = {n: blob for n, blob in all_output_bytes(out) if not n.endswith("summary.json")}
-    c2 = P.prepare([src], out, short_side=32, workers=2, progress=False)
+    c2 = convert.prepare([src], out, short_side=32, workers=2, progress=False)
     assert c2["files_added"] == 0 and c2["files_skipped"] == 0 and c2["files_already_done"] == c2["files_seen"] == 8
     assert {n: blob for n, blob in all_output_bytes(out) if not n.endswith("summary.json")} == before
     with zipfile.ZipFile(z, "a") as zf:
         zf.write(loose / "scan.png", "more/scan2.png")
-    c3 = P.prepare([src], out, short_side=32, workers=2, progress=False, path_map=pmap)
+    c3 = convert.prepare([src], out, short_side=32, workers=2, progress=False, path_map=pmap)
     assert c3["files_added"] == 1 and c3["images_added"] == 1 and c3["files_skipped"] == 0
     assert named(out, pmap)[0][-1]["path"] == "study.zip/more/scan2.png"
     # an archive given directly as SRC: paths relative to it
     out2 = tmp_path / "out2"
-    c4 = P.prepare([z], out2, short_side=32, workers=2, progress=False, path_map=tmp_path / "map2.jsonl")
+    c4 = convert.prepare([z], out2, short_side=32, workers=2, progress=False, path_map=tmp_path / "map2.jsonl")
     assert c4["images_added"] == 5
     paths = {r["path"] for r in named(out2, tmp_path / "map2.jsonl")[0]}
     assert paths >= {"study.zip/cines/day 1/cine", "study.zip/scan.png"}
@@ -346,7 +347,7 @@ def test_real_zipped_cine(tmp_path):
         ds = pydicom.dcmread(zf.open(member), stop_before_pixels=True)
     names = [str(v) for v in (ds.get("PatientName"), ds.get("PatientID")) if v and len(str(v)) >= 4]
     out = tmp_path / "out"
-    c = P.prepare([z], out, short_side=64, frame_stride=10, workers=1, progress=False,
+    c = convert.prepare([z], out, short_side=64, frame_stride=10, workers=1, progress=False,
                   path_map=tmp_path / "map.jsonl")
     assert c["files_skipped"] == 0, (out / "skipped.jsonl").read_text()
     index, _ = named(out, tmp_path / "map.jsonl")

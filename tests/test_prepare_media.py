@@ -11,7 +11,7 @@ import pytest
 from test_prepare import SECRETS, all_output_bytes, named, speckle, write_dicom
 
 from urfm_fast import prepare as P
-from urfm_fast.data import media
+from urfm_fast.data import convert, media, shards, sources
 from urfm_fast.data.stream import ShardDataset, build_train_stream
 
 av = pytest.importorskip("av")
@@ -150,7 +150,7 @@ def test_volume_slices_and_intensity(tmp_path):
     p = tmp_path / "v.nii"
     nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)), p)
     with open(p, "rb") as f:
-        frames, kept, box, proj = media.volume_frames(f, str(p), 1, P.MAX_FRAME_PIXELS)
+        frames, kept, box, proj = media.volume_frames(f, str(p), 1, sources.MAX_FRAME_PIXELS)
         got = list(frames)
     assert [k for k, _ in got] == [0, 1] and kept == 2 and box == (0, 40, 0, 56)
     lo, hi = np.percentile(vol, media.PERCENTILES)
@@ -159,18 +159,18 @@ def test_volume_slices_and_intensity(tmp_path):
     # the same data as .mhd/.raw (x fastest) give the same slices
     write_mhd(tmp_path, "v", vol)
     with open(tmp_path / "v.mhd", "rb") as f:
-        frames, *_ = media.volume_frames(f, str(tmp_path / "v.mhd"), 1, P.MAX_FRAME_PIXELS, P._open_regular)
+        frames, *_ = media.volume_frames(f, str(tmp_path / "v.mhd"), 1, sources.MAX_FRAME_PIXELS, sources._open_regular)
         assert all((a == b).all() for (_, a), (_, b) in zip(frames, got))
     # the slice axis the header names (dim_info): here x, so slices are y-z planes
     img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4))
     img.header.set_dim_info(slice=0)
     nib.save(img, tmp_path / "sag.nii")
     with open(tmp_path / "sag.nii", "rb") as f:
-        sag = list(media.volume_frames(f, str(tmp_path / "sag.nii"), 1, P.MAX_FRAME_PIXELS)[0])
+        sag = list(media.volume_frames(f, str(tmp_path / "sag.nii"), 1, sources.MAX_FRAME_PIXELS)[0])
     assert len(sag) == 56 and sag[0][1].shape == (3, 40)  # y across, z down
     # a frame stride takes every N-th slice
     with open(p, "rb") as f:
-        assert [k for k, _ in media.volume_frames(f, str(p), 2, P.MAX_FRAME_PIXELS)[0]] == [0]
+        assert [k for k, _ in media.volume_frames(f, str(p), 2, sources.MAX_FRAME_PIXELS)[0]] == [0]
 
 
 def test_over_budget_and_no_signal_refused_before_reading(tmp_path, monkeypatch):
@@ -178,15 +178,15 @@ def test_over_budget_and_no_signal_refused_before_reading(tmp_path, monkeypatch)
                                        "ElementDataFile = huge.raw\n")
     (tmp_path / "huge.raw").write_bytes(b"\0" * 10)
     with open(tmp_path / "huge.mhd", "rb") as f, pytest.raises(ValueError, match="exceeds the budget"):
-        media.volume_frames(f, str(tmp_path / "huge.mhd"), 1, P.MAX_FRAME_PIXELS, P._open_regular)
+        media.volume_frames(f, str(tmp_path / "huge.mhd"), 1, sources.MAX_FRAME_PIXELS, sources._open_regular)
     write_mhd(tmp_path, "flat", np.zeros((2, 40, 40), np.int16))
     with open(tmp_path / "flat.mhd", "rb") as f, pytest.raises(ValueError, match="without signal"):
-        media.volume_frames(f, str(tmp_path / "flat.mhd"), 1, P.MAX_FRAME_PIXELS, P._open_regular)
+        media.volume_frames(f, str(tmp_path / "flat.mhd"), 1, sources.MAX_FRAME_PIXELS, sources._open_regular)
     write_mhd(tmp_path, "fifo", np.ones((2, 40, 40), np.int16), data_file="fifo.data")
     os.unlink(tmp_path / "fifo.data")
     os.mkfifo(tmp_path / "fifo.data")  # reading it would block forever
     with open(tmp_path / "fifo.mhd", "rb") as f, pytest.raises(ValueError, match="not a regular file"):
-        media.volume_frames(f, str(tmp_path / "fifo.mhd"), 1, P.MAX_FRAME_PIXELS, P._open_regular)
+        media.volume_frames(f, str(tmp_path / "fifo.mhd"), 1, sources.MAX_FRAME_PIXELS, sources._open_regular)
     write_clip(tmp_path / "big.mp4", CLIP[:2])
     with open(tmp_path / "big.mp4", "rb") as f, pytest.raises(ValueError, match="pixel budget"):
         media.video_frames(f, 1, 64 * 80 - 1)
@@ -196,14 +196,14 @@ def test_truncated_avi_and_stride(tmp_path):
     clip = [speckle(64, 80, 50 + k) for k in range(6)]
     write_clip(tmp_path / "c.avi", clip)
     with open(tmp_path / "c.avi", "rb") as f:
-        frames, kept = media.video_frames(f, 2, P.MAX_FRAME_PIXELS)
+        frames, kept = media.video_frames(f, 2, sources.MAX_FRAME_PIXELS)
         got = list(frames)
     assert [k for k, _ in got] == [0, 2, 4] and kept == 3
     assert np.abs(got[1][1].astype(int) - clip[2]).mean() < 8  # luma of what was written
     data = (tmp_path / "c.avi").read_bytes()
     (tmp_path / "cut.avi").write_bytes(data[: len(data) * 2 // 3])
     with open(tmp_path / "cut.avi", "rb") as f, pytest.raises(ValueError, match=r"truncated video clip \(3 of 6"):
-        list(media.video_frames(f, 1, P.MAX_FRAME_PIXELS)[0])
+        list(media.video_frames(f, 1, sources.MAX_FRAME_PIXELS)[0])
 
 
 def test_list_file_and_per_source_summary(corpus, tmp_path, capfd):
@@ -219,7 +219,7 @@ def test_list_file_and_per_source_summary(corpus, tmp_path, capfd):
     c = json.loads((out / "summary.json").read_text())
     rows = {r["source"]: r for r in c["sources"]}
     assert rows[1]["given_as"] == "--list line 2" and rows[2]["given_as"] == "--list line 3"
-    assert rows[1]["images_added"] == len(P.read_index(out)) - 2
+    assert rows[1]["images_added"] == len(shards.read_index(out)) - 2
     assert rows[2]["images_added"] == 2 and rows[2]["files"] == 1
     assert "source 2 (--list line 3" in text.out
     for name, blob in all_output_bytes(out) + [("stdout", text.out.encode()), ("stderr", text.err.encode())]:
@@ -231,7 +231,7 @@ def test_list_file_and_per_source_summary(corpus, tmp_path, capfd):
     assert P.main(["--list", str(plain), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     err = capfd.readouterr().err
     assert "--list line 5 does not exist" in err and "Gone" not in err
-    assert [p for p, _ in P.read_source_list(plain)[:2]] == [str(corpus), str(other)]
+    assert [p for p, _ in sources.read_source_list(plain)[:2]] == [str(corpus), str(other)]
     # a source given twice would be written twice: refused, named by position
     plain.write_text(f"{other}\n{other}/\n")
     assert P.main(["--list", str(plain), "--out", str(tmp_path / "o3"), "--quiet"]) == 2
@@ -248,11 +248,11 @@ def test_zip_members_and_raw_not_listed(corpus, tmp_path):
         zf.write(corpus / "camus.mha", "x/camus.mha")
         zf.write(corpus / "prostate.mhd", "x/prostate.mhd")
         zf.write(corpus / "prostate.raw", "x/prostate.raw")
-    files = P.walk_sources([z], tmp_path / "out")
+    files = sources.walk_sources([z], tmp_path / "out")
     assert sorted(r for _, r, _, _ in files) == [f"clips.zip/x/{n}" for n in
                                                  ("a4c.mp4", "camus.mha", "fetal.nii.gz", "prostate.mhd")]
-    assert not any(r.endswith(".raw") for _, r, _, _ in P.walk_sources([corpus], tmp_path / "out"))
-    c = P.prepare([z], tmp_path / "out", short_side=32, workers=1, progress=False)
+    assert not any(r.endswith(".raw") for _, r, _, _ in sources.walk_sources([corpus], tmp_path / "out"))
+    c = convert.prepare([z], tmp_path / "out", short_side=32, workers=1, progress=False)
     assert c["images_added"] == 4 + 4 + 2 and c["skip_reasons"] == {
         "MetaImage .mhd inside a zip archive": 1}
 

@@ -7,6 +7,8 @@ BiomedCLIP architecture as a random teacher, so a run takes seconds on a 2-core 
 import copy
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,8 @@ from conftest import interpreter_only
 from PIL import Image
 
 from urfm_fast import URFM, URFMConfig, pretrain
-from urfm_fast.train import faults
+from urfm_fast.data.dataset import DataError
+from urfm_fast.train.schedule import lr_at
 
 TINY = [
     "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--decoder-dim", "64", "--decoder-depth", "2",
@@ -117,7 +120,16 @@ def test_cli_demo(tmp_path):
     assert saved["train"]["teacher"] == saved["teacher_source"] == "efficientnet_lite0"
     assert saved["model"]["target_dim"] == 112  # Lite0's stride-16 channels: its targets, not a ViT's
     assert "Traceback" not in r.stderr
-    assert (tmp_path / "demo" / "checkpoint-00000003.pth").is_file()
+    pth = tmp_path / "demo" / "checkpoint-00000003.pth"
+    assert pth.is_file()
+    # it ends with the next three commands, on the real checkpoint; export and plot run as printed
+    nxt = [shlex.split(line) for line in lines[-3:]]
+    assert [c[:3] for c in nxt] == [["python", "-m", f"urfm_fast.{m}"] for m in ("export", "evaluate", "plot")]
+    assert nxt[0][3] == str(pth) and nxt[1][4] == f"urfm={pth}" and nxt[2][3] == str(tmp_path / "demo")
+    for cmd in (nxt[0], nxt[2]):
+        done = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "demo" / "export" / "model.safetensors").is_file() and (tmp_path / "demo" / "loss.png").is_file()
 
 
 def _cache_biomedclip(hub: Path) -> None:
@@ -171,16 +183,17 @@ def test_help_lists_every_flag():
     help_text = pretrain.build_parser().format_help()
     for flag in ("--model", "--img-size", "--batch-size", "--steps", "--epochs", "--lr", "--blr", "--mask-ratio",
                  "--teacher", "--data", "--out", "--seed", "--save-every", "--log-every", "--resume", "--init",
-                 "--dist", "--shard", "--compile", "--ac", "--deterministic", "--micro-batch"):
+                 "--dist", "--shard", "--compile", "--ac", "--deterministic", "--micro-batch", "--mask-schedule",
+                 "--mask-start", "--mask-ramp", "--mask-levels", "--target", "--augment", "--cache-targets"):
         assert flag in help_text
     # flags with a fixed set of values name them
     for values in ("vit_base,vit_huge,vit_large,vit_small,vit_tiny", "random,block,attention", "standard,prompting",
-                   "masked,all,all_cls", "tokens,proj", "fsdp,ddp"):
+                   "masked,all,all_cls", "tokens,proj,pixels", "fsdp,ddp", "constant,linear,cosine", "crop,none"):
         assert "{" + values + "}" in help_text, values
 
 
 def test_lr_schedule():
-    lrs = [pretrain.lr_at(s, 1.0, 0.1, 10, 110) for s in range(110)]
+    lrs = [lr_at(s, 1.0, 0.1, 10, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55, abs=1e-6)  # halfway through the cosine
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
@@ -236,7 +249,7 @@ def test_nan_steps_skipped_on_the_device(tmp_path, capsys, monkeypatch):
     args = [*TINY, *SYNTH, "--batch-size", "4", "--steps", "5", "--log-every", "1"]
     assert pretrain.main([*args, "--out", str(tmp_path / "host")]) == 0
     host_out = capsys.readouterr().out
-    monkeypatch.setattr(faults, "DEVICE_SIDE_SKIP", True)
+    monkeypatch.setenv("URFM_FAULTS", "nan@1-2,device-skip")
     assert pretrain.main([*args, "--out", str(tmp_path / "dev")]) == 0
     dev_out = capsys.readouterr().out
     for line in ("skipped NaN/Inf steps: 2", "step 1: non-finite loss or gradients (grad norm nan); update skipped "
@@ -250,7 +263,7 @@ def test_nan_steps_skipped_on_the_device(tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose([m["grad_norm"] for m in dev], [m["grad_norm"] for m in host], rtol=1e-4)
 
     # a streak stops at the same step, with the same message; log steps are not the only reads
-    monkeypatch.setenv("URFM_FAULTS", "nan@3-100")
+    monkeypatch.setenv("URFM_FAULTS", "nan@3-100,device-skip")
     rc = pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "20", "--save-every", "2", "--log-every", "7",
                         "--max-bad-steps", "3", "--out", str(tmp_path / "stop")])
     err = capsys.readouterr().err
@@ -430,8 +443,122 @@ def test_run_plan_resolves_the_derived_values_once():
         plan.lr = 1.0
     saved = plan.run_config(URFMConfig.preset("vit_tiny"), "random")
     assert saved["train"] == dataclasses.asdict(cfg) and saved["accumulation"] == 4 and saved["total_steps"] == 10
-    with pytest.raises(pretrain.DataError, match="fewer than one global batch"):
+    with pytest.raises(DataError, match="6 images are fewer than one global batch of 16: pass a smaller --batch-size"):
         plan.with_data(batches_per_epoch=3, num_images=6)
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(tmp_path, capsys):
+    """From --warmup-epochs (the recipe's 40 on a short --steps run) or --warmup-steps: a tenth of the run,
+    said in one line naming both numbers and the flag to set; the learning rate then reaches its peak."""
+    no_warmup = [a for a in TINY if a not in ("--warmup-steps", "3")]
+    out = tmp_path / "epochs"
+    assert pretrain.main([*no_warmup, *SYNTH, "--batch-size", "8", "--steps", "20", "--log-every", "1",
+                          "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    line = "warning: the warm-up (320 steps, --warmup-epochs 40 of 8 steps) is longer than the run (20 steps)"
+    assert line in err and "shortened to 2 steps" in err and "--warmup-steps" in err
+    lrs = [m["lr"] for m in metrics(out)]
+    assert lrs[1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(5e-4)
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "8", "--steps", "2", "--warmup-steps", "30",
+                          "--out", str(tmp_path / "steps")]) == 0
+    err = capsys.readouterr().err
+    assert "the warm-up (30 steps, --warmup-steps 30) is longer than the run (2 steps): shortened to 0" in err
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "8", "--steps", "3", "--out", str(tmp_path / "ok")]) == 0
+    assert "warm-up" not in capsys.readouterr().err
+
+
+def test_the_header_says_how_much_disk_the_checkpoints_take(tmp_path, capsys):
+    """ViT-B's model, EMA and AdamW moments are ~2.3 GB a checkpoint: a run says so when the total passes 1 GB."""
+    from urfm_fast.train.distributed import Dist
+    from urfm_fast.train.plan import build_plan
+    from urfm_fast.train.trainer import checkpoint_disk
+
+    cfg, _, demo = pretrain.parse_config(["--data", "synthetic", "--steps", "5", "--device", "cpu", "--out", "x"])
+    plan = build_plan(cfg, demo, Dist(world=1)).with_data(batches_per_epoch=32, num_images=8192)
+    n = 143_000_000  # ViT-B + the 768d8b decoder, about
+    disk, why = checkpoint_disk(plan, n, n)
+    assert disk == pytest.approx(2 * 16 * n)  # the final resumable checkpoint and the final .pth
+    assert why.startswith("1 resumable (--keep 3, --save-every 1000) and 1 .pth (--pth-every 0) of 2.3 GB each")
+    cfg, _, demo = pretrain.parse_config(["--data", "synthetic", "--steps", "10000", "--keep", "0", "--pth-every",
+                                          "5000", "--device", "cpu", "--out", "x"])
+    plan = build_plan(cfg, demo, Dist(world=1)).with_data(batches_per_epoch=32, num_images=8192)
+    assert checkpoint_disk(plan, n, n)[0] == pytest.approx((10 + 2) * 16 * n)
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "8", "--steps", "1", "--out", str(tmp_path / "r")]) == 0
+    assert "disk:" not in capsys.readouterr().out  # a tiny run: no line
+
+
+def test_a_folder_without_a_readable_image_is_refused_before_the_run_folder(tmp_path, capsys):
+    data = tmp_path / "not images"
+    data.mkdir()
+    for i in range(40):
+        (data / f"scan{i}.png").write_bytes(b"this is not a png")
+    out = tmp_path / "run"
+    rc = pretrain.main([*TINY, "--data", str(data), "--batch-size", "1", "--num-workers", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "none of the first 32 of its 40 image files could be read" in err and "scan0.png" in err
+    assert not out.exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_ctrl_c_is_one_line_and_exit_130_without_stray_workers(tmp_path):
+    """Ctrl-C reaches the whole process group (the DataLoader workers too), as in a terminal."""
+    out = tmp_path / "run"
+    err_file = tmp_path / "stderr"
+    with err_file.open("w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "urfm_fast.pretrain", *TINY, *SYNTH, "--num-workers", "2",
+                              "--batch-size", "4", "--steps", "100000", "--log-every", "1", "--save-every", "3",
+                              "--out", str(out)], stdout=subprocess.PIPE, stderr=err, text=True,
+                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            for line in p.stdout:
+                if line.startswith("step") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 8:
+                    break
+            workers = _children(p.pid)
+            os.killpg(p.pid, signal.SIGINT)
+            p.stdout.read()
+            rc = p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    lines = [x for x in err_file.read_text().splitlines() if not x.startswith("urfm_fast kernels backend:")]
+    text = "\n".join(lines).strip()
+    assert rc == 130, text[-2000:]
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text[-2000:]
+    assert text.startswith("interrupted at step ") and "the last complete checkpoint is" in text, text
+    assert text.endswith(f"continue with: python -m urfm_fast.pretrain --out {out} --resume"), text
+    assert workers and not any(_alive(w) for w in workers)
+    assert pretrain.main(["--out", str(out), "--resume", "--steps", "12"]) == 0  # the command it printed, shorter
+
+
+def test_resume_from_another_models_run_names_the_folder_it_looked_in(tmp_path, capsys):
+    a, b = tmp_path / "model_a", tmp_path / "model_b"
+    assert pretrain.main([*TINY, *SYNTH, "--batch-size", "4", "--steps", "2", "--out", str(a)]) == 0
+    capsys.readouterr()
+    assert pretrain.main([*TINY, *SYNTH, "--depth", "3", "--batch-size", "4", "--steps", "3", "--out", str(b),
+                          "--resume", str(a)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert f"none of the 1 checkpoint(s) in {a} is usable" in err[-1] and str(b) not in err[-1], err
 
 
 def test_milan_recipe_runs_and_is_saved_then_checked_on_resume(tmp_path, capsys):
@@ -455,3 +582,10 @@ def test_milan_recipe_runs_and_is_saved_then_checked_on_resume(tmp_path, capsys)
     assert pretrain.main(["--resume", "--out", str(out), "--steps", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--decoder cross" in err and len(err.splitlines()) == 1, err
+
+
+def test_an_error_re_raised_from_a_loader_worker_is_its_own_last_line():
+    text = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\nurfm_fast.data.stream.DataError: 32 unreadable images in a row under d')
+    assert pretrain._one_line(DataError(text)) == "32 unreadable images in a row under d"
+    assert pretrain._one_line(DataError("one line\nmore")) == "one line"

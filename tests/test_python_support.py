@@ -60,7 +60,7 @@ def test_wheel_check_requirements(wheels):
 def test_detector_model_is_pp_ocrv6_from_rapidocr():
     from urfm_fast.data import deid
 
-    assert deid._MODEL == ("rapidocr", "models/PP-OCRv6_det_small.onnx")
+    assert deid.DET_MODEL == ("rapidocr", "models/PP-OCRv6_det_small.onnx")
     try:
         path = deid.model_path()
     except deid.DetectorUnavailable:

@@ -1,7 +1,7 @@
 """Exact resume on one process: a run stopped by SIGTERM, or resumed past a corrupt checkpoint,
 follows the uninterrupted run's loss curve step for step; the tiny CPU curve matches the golden file.
 
-Faults are injected with the test hook ``URFM_FAULTS`` (see ``pretrain.parse_faults``): the real
+Faults are injected with the test hook ``URFM_FAULTS`` (see ``train/faults.py``): the real
 signal handler and checkpoint code run, only the moment is chosen by the test.
 """
 

@@ -1,6 +1,7 @@
-"""Segmentation and UltraBench folders: the metrics against torchmetrics, the synthetic masks against the
-rendered lesions, the readers (task detection, patient grouping, scan masks), each bad input as one line
-and exit 2, and the evaluate commands end to end at toy size (linear probe and smp's DPT)."""
+"""Segmentation and UltraBench folders: the metrics against torchmetrics, per-pixel average precision
+against a hand count and torchmetrics, the synthetic masks against the rendered lesions, the readers (task
+detection, patient grouping, scan masks), each bad input as one line and exit 2, the linear probe's losses
+on a small foreground, and the evaluate commands end to end at toy size (linear probe and smp's DPT)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ from PIL import Image
 
 from urfm_fast import evaluate
 from urfm_fast.data import synthetic
+from urfm_fast.eval import run as eval_run
+from urfm_fast.eval.backbones import resolve_backbone
+from urfm_fast.eval.config import EvalConfig, parse_config
 from urfm_fast.eval.data import label_subset
 from urfm_fast.eval.seg_data import load_mask_folder, load_ultrabench, task_candidates
 from urfm_fast.eval.segmentation import (
+    ap_metrics,
+    average_precision,
+    class_weights,
     confusion_matrix,
     extract_tokens,
+    histogram_ap,
     linear_seg_probe,
+    score_histogram,
     segmentation_metrics,
 )
 
@@ -57,6 +66,43 @@ def test_absent_class_is_nan_and_left_out_of_the_means():
     assert m["dice_per_class"][1] == pytest.approx(2 * 2 / (2 * 2 + 1))  # TP 2, FP 1, FN 0
     assert np.isnan(m["dice_per_class"][2]) and m["dice"] == pytest.approx(0.8)
     assert m["iou"] == pytest.approx(2 / 3) and m["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_average_precision_counts_ties_as_one_threshold():
+    """By hand: thresholds 0.9 (P 1, R 1/3), 0.8 (a tie of a positive and a negative: P 2/3, R 2/3) and 0.5
+    (P 1/2, R 1): AP = (1 + 2/3 + 1/2) / 3, as sklearn's average_precision_score counts it."""
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.5, 0.5, 0.5, 0.1])
+    positive = torch.tensor([1, 1, 0, 0, 1, 0, 0]).bool()
+    assert average_precision(scores, positive) == pytest.approx(13 / 18)
+    assert np.isnan(average_precision(scores, torch.zeros(7, dtype=torch.bool)))  # no positives: undefined
+
+
+def test_average_precision_equals_torchmetrics_with_ties():
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(5000, generator=g) * 50).round() / 50  # 51 distinct values: ties everywhere
+    positive = torch.rand(5000, generator=g) < 0.1 + 0.5 * scores
+    ref = float(tm.binary_average_precision(scores, positive.long()))  # sklearn's rule
+    assert average_precision(scores, positive) == pytest.approx(ref, abs=1e-6)
+
+
+def test_histogram_ap_matches_the_exact_ap():
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 3, (4, 40, 40), generator=g)
+    logits = 2 * torch.randn(4, 3, 40, 40, generator=g) + torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2)
+    prob = logits.softmax(1)
+    hist = score_histogram(prob[:2], target[:2]) + score_histogram(prob[2:], target[2:])  # summed over batches
+    exact = [average_precision(prob[:, c], target == c) for c in range(3)]
+    np.testing.assert_allclose(histogram_ap(hist), exact, atol=1e-3)
+
+
+def test_a_class_without_pixels_has_no_ap_and_is_left_out_of_the_mean():
+    target = torch.tensor([[[0, 0, 1, 1]]])  # class 2: no pixel
+    prob = torch.tensor([[[[0.9, 0.6, 0.2, 0.3]], [[0.05, 0.3, 0.7, 0.6]], [[0.05, 0.1, 0.1, 0.1]]]])
+    m = ap_metrics(score_histogram(prob, target))
+    assert m["ap_per_class"][1] == pytest.approx(1.0) and np.isnan(m["ap_per_class"][2])
+    assert m["mean_ap"] == pytest.approx(1.0)
+    assert np.isnan(ap_metrics(score_histogram(prob, torch.zeros_like(target)))["mean_ap"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,28 +281,28 @@ def test_ambiguous_task_lists_the_candidates(tmp_path, capsys):
 
 
 def test_default_protocols_leave_knn_out_of_segmentation():
-    a = evaluate.build_parser().parse_args(["--backbone", "random", "--data", "synthetic-seg"])
+    a, _ = parse_config(["--backbone", "random", "--data", "synthetic-seg"])
     every = ["linear", "knn", "finetune"]
-    assert evaluate.task_protocols(a, "segmentation", every) == ["linear", "finetune"]
-    assert evaluate.task_protocols(a, "classification", every) == every
+    assert eval_run.task_protocols(a, "segmentation", every) == ["linear", "finetune"]
+    assert eval_run.task_protocols(a, "classification", every) == every
     a.protocol = "linear,knn"  # asked for by name: refused with one line (below), not dropped
-    assert evaluate.task_protocols(a, "segmentation", ["linear", "knn"]) == ["linear", "knn"]
+    assert eval_run.task_protocols(a, "segmentation", ["linear", "knn"]) == ["linear", "knn"]
 
 
 def test_segmentation_refusals(tmp_path, capsys, monkeypatch):
     argv = [*TOY, "--data", "synthetic-seg", "--out", str(tmp_path / "o")]
     assert evaluate.main([*argv, "--protocol", "knn"]) == 2
     assert "classification protocol" in capsys.readouterr().err
-    real = evaluate.importlib.util.find_spec
-    monkeypatch.setattr(evaluate.importlib.util, "find_spec",
+    real = eval_run.importlib.util.find_spec
+    monkeypatch.setattr(eval_run.importlib.util, "find_spec",
                         lambda name, *a: None if name == "segmentation_models_pytorch" else real(name, *a))
     assert evaluate.main([*argv, "--protocol", "finetune"]) == 2
     assert "pip install 'urfm_fast[seg]'" in capsys.readouterr().err
     monkeypatch.undo()
-    frozen = evaluate.resolve_backbone("random", "vit_tiny", "token", 32)
+    frozen = resolve_backbone("random", "vit_tiny", "token", 32)
     frozen.meta["trainable"] = False
     with pytest.raises(ValueError, match="frozen teacher; it can be probed \\(linear\\), not fine-tuned"):
-        evaluate.check_task("segmentation", ["finetune"], [frozen])
+        eval_run.check_task("segmentation", ["finetune"], [frozen])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +313,11 @@ def _check_results(out: Path, n_runs: int) -> dict:
     res = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert res["task"] == "segmentation" and len(res["runs"]) == n_runs
     for r in res["runs"]:
-        assert {"dice", "iou", "dice_per_class", "iou_per_class", "pixel_accuracy"} <= set(r)
-        assert len(r["dice_per_class"]) == len(res["classes"]) and 0 <= r["pixel_accuracy"] <= 1
+        assert {"dice", "iou", "dice_per_class", "iou_per_class", "pixel_accuracy", "mean_ap", "ap_per_class"} <= set(r)
+        assert len(r["dice_per_class"]) == len(res["classes"]) == len(r["ap_per_class"])
+        assert 0 <= r["pixel_accuracy"] <= 1 and (r["mean_ap"] is None or 0 <= r["mean_ap"] <= 1)
+    assert res["args"]["seg_loss"] == EvalConfig.seg_loss
+    assert "pixel AP" in (out / "table.txt").read_text()
     assert (out / "label_efficiency.png").is_file()
     return res
 
@@ -317,7 +366,7 @@ def test_dpt_finetune_at_toy_size(tmp_path):
     from urfm_fast.eval.segmentation import build_dpt
 
     ckpt = _tiny_checkpoint(tmp_path / "tiny.pth")
-    bb = evaluate.resolve_backbone(f"tiny={ckpt}", "vit_tiny", "avg", None)
+    bb = resolve_backbone(f"tiny={ckpt}", "vit_tiny", "avg", None)
     dpt = build_dpt(bb, 4)
     src = bb.make(num_classes=0).state_dict()
     enc = dpt.encoder.model.state_dict()
@@ -333,7 +382,7 @@ def test_dpt_finetune_at_toy_size(tmp_path):
 
 
 def test_probe_layers_four_concatenates_the_last_blocks():
-    bb = evaluate.resolve_backbone("random", "vit_tiny", "token", 32)
+    bb = resolve_backbone("random", "vit_tiny", "token", 32)
     images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     one, four = (extract_tokens(bb.make(), images, bb, torch.device("cpu"), layers=k) for k in (1, 4))
     assert one.shape == (2, 4, 192) and four.shape == (2, 4, 4 * 192)
@@ -355,6 +404,48 @@ def test_linear_probe_learns_a_separable_toy():
     cls = torch.randint(0, 3, (40, 2, 2), generator=g)  # a class per patch of a 2x2 grid
     tokens = torch.nn.functional.one_hot(cls.flatten(1), 3).float() + 0.05 * torch.randn(40, 4, 3, generator=g)
     masks = cls.repeat_interleave(8, 1).repeat_interleave(8, 2)  # 16x16 masks
-    cm = linear_seg_probe(tokens[:30], masks[:30], tokens[30:], masks[30:], (2, 2), 3, seed=0, epochs=30, lr=0.5,
-                          min_steps=60)
+    cm, _ = linear_seg_probe(tokens[:30], masks[:30], tokens[30:], masks[30:], (2, 2), 3, seed=0, epochs=30,
+                             lr=0.5, min_steps=60, loss="ce")
     assert segmentation_metrics(cm)["pixel_accuracy"] > 0.85
+
+
+def test_class_weights_are_inverse_sqrt_frequencies():
+    masks = torch.zeros(1, 10, 10, dtype=torch.long)
+    masks[0, 0, :4] = 1  # 4 % of the pixels; class 2 absent
+    w = class_weights(masks, 3)
+    assert w[1] / w[0] == pytest.approx((96 / 4) ** 0.5) and w[2] == 0
+    assert float(w[:2].mean()) == pytest.approx(1.0)
+
+
+def _small_foreground(n: int, seed: int = 0, grid: int = 8, px: int = 4):
+    """One foreground patch of 64 per image (1.6 % of the pixels), its token shifted by 2 noise stds."""
+    g = torch.Generator().manual_seed(seed)
+    fg = torch.zeros(n, grid * grid, dtype=torch.long)
+    fg[torch.arange(n), torch.randint(0, grid * grid, (n,), generator=g)] = 1
+    tokens = torch.randn(n, grid * grid, 8, generator=g)
+    tokens[..., 0] += 2.0 * fg
+    masks = fg.reshape(n, grid, grid).repeat_interleave(px, 1).repeat_interleave(px, 2)
+    return tokens, masks
+
+
+def test_the_default_loss_finds_a_small_foreground_that_plain_ce_misses():
+    tokens, masks = _small_foreground(120)
+    dice = {}
+    for loss in ("ce", EvalConfig.seg_loss):
+        cm, _ = linear_seg_probe(tokens[:80], masks[:80], tokens[80:], masks[80:], (8, 8), 2, seed=0, epochs=10,
+                                 lr=0.1, min_steps=50, loss=loss, batch_size=16)
+        dice[loss] = segmentation_metrics(cm)["dice"]
+    assert dice[EvalConfig.seg_loss] > dice["ce"] + 0.1, dice
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_a_bad_seg_loss_is_refused_in_one_line(tmp_path, capsys, how):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"seg_loss": "dice"}))
+    given = ["--seg-loss", "dice"] if how == "flag" else ["--config", str(cfg)]
+    try:  # argparse exits on a bad flag; a bad --config value comes back as a FlagError, returned as 2
+        code = evaluate.main([*TOY, "--data", "synthetic-seg", "--out", str(tmp_path / "o"), *given])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--seg-loss" in err and "'dice'" in err, err

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from urfm_fast.data import shards
-from urfm_fast.data.shards import INDEX_BIN, RECORD, ShardIndexError
+from urfm_fast.data import index_bin, shards
+from urfm_fast.data.index_bin import INDEX_BIN, RECORD, ShardIndexError
 from urfm_fast.data.stream import DataError, ShardDataset, _RankBatches
 
 
@@ -45,17 +45,17 @@ def folder(tmp_path):
 
 def test_round_trip(folder):
     recs = shards.read_index(folder)
-    shards.write_index_bin(folder)
-    arr, jsonl_bytes = shards.read_index_bin(folder)
+    index_bin.write_index_bin(folder)
+    arr, jsonl_bytes = index_bin.read_index_bin(folder)
     assert isinstance(arr, np.memmap) and arr.dtype == RECORD and len(arr) == len(recs) == 40
     assert jsonl_bytes == os.path.getsize(folder / shards.INDEX)
-    assert os.path.getsize(folder / INDEX_BIN) == shards.HEADER_BYTES + 40 * RECORD.itemsize
+    assert os.path.getsize(folder / INDEX_BIN) == index_bin.HEADER_BYTES + 40 * RECORD.itemsize
     for a, r in zip(arr, recs):
         assert (int(a["shard"]), int(a["offset"]), int(a["h"]), int(a["w"]), int(a["frame"])) == \
             (r["shard"], r["offset"], r["h"], r["w"], r["frame"])
         assert f"{int(a['src_id']):08x}{int(a['path_id']):016x}" == r["id"]
-        assert bool(a["flags"] & shards.BURNED_IN) == r.get("burned_in", False)
-        assert bool(a["flags"] & shards.BLANKED) == ("blank" in r)
+        assert bool(a["flags"] & index_bin.BURNED_IN) == r.get("burned_in", False)
+        assert bool(a["flags"] & index_bin.BLANKED) == ("blank" in r)
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
 
@@ -84,20 +84,20 @@ def test_full_disk_while_converting_still_opens(folder, monkeypatch, caplog):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards, "write_index_bin", full)
-    with caplog.at_level(logging.WARNING, logger="urfm_fast.data.shards"):
+    monkeypatch.setattr(index_bin, "write_index_bin", full)
+    with caplog.at_level(logging.WARNING, logger="urfm_fast.data.index_bin"):
         assert len(ShardDataset(folder)) == 40
     assert "No space left" in caplog.text and not (folder / INDEX_BIN).exists()
 
 
 def test_stale_index_is_rebuilt(folder):
-    shards.write_index_bin(folder)
+    index_bin.write_index_bin(folder)
     recs = shards.read_index(folder)
     extra = dict(recs[0], id="ffffffff0000000000000001")
     with open(folder / shards.INDEX, "a") as f:  # a run that crashed before rewriting index.bin
         f.write(json.dumps(extra) + "\n")
     assert len(ShardDataset(folder)) == 41
-    arr, jsonl_bytes = shards.read_index_bin(folder)
+    arr, jsonl_bytes = index_bin.read_index_bin(folder)
     assert len(arr) == 41 and jsonl_bytes == os.path.getsize(folder / shards.INDEX)
 
 
@@ -106,7 +106,7 @@ def _garble(path, how):
     if how == "truncated":
         raw = raw[:-17]
     elif how == "entry":
-        raw[shards.HEADER_BYTES + 5 * RECORD.itemsize + 3] ^= 0x40
+        raw[index_bin.HEADER_BYTES + 5 * RECORD.itemsize + 3] ^= 0x40
     elif how == "header":
         raw[20] ^= 0x01  # the count
     else:
@@ -116,12 +116,12 @@ def _garble(path, how):
 
 @pytest.mark.parametrize("how", ["truncated", "entry", "header", "foreign"])
 def test_damaged_index_falls_back_to_the_jsonl_and_is_rebuilt(folder, how, caplog):
-    shards.write_index_bin(folder)
+    index_bin.write_index_bin(folder)
     good = (folder / INDEX_BIN).read_bytes()
     _garble(folder / INDEX_BIN, how)
     with pytest.raises(ShardIndexError):
-        shards.read_index_bin(folder)
-    with caplog.at_level(logging.WARNING, logger="urfm_fast.data.shards"):
+        index_bin.read_index_bin(folder)
+    with caplog.at_level(logging.WARNING, logger="urfm_fast.data.index_bin"):
         ds = ShardDataset(folder)
     assert len(ds) == 40
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -130,7 +130,7 @@ def test_damaged_index_falls_back_to_the_jsonl_and_is_rebuilt(folder, how, caplo
 
 
 def test_damaged_index_without_jsonl_is_one_line_data_error(folder):
-    shards.write_index_bin(folder)
+    index_bin.write_index_bin(folder)
     os.remove(folder / shards.INDEX)
     assert len(ShardDataset(folder)) == 40  # index.bin alone is enough
     _garble(folder / INDEX_BIN, "entry")
@@ -186,15 +186,15 @@ def test_no_names_in_the_binary_index(tmp_path):
     ShardDataset(root)
     blob = (root / INDEX_BIN).read_bytes()
     assert b"Doe" not in blob and b"MRN" not in blob
-    arr, _ = shards.read_index_bin(root)
+    arr, _ = index_bin.read_index_bin(root)
     assert not arr["src_id"].any() and not arr["path_id"].any()
 
 
 def test_cli_converts_and_checks(folder, capsys):
-    assert shards.main([str(folder)]) == 0
+    assert index_bin.main([str(folder)]) == 0
     assert "all 40 entries" in capsys.readouterr().out and (folder / INDEX_BIN).exists()
     before = (folder / INDEX_BIN).stat().st_mtime_ns
-    assert shards.main([str(folder)]) == 0  # already there: checked, not rewritten
+    assert index_bin.main([str(folder)]) == 0  # already there: checked, not rewritten
     assert (folder / INDEX_BIN).stat().st_mtime_ns == before
-    assert shards.main([str(folder / "shards")]) == 2
+    assert index_bin.main([str(folder / "shards")]) == 2
     assert "not a shard folder" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_the_sweep_covers_what_the_autotuner_times_at_vit_shapes(sweep):
     for kind, (loop_block, accumulators) in A.TUNED.items():
         for head_dim in (48, 64, 80):  # decoder, ViT-B/L and teacher, ViT-H
             for n in (50, 197):
-                for c in A.prune_tiles(A._gpu_configs(), n, loop_block, A.block_d(head_dim), accumulators):
+                for c in A.prune_tiles(A.gpu_configs(), n, loop_block, A.block_d(head_dim), accumulators):
                     tile = f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                     assert f"attention_{kind} bf16 Dh={head_dim} {tile}" in labels
     for kernel in ("gather_fwd", "unshuffle_fwd", "segment_sum", "unshuffle_bwd", "cosine_loss", "attention_bwd_delta"):

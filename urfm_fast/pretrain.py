@@ -1,9 +1,10 @@
 """URFM pretraining: a ViT student predicts frozen BiomedCLIP patch features of the masked patches.
 
-This module is the entry point only: parse the flags, build the run plan and the Trainer, run, and
-turn every known failure into one line and an exit code. The pieces (see docs/architecture.md):
+This module is the entry point only: parse the flags, call ``train.trainer.pretrain`` (plan, Trainer, run),
+and turn every known failure into one line and an exit code. The pieces (see docs/architecture.md):
 train/config.py (flags), train/plan.py (every derived value), train/distributed.py, train/parallelize.py,
-train/checkpointing.py, train/metrics.py, train/faults.py (test hooks, preemption) and train/trainer.py (the loop).
+train/checkpointing.py, train/metrics.py, train/preemption.py (signals) and train/trainer.py (the loop);
+train/faults.py holds the tests' fault injection.
 
     # a demo on built-in synthetic ultrasound (tiny model on CPU, ViT-B for a short while on a GPU)
     python -m urfm_fast.pretrain
@@ -24,59 +25,17 @@ in the background while training goes on, renamed into place only when complete)
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
 
-from urfm_fast.train.config import (  # noqa: F401 (public names)
-    DEMO_CPU,
-    DEMO_GPU,
-    Stop,
-    TrainConfig,
-    UsageError,
-    build_parser,
-    cuda_wanted,
-    demo_teacher_line,
-    parse_config,
-)
-
-# Public names of the modules that import torch: bound on first use (PEP 562), so ``--help`` and a
-# bad flag answer before torch is imported.
-_EXPORTS = {
-    "urfm_fast.checkpoints.formats": ("CheckpointError",),
-    "urfm_fast.train.checkpointing": ("ema_names", "rng_state", "set_rng_state"),
-    "urfm_fast.data.stream": ("DataError",),
-    "urfm_fast.train.distributed": ("Dist", "all_mean", "broadcast_obj", "fail_fast", "init_distributed",
-                              "is_collective_failure", "report"),
-    "urfm_fast.train.faults": ("parse_faults",),
-    "urfm_fast.train.plan": ("RunPlan", "apply_process_settings", "build_plan", "lr_at"),
-    "urfm_fast.model.teacher": ("TeacherUnavailable",),
-}
-
-def __getattr__(name: str):
-    for module, names in _EXPORTS.items():
-        if name in names:
-            value = getattr(importlib.import_module(module), name)
-            globals()[name] = value
-            return value
-    raise AttributeError(f"module 'urfm_fast.pretrain' has no attribute {name!r}")
-
-
-def train(cfg: TrainConfig, demo: bool) -> int:
-    """Build the run from ``cfg`` and train it to the end (or a preemption); -> exit code."""
-    from urfm_fast.train.distributed import init_distributed
-    from urfm_fast.train.plan import apply_process_settings, build_plan
-    from urfm_fast.train.trainer import Trainer
-
-    d = init_distributed(cfg)
-    plan = build_plan(cfg, demo, d)
-    apply_process_settings(plan)
-    return Trainer(plan, d).train()
+from urfm_fast.train.config import Stop, UsageError, build_parser, cuda_wanted, demo_teacher_line, parse_config
 
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:  # re-raised from a DataLoader worker
+        text = text.splitlines()[-1].split(": ", 1)[-1]  # "urfm_fast.data.stream.DataError: <the message>"
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -90,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from urfm_fast.checkpoints.formats import CheckpointError
-    from urfm_fast.data.stream import DataError
+    from urfm_fast.data.dataset import DataError
     from urfm_fast.model.teacher import TeacherUnavailable
     from urfm_fast.train.distributed import fail_fast, is_collective_failure, report
+    from urfm_fast.train.trainer import pretrain
 
     # process-wide settings a run changes (--deterministic, TF32 for fp32): restored for the caller
     settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -107,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if "teacher" not in given and not given.get("resume"):  # chosen now (a resumed run keeps its own)
                 print(demo_teacher_line(cfg.teacher), flush=True)
-        return train(cfg, demo)
+        return pretrain(cfg, demo)
     except Stop as e:
         report(str(e), rank)
         return e.code
     except (DataError, CheckpointError, TeacherUnavailable, UsageError) as e:
-        report(f"error: {e}", rank)
+        report(f"error: {_one_line(e)}", rank)
         return 2
     except ValueError as e:  # a flag value (FlagError) or a file a loader refused (e.g. a wrong --teacher file)
         report(f"error: {_one_line(e)}", rank)
@@ -121,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         report(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; check the disk and "
                "permissions of --out and the input paths", rank)
         return 2
-    except KeyboardInterrupt:
-        report("interrupted", rank)
+    except KeyboardInterrupt:  # before the loop began (the loop says where to continue)
+        report("interrupted; rerun the same command to continue", rank)
         return 130
     except Exception as e:  # outside the loop (start-up, final save): the same fail-fast, less context
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and is_collective_failure(e):

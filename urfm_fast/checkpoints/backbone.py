@@ -1,4 +1,4 @@
-"""URFM encoders as timm ``VisionTransformer`` backbones, and their timm registration.
+"""URFM encoders as timm ``VisionTransformer`` backbones, and their timm names (registered on import of this module).
 
     from urfm_fast import load_backbone
     model = load_backbone("mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth")   # EMA (weights="auto")
@@ -6,7 +6,7 @@
     model(x)                             # pooled features [B, D] (num_classes=0) or logits
     model.forward_intermediates(x, indices=4, output_fmt="NCHW")  # multi-level maps for dense heads
 
-    import timm, urfm_fast               # registers urfm_vit_{tiny,small,base,large,huge}_patch16_224
+    import timm, urfm_fast.checkpoints.backbone   # registers urfm_vit_{tiny,small,base,large,huge}_patch16_224
     timm.create_model("urfm_vit_base_patch16_224", pretrained=True,
                       pretrained_cfg_overlay=dict(file="PATH"))   # any format load_checkpoint reads
 
@@ -33,12 +33,16 @@ import os
 
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import adapt_input_conv
+from timm.models import (
+    VisionTransformer,
+    adapt_input_conv,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+)
 
-from urfm_fast.checkpoints.formats import CheckpointError, LoadedCheckpoint, _size_from_name, load_checkpoint
-from urfm_fast.config import VIT_PRESETS
-from urfm_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from urfm_fast.checkpoints.formats import CheckpointError, LoadedCheckpoint, load_checkpoint, size_from_name
+from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS
 
 # One mean/std for a grey channel: the channel averages of the student normalisation.
 GREY_MEAN = (sum(IMAGENET_MEAN) / 3,)
@@ -142,10 +146,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
             f"{variant} has no hosted weights: pass pretrained_cfg_overlay=dict(file=PATH) with a URFM "
             "checkpoint or export, or use urfm_fast.load_backbone(PATH)"
         )
-    choice = overlay.get("weights") or ("ema" if overlay.get("prefer_ema", True) else "live")
-    if "weights" not in overlay and "prefer_ema" not in overlay:
-        choice = "auto"
-    ckpt = load_checkpoint(file, weights=choice) if pretrained else None
+    ckpt = load_checkpoint(file, weights=overlay.get("weights") or "auto") if pretrained else None
     in_chans = kwargs.pop("in_chans", 3)
     base = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, patch_size=16,
                 img_size=kwargs.pop("img_size", 224))
@@ -161,7 +162,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
     args.update({k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")})
     if ckpt is None:  # shape keywords a wrapper's own arguments would shadow (smp's encoder takes ``depth``)
         args.update(overlay.get("model_args") or {})
-    overlay = {k: v for k, v in overlay.items() if k not in ("file", "prefer_ema", "weights", "model_args")}
+    overlay = {k: v for k, v in overlay.items() if k not in ("file", "weights", "model_args")}
     model = build_model_with_cfg(VisionTransformer, variant, pretrained=False,
                                  pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay,
                                  **{k: v for k, v in args.items() if k not in ("pretrained_cfg",)})
@@ -205,7 +206,6 @@ def load_backbone(
     in_chans: int = 3,
     img_size: int | None = None,
     weights: str = "auto",
-    prefer_ema: bool | None = None,
     **timm_kwargs,
 ) -> VisionTransformer:
     """The URFM encoder as a timm VisionTransformer.
@@ -217,10 +217,8 @@ def load_backbone(
     ``num_classes > 0`` adds a freshly initialised linear head. Other keyword arguments go to timm's
     VisionTransformer (``drop_path_rate``, ``dynamic_img_size``, ``fc_norm``, ...).
     ``weights``: ``auto`` (the EMA once it has averaged at least 1 / (1 - decay) updates, else the live
-    weights), ``ema`` or ``live``; prints which it took. ``prefer_ema`` (older switch) True/False = ema/live.
+    weights), ``ema`` or ``live``; prints which it took.
     """
-    if prefer_ema is not None:
-        weights = "ema" if prefer_ema else "live"
     ckpt = path if isinstance(path, LoadedCheckpoint) else (
         load_checkpoint(path, weights=weights) if path is not None else None)
     if ckpt is not None and not isinstance(path, LoadedCheckpoint):
@@ -232,7 +230,7 @@ def load_backbone(
         dims = (c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.patch_size)
         img_size = img_size or c.img_size
     else:
-        size = arch if arch in VIT_PRESETS else _size_from_name(arch)
+        size = arch if arch in VIT_PRESETS else size_from_name(arch)
         if size not in VIT_PRESETS:
             raise ValueError(f"unknown arch {arch!r}; choose from {sorted(VIT_PRESETS)}")
         d, L, h = VIT_PRESETS[size]

@@ -82,7 +82,7 @@ _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSEr
                 TypeError, ImportError, KeyError, IndexError, UnicodeDecodeError)
 
 
-def _torch_load(path: Path):
+def torch_load(path: Path):
     """torch.load with weights_only=True and argparse.Namespace allowed; errors become one line."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -160,7 +160,7 @@ def _read(path: Path) -> tuple[object, str]:
             return _load_safetensors(path / "model.safetensors"), "export"
         for name in ("pytorch_model.bin", "checkpoint.pth"):
             if (path / name).is_file():
-                return _torch_load(path / name), "pth"
+                return torch_load(path / name), "pth"
         raise CheckpointError(
             f"{path}: folder is neither a DCP checkpoint (.metadata) nor an export (model.safetensors)"
         )
@@ -168,7 +168,7 @@ def _read(path: Path) -> tuple[object, str]:
         raise CheckpointError(f"{path}: empty file")
     if path.suffix == ".safetensors":
         return _load_safetensors(path), "safetensors"
-    return _torch_load(path), "pth"
+    return torch_load(path), "pth"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def resolve_weights(raw, weights: str) -> tuple[bool, str]:
     return False, f"auto: live weights (the EMA had {updates} updates < {time_constant(decay)})"
 
 
-def _pick_weights(raw, prefer_ema: bool, path: Path) -> tuple[dict, str, dict]:
+def _pick_weights(raw, take_ema: bool, path: Path) -> tuple[dict, str, dict]:
     """(state dict, 'ema'|'model'|'state_dict', rest of the container)."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a checkpoint dict or state dict")
@@ -251,7 +251,7 @@ def _pick_weights(raw, prefer_ema: bool, path: Path) -> tuple[dict, str, dict]:
         ema = {k: v for k, v in _flatten(ema).items() if isinstance(v, torch.Tensor)}
     if live is not None and not _is_state_dict(live):
         live = {k: v for k, v in _flatten(live).items() if isinstance(v, torch.Tensor)}
-    if prefer_ema and ema:
+    if take_ema and ema:
         if live:  # an EMA of trainable parameters only: fixed buffers/embeddings come from the live model
             ema = {**{k: v for k, v in live.items() if k not in ema}, **ema}
         return ema, "ema", raw
@@ -288,7 +288,7 @@ def _dcp_sidecars(path: Path, rest: dict) -> None:
         if isinstance(run_cfg.get("train"), dict) and "ema_decay" in run_cfg["train"]:
             rest.setdefault("ema_decay", run_cfg["train"]["ema_decay"])
     if trainer.is_file():
-        t = _torch_load(trainer)
+        t = torch_load(trainer)
         if isinstance(t, dict):
             for k in ("step", "epoch", "ema_updates"):
                 if t.get(k) is not None:
@@ -301,8 +301,8 @@ def read_state_dict(path: str | os.PathLike, weights: str = "auto") -> dict[str,
     ``ema_state_dict``, ...); wrapper segments (``module.``, ``_orig_mod.``) dropped. Errors: one line."""
     path = Path(path).expanduser()
     raw, _ = _read(path)
-    prefer_ema, _ = resolve_weights(raw, weights)
-    sd, _, _ = _pick_weights(raw, prefer_ema, path)
+    take_ema, _ = resolve_weights(raw, weights)
+    sd, _, _ = _pick_weights(raw, take_ema, path)
     return strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})
 
 
@@ -318,7 +318,7 @@ def _count(sd: dict, prefix: str) -> int:
     return len(ids)
 
 
-def _size_from_name(name: str) -> str | None:
+def size_from_name(name: str) -> str | None:
     m = re.search(r"vit_(tiny|small|base|large|huge)", str(name))
     return f"vit_{m.group(1)}" if m else None
 
@@ -348,7 +348,7 @@ def infer_config(sd: dict[str, torch.Tensor], args: dict | None = None, origin: 
 
     # Heads are invisible in the shapes (qkv is [3D, D] whatever the split): explicit args first, then
     # the size named in args.model (MAE: 'mae_vit_base_patch16_dec768d8b'), then the standard table.
-    size = _size_from_name(args.get("model", ""))
+    size = size_from_name(args.get("model", ""))
     if isinstance(args.get("num_heads"), int):
         num_heads = args["num_heads"]
     elif size and VIT_PRESETS[size][0] == embed_dim:
@@ -371,7 +371,7 @@ def infer_config(sd: dict[str, torch.Tensor], args: dict | None = None, origin: 
             decoder_num_heads=default_dec_heads if dec_dim % default_dec_heads == 0 else max(1, dec_dim // 64),
             target_dim=int(sd["decoder_pred.weight"].shape[0]) if "decoder_pred.weight" in sd else 768,
         )
-    for name in ("mask_ratio", "mask_type", "decoder", "loss_on", "target_norm"):
+    for name in ("mask_ratio", "mask_type", "decoder", "loss_on", "loss", "target_norm"):
         if name in args:
             fields[name] = args[name]
     try:
@@ -400,27 +400,25 @@ def _check_against_model(sd: dict, cfg: URFMConfig, origin: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike, prefer_ema: bool = True, weights: str | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
     """Read any supported checkpoint (see module docstring) into MAE-layout keys + inferred config.
 
     ``weights``: ``ema`` takes ``ema_state_dict`` when the file has one (the released URFM files do), else
     ``model``; ``live`` takes the live ``model`` weights; ``auto`` takes the EMA only once it has had at
     least 1 / (1 - decay) updates (the count our checkpoints record; files without one: the EMA).
-    ``meta['weights']`` says which were taken and ``meta['weights_reason']`` why. ``weights=None`` keeps
-    the older switch: ``prefer_ema`` True = ``ema``, False = ``live``.
+    ``meta['weights']`` says which were taken and ``meta['weights_reason']`` why.
     """
     path = Path(path).expanduser()
     raw, container = _read(path)
     if container == "dcp" and isinstance(raw, dict):
         _dcp_sidecars(path, raw)  # the EMA count and decay live in the sidecar files
-    weights = weights or ("ema" if prefer_ema else "live")
-    prefer_ema, reason = resolve_weights(raw, weights)
-    sd, which, rest = _pick_weights(raw, prefer_ema, path)
+    take_ema, reason = resolve_weights(raw, weights)
+    sd, which, rest = _pick_weights(raw, take_ema, path)
     if which == "state_dict":
         reason = "the file holds one set of weights"
-    elif prefer_ema and which == "model":
+    elif take_ema and which == "model":
         reason = "the file has no EMA: live weights"
-    elif not prefer_ema and which == "ema":
+    elif not take_ema and which == "ema":
         reason = "the file has only EMA weights"
     sd = strip_wrappers({k: v for k, v in sd.items() if k != "n_averaged"})  # AveragedModel's counter
     if container == "dcp":

@@ -24,6 +24,8 @@ folder that is not ours is ever written to.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from urfm_fast.checkpoints.formats import CheckpointError  # noqa: F401 (the one error of both modules)
+from urfm_fast.checkpoints.formats import CheckpointError
 from urfm_fast.checkpoints.safe_load import checkpoint_errors, one_line
 
 # A single-process run saves and loads DCP checkpoints without a process group on purpose; DCP
@@ -50,6 +52,8 @@ METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+# a full disk, a file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored), a full quota: one case for the user
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _rank() -> int:
@@ -86,6 +90,41 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise CheckpointError(
             f"--out {out} already holds a run; pass --resume to continue it, or choose another --out"
         )
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Held by rank 0 for the whole run, taken before ``check_out_dir``: a second pretrain started into
+    the same ``--out`` at the same time (or while an earlier one still saves) would pass that check too,
+    before either has written config.json, and mix its checkpoints and metrics with the first's. An
+    exclusive ``flock`` on the folder itself writes nothing into it, and the kernel drops it when the
+    process ends, however it ends: a killed run leaves no stale lock. A folder it had to make is removed
+    again when the run ends with nothing written in it (bad data refused before the first write)."""
+    import fcntl
+
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # not a folder, or not creatable: check_out_dir and the first write say so in one line
+        yield
+        return
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"--out {out} is in use by another pretrain (started at the same time, or "
+                                  "still saving); wait for it to end or choose another --out") from None
+        except OSError:  # a file system without flock (some NFS and Lustre mounts): one run per folder is on you
+            pass
+        held = True
+        yield
+    finally:
+        if made and held:  # still holding the lock: never a folder another run has taken
+            with contextlib.suppress(OSError):  # not empty: the run wrote into it, and it stays
+                out.rmdir()
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -179,11 +218,15 @@ class PendingSave:
 
 
 def remove_partial(out: Path) -> None:
-    """Delete the temporary folders of saves that never finished (a killed run); rank 0 only."""
+    """Delete what writes that never finished left behind (a killed run, a full disk): the temporary
+    folders of checkpoints and the temporary files of the .pth, config.json and metrics.jsonl; rank 0 only."""
     root = out / CKPT_DIR
     if root.is_dir():
         for p in root.glob(".tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)
+    for name in (".tmp-checkpoint-*.pth", f".tmp-{CONFIG_FILE}", f".tmp-{METRICS_FILE}"):
+        for p in out.glob(name):
+            p.unlink(missing_ok=True)
 
 
 def start_save(
@@ -249,14 +292,20 @@ def finish_save(p: PendingSave) -> Path:
             shutil.rmtree(p.tmp, ignore_errors=True)
         raise CheckpointError(f"writing checkpoint {p.final} failed ({'; '.join(errors)}); check the disk "
                               "(space, permissions) of --out")
+    error = None
     if rank == 0:
         try:
             _finalise(p)
         except OSError as e:  # a full or read-only disk: no temporary folder is left behind
             shutil.rmtree(p.tmp, ignore_errors=True)
-            raise CheckpointError(f"writing checkpoint {p.final} failed ({e.strerror or e}); check the disk "
-                                  "(space, permissions) of --out") from None
-    _barrier()
+            error = (f"writing checkpoint {p.final} failed ({e.strerror or e}); check the disk (space, permissions) "
+                     "of --out")
+    if dist.is_initialized():  # every rank raises the same error, none waits for rank 0 at a barrier
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(error)
     return p.final
 
 

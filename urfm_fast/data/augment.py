@@ -21,8 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from urfm_fast.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (public names)
-
 _TRIES = 10  # torchvision's number of crop attempts
 _M32 = 0xFFFFFFFF
 

@@ -41,8 +41,8 @@ STATIC_TOL = 4  # grey levels a static pixel may wander (lossy compression of th
 STATIC_FROZEN = 0.5  # more than this fraction of the live region static: a frozen cine, mask unused
 LINE_MAX = 0.08  # the tallest text line taken, as a fraction of the image's short side
 MAX_BLANKED = 0.35  # more of the live region than this blanked: text not cleanly separable, leave out
-_MODEL = ("rapidocr", "models/PP-OCRv6_det_small.onnx")
-_SESSIONS = {}  # pid -> onnxruntime session (a forked worker must not reuse its parent's)
+DET_MODEL = ("rapidocr", "models/PP-OCRv6_det_small.onnx")
+SESSIONS = {}  # pid -> onnxruntime session (a forked worker must not reuse its parent's)
 
 
 class DetectorUnavailable(RuntimeError):
@@ -56,8 +56,8 @@ class NotCleanable(ValueError):
 def model_path():
     """Path of the PP-OCRv6 detection ONNX file inside the installed rapidocr wheel (found without
     importing rapidocr, whose OCR pipeline prepare does not use)."""
-    spec = importlib.util.find_spec(_MODEL[0])
-    path = os.path.join(os.path.dirname(spec.origin), _MODEL[1]) if spec and spec.origin else None
+    spec = importlib.util.find_spec(DET_MODEL[0])
+    path = os.path.join(os.path.dirname(spec.origin), DET_MODEL[1]) if spec and spec.origin else None
     if path is None or not os.path.isfile(path):
         raise DetectorUnavailable(
             "the text detector's model is missing (pip install 'rapidocr>=3.10'); prepare does not "
@@ -67,7 +67,7 @@ def model_path():
 
 
 def _session():
-    s = _SESSIONS.get(os.getpid())
+    s = SESSIONS.get(os.getpid())
     if s is None:
         try:
             import onnxruntime as ort
@@ -83,8 +83,8 @@ def _session():
         # All graph fusions: 1.4x faster than ORT_ENABLE_EXTENDED on this network (CPU time, one thread).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         s = ort.InferenceSession(model_path(), opts, providers=["CPUExecutionProvider"])
-        _SESSIONS.clear()
-        _SESSIONS[os.getpid()] = s
+        SESSIONS.clear()
+        SESSIONS[os.getpid()] = s
     return s
 
 
@@ -146,12 +146,12 @@ def find_text(g, roi, live):
     second was tried and dropped: the black rectangles changed what the network saw and it missed
     text it had found before.)"""
     y0, y1, x0, x1 = roi
-    text = boxes_mask(g.shape, text_boxes(g, _line_max(g.shape), DET_FRAME_SIDE))[y0:y1, x0:x1]
+    text = boxes_mask(g.shape, text_boxes(g, line_max(g.shape), DET_FRAME_SIDE))[y0:y1, x0:x1]
     crop = np.where(live, g[y0:y1, x0:x1], 0).astype(np.uint8)
-    return boxes_mask(crop.shape, text_boxes(crop, _line_max(crop.shape), DET_LONG_SIDE), out=text)
+    return boxes_mask(crop.shape, text_boxes(crop, line_max(crop.shape), DET_LONG_SIDE), out=text)
 
 
-def _line_max(shape):
+def line_max(shape):
     return max(24, LINE_MAX * min(shape))
 
 
@@ -165,7 +165,7 @@ def small_marks(crop, outside):
     n, lab, stats, _ = cv2.connectedComponentsWithStats(((crop > 40) & outside).astype(np.uint8), connectivity=8)
     if n <= 1:
         return np.zeros(crop.shape, bool)
-    size = _line_max(crop.shape)
+    size = line_max(crop.shape)
     small = (stats[:, 2] <= size) & (stats[:, 3] <= size)
     # The ring 2 px around each object, labelled by the dilated label image: mostly black.
     ring_lab = cv2.dilate(lab.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)

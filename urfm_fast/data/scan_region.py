@@ -146,7 +146,7 @@ def region_box(ds, shape):
     return y0, y1, x0, x1
 
 
-def _geometry(g, box):
+def scan_geometry(g, box):
     """First frame of a file -> (roi (y0, y1, x0, x1), live bool [roi], crop kind, outside bool [roi] or None).
 
     A DICOM region box is the live image as the scanner states it, kept whole (the scan hull found

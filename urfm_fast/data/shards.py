@@ -1,47 +1,31 @@
-"""The shard folder: the one module that owns its format, written by `urfm_fast.prepare`, read by
-`urfm_fast.data.stream`.
+"""The shard folder: the one module that names, writes and reads every file in it (written by
+urfm_fast.data.convert for `python -m urfm_fast.prepare`, read by urfm_fast.data.stream):
 
-A shard folder holds MARKER (urfm_shards.json), the shards (append-only uint8 pixel files), the index
-(index.jsonl, one record per image, the source of truth) and its binary twin index.bin, the skip list
-and the summary. This module has the file names, the shard writer, the JSON-lines helpers, and the
-reading and writing of both index files.
+    DIR/urfm_shards.json   format marker, the short side and a check of the key (never the key itself)
+    DIR/shards/shard-NNNNN.bin   raw uint8 pixels, row-major, images back to back (append-only)
+    DIR/index.jsonl        one line per image: shard, offset, h, w, id, frame, crop, roi (crop box in
+                           the source frame), blank (boxes blanked inside it, output pixels), burned_in;
+                           the source of truth
+    DIR/index.bin          its fixed-width binary twin, memory-mapped by training (below)
+    DIR/skipped.jsonl      one line per file or archive member left out: id, reason
+    DIR/summary.json       counts of the last run, in total and per source (by position, never by path)
+    DIR/review.png, review-LINE.png   the review sheet and single images at full size (data/review.py)
+    DIR/index.part-K-of-N.jsonl, skipped.part-K-of-N.jsonl, index.part-K-of-N.done
+                           with --part K/N: the part's index, skip list and done record, until --merge;
+                           summary.part-K-of-N.json its counts
+    DIR/.prepare.lock, .prepare.lock.setup, .prepare.lock.part-K-of-N   flock files (never stale:
+                           the kernel drops a lock with its process)
+    DIR.key                beside DIR, not in it (or --key FILE): the key of the source ids, mode 0600
+                           (urfm_fast.data.source_ids)
 
-index.bin
----------
-The binary, memory-mapped twin of ``index.jsonl``.
+index.bin, the memory-mapped twin of index.jsonl, has its own module: urfm_fast.data.index_bin.
 
-Parsing ``index.jsonl`` costs ~9 s and gigabytes of Python objects per million images, in every rank.
-``index.bin`` holds the same entries as fixed-width little-endian records behind a 64-byte header, so a
-rank opens it as a numpy memory map: the header is read, the records' CRC32 checked (one pass at
-memory speed, ~20 ms per million) and nothing is parsed; entries are read when a sample is drawn.
-
-    header  magic b"URFMIDX1", record bytes (u4), pad (u4), count (u8), size in bytes of the
-            index.jsonl it was built from (u8), CRC32 of the records (u4), CRC32 of the header
-            bytes before it (u4), zero padding to 64 bytes
-    record  RECORD below, 40 bytes: offset, shard, h, w (where the uint8 pixels are), frame, the
-            salted source id as two integers (8 + 16 hex digits of the id; 0 in folders written
-            before names were hashed: no name ever enters this file) and flags (burned_in, blanked)
-
-``index.jsonl`` stays the source of truth, for people and tools (the review sheet, labels named by
-path, prepare's resume bookkeeping). ``prepare`` rewrites ``index.bin`` at the end of every run;
-a reader finding it missing or stale (the jsonl's size differs: a crash mid-run, a folder from an
-older version) or damaged (bad magic, size or CRC: one warning) rebuilds it from the jsonl, written
-to a temporary file and renamed into place, only when the folder is writable; otherwise it uses
-the entries parsed from the jsonl for this run. A folder holding ``index.bin`` alone is read from it.
-
-Before many ranks open a folder written by an older version (each would parse the jsonl once):
-
-    python -m urfm_fast.data.shards /data/us_shards   # writes or checks DIR/index.bin
-                                                     # (the older spelling python -m urfm_fast.shard_index works too)
 """
 
-import hashlib
+import contextlib
+import fcntl
 import json
-import logging
 import os
-import struct
-import sys
-import zlib
 
 import numpy as np
 
@@ -50,12 +34,126 @@ INDEX = "index.jsonl"
 SKIPPED = "skipped.jsonl"
 SUMMARY = "summary.json"
 SHARD_DIR = "shards"
+REVIEW = "review.png"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SHARD_BYTES = 1 << 30  # start a new shard file after ~1 GiB
 
 
+LOCK = ".prepare.lock"  # the folder's lock: exclusive for a plain prepare or a merge, shared by --part runs
+SETUP_LOCK = LOCK + ".setup"  # held only while a prepare creates or joins the folder
+
+
 def shard_path(root, k):
     return os.path.join(root, SHARD_DIR, f"shard-{k:05d}.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating and joining a folder: any number of prepares may start at once on one new --out
+
+
+class FolderError(ValueError):
+    """--out cannot be used as a shard folder, or another prepare holds it (one line)."""
+
+
+def check_out(out):
+    """Refuse an --out that is a file, or a folder holding files that are not a shard folder's. What a
+    prepare leaves in a new folder before its marker exists (locks, the marker's temporary file) is ours."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FolderError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and not is_shard_dir(out) and [f for f in os.listdir(out) if not _before_marker(f)]:
+        raise FolderError(f"--out {out} is not empty and not a shard folder; choose an empty or new folder")
+
+
+def _before_marker(name):
+    return name.startswith(LOCK) or name.startswith(MARKER + ".tmp")
+
+
+@contextlib.contextmanager
+def setup_locked(out):
+    """Hold `out`'s setup lock (creating the folder): creating or joining a shard folder, and its key,
+    is one step against any number of prepares (plain or --part) starting at once, so each sees the
+    folder either absent or whole. Refuses (FolderError) a file, or a folder that is not ours."""
+    check_out(out)  # before anything is written into a folder that may not be ours
+    os.makedirs(out, exist_ok=True)
+    with _flock(os.path.join(out, SETUP_LOCK), fcntl.LOCK_EX):
+        check_out(out)  # again: no other prepare is half-way through creating it now
+        yield
+
+
+def join(out, short_side, part=None):
+    """Under setup_locked: lock `out` for this run and create what a new folder lacks -> (its locks,
+    its marker). The locks (an ExitStack) are released when the process ends, however it ends."""
+    locks = lock_folder(out, part)
+    try:
+        meta = _create_marker(out, short_side)
+        os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
+    except BaseException:
+        locks.close()
+        raise
+    return locks, meta
+
+
+def _create_marker(out, short_side):
+    """The folder's marker, written whole first (a crash before the rename leaves only a temporary
+    file, removed here next time) -> its contents."""
+    mpath = os.path.join(out, MARKER)
+    for f in os.listdir(out):
+        if f.startswith(MARKER + ".tmp"):
+            os.remove(os.path.join(out, f))
+    if not os.path.exists(mpath):
+        write_marker(out, {"format": "urfm-shards", "version": 1, "short_side": short_side})
+    return read_marker(out)
+
+
+def read_marker(out):
+    with open(os.path.join(out, MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_marker(out, meta):
+    """Replace the marker atomically (tmp + fsync + rename): readers see the old or the new one whole."""
+    mpath = os.path.join(out, MARKER)
+    tmp = f"{mpath}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, mpath)
+
+
+def lock_folder(out, part=None):
+    """The locks of one run on `out`: two runs appending to one index would interleave and duplicate
+    images. Plain (and merge): the folder's lock, exclusive. part (K, N): the folder's lock shared with
+    the other parts, and part K's own exclusively. FolderError (one line) when one is held."""
+    locks = contextlib.ExitStack()
+    wanted = [(LOCK, fcntl.LOCK_SH if part else fcntl.LOCK_EX, "another prepare")]
+    if part:
+        wanted.append((part_lock(*part), fcntl.LOCK_EX, f"another prepare --part {part[0]}/{part[1]}"))
+    for name, mode, who in wanted:
+        try:
+            locks.enter_context(_flock(os.path.join(out, name), mode | fcntl.LOCK_NB))
+        except BlockingIOError:
+            locks.close()
+            raise FolderError(f"{who} is writing to {out} (its lock {name} is held); wait for it to finish or "
+                              "choose another --out") from None
+    return locks
+
+
+def part_lock(k, n):
+    return f"{LOCK}.{part_name(k, n)}"
+
+
+@contextlib.contextmanager
+def _flock(path, mode):
+    """flock on `path` (created if absent). The descriptor is close-on-exec and prepare's workers come
+    from a fork server, so no other process holds it: a killed prepare never leaves its lock held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def is_shard_dir(root):
@@ -77,7 +175,7 @@ def read_index(root):
     return records
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends images to new shard files (never rewrites an existing one). part (K, N): only shard
     numbers congruent to K-1 modulo N, so N parts writing into one folder at once never meet."""
 
@@ -111,22 +209,19 @@ class _ShardWriter:
             self.f.close()
 
 
-def _read_jsonl(p):
+def read_jsonl(p):
     if not os.path.exists(p):
         return []
     with open(p, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def _write_jsonl(p, rows):
+def write_jsonl(p, rows):
     tmp = p + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, p)
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------------------------------
 # Index parts: prepare --part K/N on many machines, then --merge
@@ -184,18 +279,94 @@ def _finished_part(root, k, n, short_side):
     shown = os.path.basename(index)
     if not os.path.exists(index):
         raise PartError(f"{root}: {shown} is missing: run prepare --part {k}/{n} into this folder first")
-    try:
-        with open(done) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
+    rec = _done_record(done)
+    if rec is None:
         raise PartError(f"{root}: {shown} is unfinished (its prepare --part {k}/{n} is still running or was cut "
-                        "short): run that part again, then merge") from None
-    if rec.get("index_bytes") != os.path.getsize(index) or rec.get("skipped_bytes") != _size(skipped):
+                        "short): run that part again, then merge")
+    if not _sizes_match(rec, index, skipped):
         raise PartError(f"{root}: {shown} changed after its prepare --part {k}/{n} finished: run that part again")
     if rec.get("short_side") != short_side:
         raise PartError(f"{root}: {shown} was prepared with --short-side {rec.get('short_side')}, the folder with "
                         f"{short_side}: prepare that part again with --short-side {short_side}")
-    return _read_jsonl(index), _read_jsonl(skipped)
+    return read_jsonl(index), read_jsonl(skipped)
+
+
+def review_name(line):
+    """The full-size review image of index line `line` (prepare --show)."""
+    return f"review-{line}.png"
+
+
+def write_summary(root, counts, part=None):
+    """The counts of one run: SUMMARY, or summary.part-K-of-N.json for part (K, N)."""
+    name = SUMMARY if part is None else f"summary.{part_name(*part)}.json"
+    tmp = os.path.join(root, f"{name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(counts, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, os.path.join(root, name))
+
+
+def read_image(root, maps, r):
+    """uint8 [h,w] of one index record (its shard file memory-mapped once, kept in maps)."""
+    m = maps.get(r["shard"])
+    if m is None:
+        m = maps[r["shard"]] = np.memmap(shard_path(root, r["shard"]), dtype=np.uint8, mode="r")
+    return np.array(m[r["offset"]:r["offset"] + r["h"] * r["w"]]).reshape(r["h"], r["w"])
+
+
+def cut_torn_line(p):
+    """A crash mid-line leaves a torn last line in an append-only JSON-lines file: cut it before appending."""
+    if os.path.exists(p):
+        with open(p, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def drop_last_source(p, tail=1 << 23):
+    """Cut the lines of the last source file from an index (or index part) whose run did not finish.
+    A file's lines are appended in one write, but a process killed inside that write can leave the
+    first lines of a multi-frame file only, and the file would count as done; the rerun reads it again.
+    Looks at the last `tail` bytes (a file's lines are far fewer)."""
+    if not os.path.exists(p):
+        return
+    with open(p, "rb+") as f:
+        start = max(0, f.seek(0, os.SEEK_END) - tail)
+        f.seek(start)
+        lines = f.read().split(b"\n")[:-1]  # whole lines only: the torn one is cut already
+        if start:
+            lines = lines[1:]  # the first may be the end of a line that began before the tail
+        if not lines:
+            return
+        name = _source_of(lines[-1])
+        k = len(lines)
+        while k and _source_of(lines[k - 1]) == name:
+            k -= 1
+        f.truncate(f.tell() - sum(len(line) + 1 for line in lines[k:]))
+
+
+def _source_of(line):
+    r = json.loads(line)
+    return r.get("id") or (r.get("src"), r.get("path"))  # by id, or by name in folders from before ids
+
+
+def part_is_done(root, k, n):
+    """True when part k of n finished and its files are as it left them (its done record matches)."""
+    index, skipped, done = part_paths(root, k, n)
+    rec = _done_record(done)
+    return rec is not None and _sizes_match(rec, index, skipped)
+
+
+def _done_record(done):
+    try:
+        with open(done) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _sizes_match(rec, index, skipped):
+    return rec.get("index_bytes") == _size(index) and rec.get("skipped_bytes") == _size(skipped)
 
 
 def _size(p):
@@ -212,7 +383,8 @@ def _fsync_jsonl(p, rows):
 
 
 def merge_parts(root, short_side, only=None):
-    """Join the index parts of root into index.jsonl, skipped.jsonl and index.bin, then delete them.
+    """Join the index parts of root into index.jsonl and skipped.jsonl, then delete them (the caller
+    then rewrites index.bin).
 
     Every part 1..N of the split found must be finished (only=(K, N): that part alone, for a folder
     that holds one part of a split across folders). Rows already in the index (a merge cut short after
@@ -227,181 +399,15 @@ def merge_parts(root, short_side, only=None):
     n = splits[0]
     want = [only] if only else [(k, n) for k in range(1, n + 1)]
     got = [_finished_part(root, k, n, short_side) for k, n in want]  # every part checked before a byte is written
-    index, skipped = read_index(root), _read_jsonl(os.path.join(root, SKIPPED))
+    index, skipped = read_index(root), read_jsonl(os.path.join(root, SKIPPED))
     have = {(r["shard"], r["offset"]) for r in index}
     have_skip = {r["id"] for r in skipped}
     added = [r for rows, _ in got for r in rows if (r["shard"], r["offset"]) not in have]
     skipped += [r for _, rows in got for r in rows if r["id"] not in have_skip]
     _fsync_jsonl(os.path.join(root, SKIPPED), skipped)
     _fsync_jsonl(os.path.join(root, INDEX), index + added)  # the index last: readers see all or nothing
-    write_index_bin(root)
-    for k, n in want:
-        for p in part_paths(root, k, n):
+    for k, n in want:  # no part of these can be running: the caller holds the folder's lock
+        for p in (*part_paths(root, k, n), os.path.join(root, part_lock(k, n))):
             if os.path.exists(p):
                 os.remove(p)
     return len(added), want
-
-INDEX_BIN = "index.bin"
-MAGIC = b"URFMIDX1"
-HEADER_BYTES = 64
-_HEADER = struct.Struct("<8sIIQQI")  # magic, record bytes, pad, count, jsonl bytes, records CRC32
-RECORD = np.dtype([("offset", "<i8"), ("path_id", "<u8"), ("src_id", "<u4"), ("shard", "<i4"), ("h", "<i4"),
-                   ("w", "<i4"), ("frame", "<i4"), ("flags", "<u4")])
-BURNED_IN, BLANKED = 1, 2  # flags bits
-
-
-class ShardIndexError(ValueError):
-    """A damaged index.bin with no index.jsonl to rebuild it from (the message is one line)."""
-
-
-def records_to_array(records):
-    """index.jsonl records (dicts) -> structured array of RECORD."""
-    arr = np.zeros(len(records), dtype=RECORD)
-    if not records:
-        return arr
-    ids = [r.get("id", "") for r in records]
-    arr["offset"] = [r["offset"] for r in records]
-    arr["shard"] = [r["shard"] for r in records]
-    arr["h"] = [r["h"] for r in records]
-    arr["w"] = [r["w"] for r in records]
-    arr["frame"] = [r.get("frame", 0) for r in records]
-    arr["src_id"] = [int(i[:8], 16) if len(i) == 24 else 0 for i in ids]
-    arr["path_id"] = [int(i[8:], 16) if len(i) == 24 else 0 for i in ids]
-    arr["flags"] = [BURNED_IN * bool(r.get("burned_in")) | BLANKED * bool(r.get("blank")) for r in records]
-    return arr
-
-
-def _header(count, jsonl_bytes, crc):
-    head = _HEADER.pack(MAGIC, RECORD.itemsize, 0, count, jsonl_bytes, crc)
-    head += struct.pack("<I", zlib.crc32(head))
-    return head.ljust(HEADER_BYTES, b"\0")
-
-
-def write_index_bin(root, records=None, jsonl_bytes=None):
-    """Write root/index.bin from records (default: parsed from root/index.jsonl) atomically: a
-    temporary file of this process, fsynced, then renamed over the old one."""
-    if records is None:
-        jsonl_bytes = _jsonl_bytes(root)
-        records = read_index(root)
-    arr = np.ascontiguousarray(records_to_array(records) if isinstance(records, list) else records, RECORD)
-    data = memoryview(arr).cast("B")
-    path = os.path.join(root, INDEX_BIN)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header(len(arr), jsonl_bytes or 0, zlib.crc32(data)))
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _jsonl_bytes(root):
-    try:
-        return os.path.getsize(os.path.join(root, INDEX))
-    except OSError:
-        return None
-
-
-def read_index_bin(root):
-    """-> (read-only memory map of RECORD [count], jsonl bytes it was built from), or None when root
-    has no index.bin. Raises ShardIndexError naming what is wrong with a damaged one."""
-    path = os.path.join(root, INDEX_BIN)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(HEADER_BYTES)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        return None
-    if len(head) < HEADER_BYTES or head[:8] != MAGIC:
-        raise ShardIndexError(f"{INDEX_BIN} is not a shard index (bad header)")
-    magic, rec_bytes, _, count, jsonl_bytes, crc = _HEADER.unpack_from(head)
-    (head_crc,) = struct.unpack_from("<I", head, _HEADER.size)
-    if head_crc != zlib.crc32(head[:_HEADER.size]) or rec_bytes != RECORD.itemsize:
-        raise ShardIndexError(f"{INDEX_BIN} has a damaged header or an unknown record layout")
-    if size != HEADER_BYTES + count * RECORD.itemsize:
-        raise ShardIndexError(f"{INDEX_BIN} is truncated or padded ({size} bytes for {count} entries)")
-    if count == 0:
-        return np.zeros(0, RECORD), jsonl_bytes
-    arr = np.memmap(path, dtype=RECORD, mode="r", offset=HEADER_BYTES, shape=(count,))
-    if zlib.crc32(memoryview(arr).cast("B")) != crc:
-        raise ShardIndexError(f"{INDEX_BIN} is damaged (its entries fail their checksum)")
-    return arr, jsonl_bytes
-
-
-def open_index(root):
-    """The entries of a shard folder as a structured array of RECORD: index.bin memory-mapped when it
-    is intact and matches index.jsonl, else rebuilt from index.jsonl (and saved when the folder is
-    writable). Raises ShardIndexError only when index.bin is damaged and there is no index.jsonl."""
-    root = os.fspath(root)
-    jsonl_bytes = _jsonl_bytes(root)
-    try:
-        found = read_index_bin(root)
-    except ShardIndexError as e:
-        if jsonl_bytes is None:
-            raise ShardIndexError(f"shard folder {root}: {e}, and there is no {INDEX} to rebuild it from") from None
-        log.warning("shard folder %s: %s; reading %s instead", root, e, INDEX)
-        found = None
-    if found is not None and (jsonl_bytes is None or found[1] == jsonl_bytes):
-        return found[0]
-    records = read_index(root)
-    arr = records_to_array(records)
-    if os.access(root, os.W_OK):
-        try:
-            write_index_bin(root, arr, jsonl_bytes)
-            log.info("shard folder %s: wrote %s (%d entries) from %s", root, INDEX_BIN, len(arr), INDEX)
-        except OSError as e:  # a full disk: this run still has the parsed entries
-            log.warning("shard folder %s: cannot write %s (%s)", root, INDEX_BIN, e.strerror or e)
-    return arr
-
-
-def folder_id(root):
-    """A salted id of a shard folder and its content (config.json of a run names its folders by it): 16 hex
-    digits hashing the marker's key check (made from the folder's key) with the count and checksum of the
-    index.bin entries; None when there is no readable index.bin."""
-
-    try:
-        with open(os.path.join(root, MARKER)) as f:
-            check = json.load(f).get("key_check", "")
-        with open(os.path.join(root, INDEX_BIN), "rb") as f:
-            _, _, _, count, _, crc = _HEADER.unpack_from(f.read(HEADER_BYTES))
-    except (OSError, ValueError, struct.error):
-        return None
-    return hashlib.sha256(f"{check}:{count}:{crc:08x}".encode()).hexdigest()[:16]
-
-
-def reopen(root, count):
-    """index.bin's records again as a memory map (in a DataLoader worker), as open_index left it."""
-    return np.memmap(os.path.join(root, INDEX_BIN), dtype=RECORD, mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-def main(argv=None):
-    from urfm_fast.cli_checks import OneLineParser
-
-    ap = OneLineParser(prog="python -m urfm_fast.data.shards",
-                       description="Write (or check) the memory-mapped index.bin of a shard folder.")
-    ap.add_argument("dir", help="a shard folder written by python -m urfm_fast.prepare")
-    root = ap.parse_args(argv).dir
-    if not is_shard_dir(root):
-        print(f"error: {root} is not a shard folder (run python -m urfm_fast.prepare)", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        n = len(open_index(root))
-        found = read_index_bin(root)
-    except (ShardIndexError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if found is None or len(found[0]) != n:
-        print(f"error: {root}: cannot write {INDEX_BIN} there (read-only?)", file=sys.stderr)
-        return 2
-    print(f"{root}: {INDEX_BIN} holds all {n} entries of {INDEX}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 
-from urfm_fast.data.shards import INDEX, MARKER, SKIPPED, _read_jsonl, _write_jsonl
+from urfm_fast.data.shards import INDEX, SKIPPED, read_jsonl, read_marker, write_jsonl, write_marker
 from urfm_fast.data.sources import PrepareError
 
 KEY_SUFFIX = ".key"
@@ -74,18 +74,9 @@ def _write_key(path, salt):
     return salt
 
 
-def _write_marker(out, meta):
-    mpath = os.path.join(out, MARKER)
-    tmp = f"{mpath}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-        f.write("\n")
-    os.replace(tmp, mpath)
-
-
 def _holds_ids(out):
     """True when the folder's index or skip list names sources by salted id (a key made them)."""
-    return any("id" in r for name in (INDEX, SKIPPED) for r in _read_jsonl(os.path.join(out, name))[:1])
+    return any("id" in r for name in (INDEX, SKIPPED) for r in read_jsonl(os.path.join(out, name))[:1])
 
 
 def folder_salt(out, key=None, create=False, say=print):
@@ -97,8 +88,7 @@ def folder_salt(out, key=None, create=False, say=print):
     whose sources are already named by it, or when the key file belongs to another folder."""
     kp = os.fspath(key) if key else default_key_path(out)
     check_key_path(kp, out)
-    with open(os.path.join(out, MARKER)) as f:
-        meta = json.load(f)
+    meta = read_marker(out)
     if "salt" in meta:  # written before the key moved out of the folder
         salt = meta["salt"]
         if not create:
@@ -108,7 +98,7 @@ def folder_salt(out, key=None, create=False, say=print):
                                  "--key FILE")
         _write_key(kp, salt)
         meta = {k: v for k, v in meta.items() if k != "salt"}
-        _write_marker(out, {**meta, "key_check": _key_check(salt)})
+        write_marker(out, {**meta, "key_check": _key_check(salt)})
         say(f"moved the key naming the sources of {out} out of the folder into {kp} (ids unchanged): share the "
             "folder, keep the key")
         return salt
@@ -125,7 +115,7 @@ def folder_salt(out, key=None, create=False, say=print):
     else:
         salt = _write_key(kp, os.urandom(16).hex())
     if create and "key_check" not in meta:
-        _write_marker(out, {**meta, "key_check": _key_check(salt)})
+        write_marker(out, {**meta, "key_check": _key_check(salt)})
     return salt
 
 
@@ -169,13 +159,13 @@ def path_lookup(root, records, key=None):
     return find
 
 
-def _hash_old_names(out, salt):
+def hash_old_names(out, salt):
     """Folders written before sources were hashed name them in index.jsonl and skipped.jsonl: replace
     those names by their ids (each file rewritten whole, atomically) -> [(id, src, rel)] replaced."""
     named = []
     for name in (INDEX, SKIPPED):
         p = os.path.join(out, name)
-        rows = _read_jsonl(p)
+        rows = read_jsonl(p)
         if not any("path" in r for r in rows):
             continue
         for k, r in enumerate(rows):
@@ -184,11 +174,11 @@ def _hash_old_names(out, salt):
                 sid = source_id(salt, src, rel)
                 named.append((sid, src, rel))
                 rows[k] = {"id": sid, **r}
-        _write_jsonl(p, rows)
+        write_jsonl(p, rows)
     return named
 
 
-def _check_path_map(path_map, out):
+def check_path_map(path_map, out):
     """Refuse a --path-map inside the shard folder, or an existing file that is not a path map."""
     pm, root = os.path.realpath(path_map), os.path.realpath(out)
     if os.path.commonpath([pm, root]) == root:
@@ -197,7 +187,7 @@ def _check_path_map(path_map, out):
     if os.path.isdir(pm) or not os.path.isdir(os.path.dirname(pm)):
         raise PrepareError(f"--path-map {path_map} is a folder or in a folder that does not exist")
     try:
-        rows = _read_jsonl(pm)
+        rows = read_jsonl(pm)
     except (OSError, ValueError, UnicodeDecodeError):
         rows = None
     if rows is None or any(set(r) != {"id", "src", "path"} for r in rows):
@@ -205,8 +195,8 @@ def _check_path_map(path_map, out):
     return {r["id"]: r for r in rows}
 
 
-def _write_path_map(path_map, known, entries):
+def write_path_map(path_map, known, entries):
     """Merge (id, src, rel) entries into the user's path map (JSON lines: id, src, path)."""
     for sid, src, rel in entries:
         known.setdefault(sid, {"id": sid, "src": src, "path": rel})
-    _write_jsonl(path_map, sorted(known.values(), key=lambda r: (r["src"], r["path"])))
+    write_jsonl(path_map, sorted(known.values(), key=lambda r: (r["src"], r["path"])))

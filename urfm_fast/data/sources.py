@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 from urfm_fast.data import deid, dicom_grey, media
-from urfm_fast.data.scan_region import _geometry, load_image_grey8, near_duplicate, region_box, resize_short
+from urfm_fast.data.scan_region import load_image_grey8, near_duplicate, region_box, resize_short, scan_geometry
 from urfm_fast.data.shards import IMAGE_EXTS
 
 DICOM_EXTS = (".dcm", ".dicom", ".dic")
@@ -70,7 +70,7 @@ def _clean_frames(frames, short_side, box=None, kept=1, geometry_frame=None):
     cleaner, kind, numbers, shape, duplicates = None, None, [], None, 0
     for idx, g in frames:
         if cleaner is None:
-            roi, live, kind, outside = _geometry(g if geometry_frame is None else geometry_frame, box)
+            roi, live, kind, outside = scan_geometry(g if geometry_frame is None else geometry_frame, box)
             cleaner = deid.FileCleaner(roi, live, lambda c: np.array(resize_short(c, short_side)), kept, outside)
             shape = g.shape
         elif g.shape != shape:
@@ -169,10 +169,10 @@ def _check_pixel_budget(ds):
                          f"{MAX_FRAME_PIXELS} (a decompression bomb?); not decoded")
 
 
-_BURNED_IN = ["clean"]  # this process's --burned-in policy (set by _quiet_worker)
+_BURNED_IN = ["clean"]  # this process's --burned-in policy (set by quiet_decoders)
 
 
-def _quiet_worker(burned_in="clean"):
+def quiet_decoders(burned_in="clean"):
     """Silence decoders in workers: pydicom warnings quote header values (names, dates)."""
     _BURNED_IN[0] = burned_in
     warnings.simplefilter("ignore")
@@ -227,12 +227,12 @@ def _open_zip(path):
     key = (path, st.st_mtime_ns, st.st_size)
     zf = _ZIPS.get(key)
     if zf is None:
-        _close_zips()
+        close_zips()
         zf = _ZIPS[key] = zipfile.ZipFile(path)
     return zf
 
 
-def _close_zips():
+def close_zips():
     for zf in _ZIPS.values():
         zf.close()
     _ZIPS.clear()

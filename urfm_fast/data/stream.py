@@ -1,11 +1,9 @@
 """Training input: sources of uint8 grey images and the infinite, resumable, sharded batch stream.
 
-Sources (each item is a uint8 tensor [1,H,W]):
-- `ShardDataset(dir)`     pre-decoded shards written by `python -m urfm_fast.prepare` (fast path:
-                          a memory-map read per image, no decoding).
-- `ImageFolderDataset(dir)` PNG/JPEG/BMP/TIFF found recursively, decoded on the fly and resized to
-                          a short side of 256; unreadable files are logged once, counted and replaced.
-- `SyntheticSource(n, size, seed)` the built-in synthetic ultrasound (the default demo data).
+Sources (each item is a uint8 tensor [1,H,W]): a shard folder or an image folder (`ShardDataset`,
+`ImageFolderDataset` in urfm_fast.data.dataset), several shard folders (`open_mixture`), or
+`SyntheticSource(n, size, seed)`, the built-in synthetic ultrasound (the default demo data); `open_source`
+picks one.
 
 `build_train_stream(...)` turns a source into batches `(images01 [B,3,S,S] on device, sample_index
 [B])`: background DataLoader workers read uint8 (pinned when CUDA), the whole batch is augmented on
@@ -32,176 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from urfm_fast.data import shards
+from urfm_fast.data import index_bin, shards
 from urfm_fast.data.augment import batch_augment, hash_uniform, mix_seed, pad_batch
+from urfm_fast.data.dataset import DataError, ImageFolderDataset, ShardDataset
 from urfm_fast.data.mixture import MixtureDataset
-from urfm_fast.data.scan_region import load_image_grey8, resize_short
-from urfm_fast.data.shards import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
-
-_MAX_BAD_IN_A_ROW = 32  # an ImageFolderDataset gives up when this many files in a row are unreadable
-
-
-class DataError(ValueError):
-    """Unusable training data (missing/empty folder, nothing readable). The message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Sources
-
-
-class ShardDataset(Dataset):
-    """Images/frames of a shard folder from `python -m urfm_fast.prepare`; item = uint8 [1,H,W].
-
-    The index (urfm_fast.data.shards) and the shards are opened as read-only memory maps, the shards
-    lazily in each process (DataLoader workers included), so opening a folder of a million images
-    parses nothing and pickling the dataset to workers never copies pixels or index entries."""
-
-    def __init__(self, root):
-        root = os.fspath(root)
-        if not shards.is_shard_dir(root):
-            raise DataError(
-                f"{root} is not a shard folder (no {shards.MARKER}); run python -m urfm_fast.prepare"
-            )
-        if shards.parts_present(root):  # prepare --part runs not merged: the index is incomplete
-            raise DataError(shards.unmerged_message(root))
-        try:
-            self.index = shards.open_index(root)  # structured RECORD [n]
-        except shards.ShardIndexError as e:
-            raise DataError(str(e)) from None
-        if not len(self.index):
-            raise DataError(f"shard folder {root} holds no images")
-        self.root = root
-        self._maps = {}
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_maps"] = {}  # memory maps are reopened in the receiving process
-        if isinstance(self.index, np.memmap):
-            state["index"] = len(self.index)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if isinstance(self.index, int):
-            self.index = shards.reopen(self.root, self.index)
-
-    def _map(self, k):
-        m = self._maps.get(k)
-        if m is None:
-            m = np.memmap(shards.shard_path(self.root, k), dtype=np.uint8, mode="r")
-            self._maps[k] = m
-        return m
-
-    def __getitem__(self, i):
-        rec = self.index[i]
-        h, w, o, k = int(rec["h"]), int(rec["w"]), int(rec["offset"]), int(rec["shard"])
-        px = np.array(self._map(k)[o : o + h * w])  # copy out of the map
-        if h <= 0 or w <= 0 or o < 0 or px.size != h * w:
-            raise DataError(f"shard folder {self.root}: entry {i} lies outside shard {k}; the shards do not "
-                            "match the index (copied in part?)")
-        return torch.from_numpy(px).view(1, h, w)
-
-
-def find_images(root):
-    """Sorted relative paths of PNG/JPEG/BMP/TIFF files under root (recursive, case-insensitive)."""
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTS):
-                out.append(os.path.relpath(os.path.join(d, f), root))
-    return out
-
-
-def _no_images_message(root: str, max_sniffed: int = 1000) -> str:
-    """What to do with a folder without PNG/JPEG/BMP/TIFF: when it holds files that only prepare reads
-    (DICOM, zip archives, video clips, volumes), the prepare command to run first."""
-    import shlex
-
-    from urfm_fast.data.media import MEDIA_EXTS
-    from urfm_fast.data.sources import ARCHIVE_EXTS, DICOM_EXTS, is_dicom
-
-    counts = {"DICOM": 0, "zip": 0, "video/volume": 0}
-    sniffed = 0
-    for d, _, files in os.walk(root):
-        for f in files:
-            name = f.lower()
-            if name.endswith(DICOM_EXTS):
-                counts["DICOM"] += 1
-            elif name.endswith(ARCHIVE_EXTS):
-                counts["zip"] += 1
-            elif name.endswith(MEDIA_EXTS):
-                counts["video/volume"] += 1
-            elif sniffed < max_sniffed:  # DICOM files often have no suffix: their 'DICM' magic tells
-                sniffed += 1
-                counts["DICOM"] += is_dicom(os.path.join(d, f))
-    found = ", ".join(f"{n} {kind} file{'s' if n > 1 else ''}" for kind, n in counts.items() if n)
-    if not found:
-        return f"no PNG/JPEG/BMP/TIFF images found under {root}"
-    shards = os.path.normpath(root) + "_shards"
-    return (f"{root} holds {found} and no PNG/JPEG/BMP/TIFF images: convert it to a shard folder first with "
-            f"`python -m urfm_fast.prepare {shlex.quote(root)} --out {shlex.quote(shards)}`, then pass "
-            f"--data {shlex.quote(shards)}")
-
-
-class ImageFolderDataset(Dataset):
-    """PNG/JPEG/BMP/TIFF (8/16-bit, colour -> grey) under `root`, searched recursively, decoded on the
-    fly and resized to `short_side`; item = uint8 [1,H,W].
-
-    An unreadable file is logged once, counted in `.skipped` and replaced by the next readable one,
-    so a run never stops on a bad file. (Counts made in DataLoader workers reach the main process
-    through the train stream, which calls `note_bad`.)"""
-
-    def __init__(self, root, short_side=256):
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise DataError(f"data folder {root} does not exist")
-        self.root, self.short_side = root, short_side
-        self.files = find_images(root)
-        if not self.files:
-            raise DataError(_no_images_message(root))
-        self.bad = {}  # relative path -> reason, in this process
-
-    def __len__(self):
-        return len(self.files)
-
-    @property
-    def skipped(self):
-        return len(self.bad)
-
-    def load(self, i):
-        """-> (uint8 [1,H,W], [(rel_path, reason), ...] of unreadable files met on the way)."""
-        met = []
-        for k in range(_MAX_BAD_IN_A_ROW):
-            rel = self.files[(i + k) % len(self.files)]
-            try:
-                g = load_image_grey8(os.path.join(self.root, rel))
-                g = resize_short(g, self.short_side)
-                return torch.from_numpy(np.array(g, dtype=np.uint8)).unsqueeze(0), met  # writable copy
-            except Exception as e:  # any decoder failure: skip the file, never stop the run
-                met.append((rel, f"{type(e).__name__}: {e}"[:200]))
-        raise DataError(
-            f"{_MAX_BAD_IN_A_ROW} unreadable images in a row under {self.root}; is this an image folder?"
-        )
-
-    def note_bad(self, met):
-        for rel, reason in met:
-            if rel not in self.bad:
-                self.bad[rel] = reason
-                log.warning("skipping unreadable image %s (%s)", rel, reason)
-
-    def __getitem__(self, i):
-        img, met = self.load(i)
-        self.note_bad(met)
-        return img
-
-    def summary(self):
-        return f"{len(self.files)} images under {self.root}, {self.skipped} unreadable skipped"
 
 
 class SyntheticSource(Dataset):
@@ -247,7 +85,7 @@ def open_mixture(roots, weights=None):
 def open_source(source, *, seed=0, synthetic_length=4096, synthetic_size=256, short_side=256, weights=None):
     """'synthetic' | shard folder | image folder | several shard folders (a list, with `weights`) ->
     Dataset of uint8 [1,H,W] (raises DataError)."""
-    if isinstance(source, Dataset):
+    if isinstance(source, (Dataset, ShardDataset, ImageFolderDataset)):
         return source
     if isinstance(source, (list, tuple)):
         if len(source) > 1:
@@ -373,11 +211,16 @@ class TrainStream:
         device="cpu",
         scale=(0.2, 1.0),
         prefetch_factor=4,
+        augment=True,
     ):
         self.source, self.img_size, self.batch_size = source, img_size, batch_size
+        # augment=False: the centre square of each image resized to img_size, the same pixels every epoch
+        # (a fixed image set whose teacher targets can be computed once: --augment none --cache-targets)
+        self.crop = dict(scale=scale, ratio=(3 / 4, 4 / 3), hflip=True) if augment else dict(
+            scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.deterministic = num_workers, deterministic
-        self.device, self.scale, self.prefetch_factor = torch.device(device), scale, prefetch_factor
+        self.device, self.prefetch_factor = torch.device(device), prefetch_factor
         self.num_images = len(source)
         self.steps_per_epoch = self.num_images // (batch_size * world_size)
         if self.steps_per_epoch == 0:
@@ -485,7 +328,7 @@ class TrainStream:
                 dev_index = index.to(self.device, non_blocking=True)
                 seeds = sample_seeds(self.seed, epoch.to(self.device, non_blocking=True), dev_index)
             images = batch_augment(
-                x, self.img_size, scale=self.scale, seeds=seeds, generator=self._gen, sizes=sizes
+                x, self.img_size, **self.crop, seeds=seeds, generator=self._gen, sizes=sizes
             )  # (B, 3, S, S) in [0, 1]
             self.epoch = int(epoch[0])
             if self.mixture is not None:
@@ -503,7 +346,7 @@ class TrainStream:
             roots, weights = [self.source.root], [1.0]
         else:
             return []
-        return [{"path": r, "id": shards.folder_id(r), "images": int(n), "weight": w}
+        return [{"path": r, "id": index_bin.folder_id(r), "images": int(n), "weight": w}
                 for r, n, w in zip(roots, self.mixture.sizes if self.mixture else [len(self.source)], weights)]
 
     def summary(self):
@@ -534,6 +377,7 @@ def build_train_stream(
     short_side=256,
     scale=(0.2, 1.0),
     weights=None,
+    augment=True,
 ):
     """source: "synthetic", a shard folder, an image folder (auto-detected), several shard folders (a
     list; `weights`: None = by size, "equal" or one number each) or a Dataset of uint8 [1,H,W];
@@ -557,4 +401,5 @@ def build_train_stream(
         deterministic=deterministic,
         device=device,
         scale=scale,
+        augment=augment,
     )

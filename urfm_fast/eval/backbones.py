@@ -32,6 +32,7 @@ from pathlib import Path
 from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
 
 KINDS = ("teacher:", "mae:", "timm:", "open_clip:")  # spec prefixes whose own syntax may hold '='
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
 
 
 @dataclass
@@ -67,6 +68,30 @@ def split_spec(spec: str) -> tuple[str, str]:
     if sep and rest and not head.startswith(KINDS):
         return head or _default_label(rest), rest
     return _default_label(spec), spec
+
+
+def named_file(target: str) -> str | None:
+    """The local path a spec names, if any: mae:FILE, timm:MODEL=FILE, open_clip:MODEL=FILE, teacher:<one of
+    those or a path>, or a bare path (a '/', a leading '.' or '~', or a weights suffix; a timm model name has
+    none of these, an hf-hub: id is not local)."""
+    kind, _, rest = target.partition(":")
+    if kind == "teacher":
+        return named_file(rest)
+    if kind == "mae":
+        return rest
+    if kind in ("timm", "open_clip"):
+        return rest.partition("=")[2] or None
+    if kind == "hf-hub" or target in ("random", "efficientnet_lite0"):
+        return None
+    looks = "/" in target or target.startswith((".", "~")) or target.lower().endswith(WEIGHT_SUFFIXES)
+    return target if looks else None
+
+
+def check_exists(target: str) -> None:
+    """A mistyped path says so (rather than being taken for a timm or hub name further on)."""
+    path = named_file(target)
+    if path is not None and not Path(path).expanduser().exists():
+        raise ValueError(f"--backbone {target}: {path} does not exist")
 
 
 def _one_line(e: BaseException) -> str:
@@ -122,7 +147,7 @@ def _timm_file(target: str, img_size: int | None, weights: str):
 
     from urfm_fast.checkpoints.formats import read_state_dict
     from urfm_fast.eval.tokens import as_backbone
-    from urfm_fast.model.teacher import load_mapped
+    from urfm_fast.model.teacher.base import load_mapped
 
     name, _, file = target.removeprefix("timm:").partition("=")
     if not timm.is_model(name):
@@ -162,21 +187,25 @@ def _timm_hub(target: str, img_size: int | None):
     return make, {"format": "timm", "name": name}
 
 
-def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None, weights: str = "auto") -> Backbone:
-    """``spec``: see the module docstring. ``weights`` (auto | ema | live): which weights of a checkpoint."""
+def resolve_backbone(spec: str, arch: str, global_pool: str, img_size: int | None, weights: str = "auto",
+                     depth: int | None = None) -> Backbone:
+    """``spec``: see the module docstring. ``weights`` (auto | ema | live): which weights of a checkpoint;
+    ``depth``: blocks of ``random`` (None: the arch's)."""
     import torch
 
     from urfm_fast.checkpoints.backbone import load_backbone
 
     label, target = split_spec(spec)
+    check_exists(target)
     if target.startswith("teacher:"):
         return _teacher(label, target, global_pool, img_size)
     if target == "random":
         def make(num_classes=0, drop_path_rate=0.0):
             torch.manual_seed(0)  # the same random init for every seed/fraction
             return load_backbone(None, arch=arch, num_classes=num_classes, global_pool=global_pool,
-                                 img_size=img_size or 224, drop_path_rate=drop_path_rate)
-        meta = {"format": "random", "arch": arch}
+                                 img_size=img_size or 224, drop_path_rate=drop_path_rate, **shape)
+        shape = {"depth": depth} if depth else {}
+        meta = {"format": "random", "arch": arch, **shape}
     elif target.startswith("mae:") or Path(target).expanduser().exists():
         make, meta = _checkpoint(label, target, global_pool, img_size, weights)
     elif target.startswith("timm:") and "=" in target:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,29 @@ def label_runs(protocols, fractions, seeds, strata, groups=None):
                 yield protocol, frac, seed, torch.from_numpy(label_subset(strata, frac, seed, groups))
 
 
+def sweep(backbones, train, strata, eval_name: str, n_eval: int, protocols, fractions, seeds, prepare, score,
+          done=(), on_record=print) -> list[dict]:
+    """Every backbone x protocol x fraction x seed whose key (label, protocol, fraction, seed) is not in ``done``
+    (a run continued): ``prepare(bb, protocols)`` once per backbone (e.g. frozen features; None when no row
+    of it is left), ``score(bb, protocol, seed, idx, prepared)`` -> the metrics of one row. One record per row,
+    each handed to ``on_record`` as it finishes."""
+    records = []
+    for bb in backbones:
+        rows = [(p, f, s, idx) for p, f, s, idx in label_runs(protocols, fractions, seeds, strata, train.groups)
+                if (bb.label, p, float(f), int(s)) not in done]
+        if not rows:
+            continue
+        prepared = prepare(bb, {r[0] for r in rows})
+        for protocol, frac, seed, idx in rows:
+            t0 = time.perf_counter()
+            m = score(bb, protocol, seed, idx, prepared)
+            rec = dict(backbone=bb.label, protocol=protocol, fraction=frac, seed=seed, n_train=len(idx),
+                       eval_split=eval_name, n_eval=n_eval, seconds=round(time.perf_counter() - t0, 2), **m)
+            records.append(rec)
+            on_record(rec)
+    return records
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: every split becomes uint8 [N, 3, S, S] in memory (read and resized once)
 
@@ -72,7 +96,7 @@ class Split:
     groups: np.ndarray | None = None  # int [N] patient of each image (UltraBench), else None
 
 
-def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+def resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [C,H,W] -> uint8 [3,S,S]: short side to S (antialiased bilinear), centre crop, grey -> 3ch."""
     c, h, w = img.shape
     if c == 1:
@@ -90,7 +114,7 @@ def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
 
 def _stack(items, size: int) -> Split:
     imgs, labs = zip(*items) if items else ((), ())
-    return Split(torch.stack([_resize_crop(i, size) for i in imgs]), torch.tensor(labs, dtype=torch.int64))
+    return Split(torch.stack([resize_crop(i, size) for i in imgs]), torch.tensor(labs, dtype=torch.int64))
 
 
 def load_imagefolder(root: Path, size: int) -> tuple[dict[str, Split], list[str]]:
@@ -111,7 +135,7 @@ def load_imagefolder(root: Path, size: int) -> tuple[dict[str, Split], list[str]
 
 
 SPLITS = ("train", "val", "test")
-def _class_order(names):
+def class_order(names):
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
@@ -200,7 +224,7 @@ def load_shards(root: Path, labels_file: Path, size: int, key=None) -> tuple[dic
 
     rows, _ = read_shard_labels(root, labels_file, key)
     ds = ShardDataset(root)
-    names = _class_order(sorted({lab for _, lab, _ in rows}))
+    names = class_order(sorted({lab for _, lab, _ in rows}))
     cls = {n: i for i, n in enumerate(names)}
     splits = {}
     for name in SPLITS:
@@ -245,11 +269,11 @@ def load_data(spec: str, size: int, labels_file=None, n_train=2000, n_val=1000, 
             raise ValueError(f"{root}: expected train/ and val/ class folders, or a shard folder with --labels")
     if "train" not in splits or not ({"val", "test"} & set(splits)):
         raise ValueError(f"{spec}: need a train split and a val (or test) split, found {sorted(splits)}")
-    _check_classes(spec, splits, classes)
+    check_classes(spec, splits, classes)
     return splits, classes
 
 
-def _check_classes(spec: str, splits: dict, classes: list[str]) -> None:
+def check_classes(spec: str, splits: dict, classes: list[str]) -> None:
     """A classifier needs two classes to learn from; an evaluation split of one class has no AUC (said
     so in results.json, where macro_auc is null with a reason)."""
     n_train = len(torch.unique(splits["train"].labels)) if len(splits["train"].labels) else 0

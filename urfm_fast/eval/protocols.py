@@ -1,5 +1,5 @@
 """Evaluation protocols and metrics: linear probe, weighted k-NN and end-to-end fine-tuning (conventions:
-urfm_fast.evaluate's docstring); accuracy, macro-AUC, macro-F1 and the confusion matrix.
+the docstring of the command, urfm_fast.evaluate); accuracy, macro-AUC, macro-F1 and the confusion matrix.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from urfm_fast.train.schedule import lr_at
 
 if TYPE_CHECKING:
     from urfm_fast.eval.backbones import Backbone
+    from urfm_fast.eval.config import EvalConfig
     from urfm_fast.eval.data import Split
 
 
@@ -65,7 +66,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: i
 # Protocols
 
 
-def _autocast(device):
+def autocast_for(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -80,11 +81,11 @@ def optimizer_step(opt, loss: torch.Tensor, step: int, what: str) -> None:
     opt.step()
 
 
-def _normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize_u8(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(x_u8.float() / 255.0, mean, std)
 
 
-def _bar(total: int, desc: str, unit: str, show: bool):
+def progress_bar(total: int, desc: str, unit: str, show: bool):
     """A tqdm bar on stderr for a loop that can take minutes; ``show`` False: none (quiet, not a terminal)."""
     if not show:  # no bar, no tqdm needed (a bare GPU machine may lack it)
         return _NoBar()
@@ -117,16 +118,16 @@ def extract_features(model: nn.Module, images: torch.Tensor, bb: Backbone, devic
     replaces ``model(x)`` (e.g. patch tokens for dense probes) and sets the output's dtype."""
     model.eval().to(device)
     out = []
-    with _bar(len(images), f"[{bb.label}] {what}", "img", show_progress) as bar:
+    with progress_bar(len(images), f"[{bb.label}] {what}", "img", show_progress) as bar:
         for i in range(0, len(images), batch_size):
-            x = _normalize(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
-            with _autocast(device):
+            x = normalize_u8(images[i : i + batch_size].to(device, non_blocking=True), bb.mean, bb.std)
+            with autocast_for(device):
                 out.append(model(x).float().cpu() if forward is None else forward(model, x).cpu())
             bar.update(len(x))
     return torch.cat(out)
 
 
-def _batches(n: int, bs: int, steps: int, g: torch.Generator):
+def index_batches(n: int, bs: int, steps: int, g: torch.Generator):
     """``steps`` index batches of size ``bs``: seeded epochs without replacement, last partial batch dropped."""
     perm, pos = torch.randperm(n, generator=g), 0
     for _ in range(steps):
@@ -136,7 +137,22 @@ def _batches(n: int, bs: int, steps: int, g: torch.Generator):
         pos += bs
 
 
-def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1, batch_size=256, min_steps=300):
+def train_cached(opt, lr: float, n: int, batch_size: int, epochs: int, min_steps: int, g: torch.Generator,
+                 loss_of) -> None:
+    """The probes' loop over cached inputs: ``epochs`` (at least ``min_steps`` steps) of seeded batches,
+    warm-up over a tenth of the steps then cosine from ``lr``; ``loss_of(indices)`` gives a batch's loss."""
+    bs = min(batch_size, n)
+    steps = max(epochs * math.ceil(n / bs), min_steps)
+    for step, idx in enumerate(index_batches(n, bs, steps, g)):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_at(step, 1.0, 0.0, steps // 10, steps)
+        loss = loss_of(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def linear_probe(train_f, train_y, eval_f, num_classes, seed, *, epochs, lr, min_steps, batch_size=256):
     """MAE's probe on cached features: BatchNorm1d(affine=False) + Linear, SGD, cosine; returns probs."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -145,24 +161,18 @@ def linear_probe(train_f, train_y, eval_f, num_classes, seed, epochs=100, lr=0.1
     nn.init.trunc_normal_(head[1].weight, std=0.01)  # MAE's probe init
     nn.init.zeros_(head[1].bias)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    n = len(train_f)
-    bs = min(batch_size, n)
-    steps = max(epochs * math.ceil(n / bs), min_steps)
-    for step, idx in enumerate(_batches(n, bs, steps, g)):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, 1.0, 0.0, steps // 10, steps)
-        # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
-        xb, yb = (train_f[idx], train_y[idx]) if bs > 1 else (train_f[idx].repeat(2, 1), train_y[idx].repeat(2))
-        loss = F.cross_entropy(head(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def loss_of(idx):  # BatchNorm needs 2+ samples per batch; a 1-image class-fraction set trains on duplicates
+        xb, yb = (train_f[idx], train_y[idx]) if len(idx) > 1 else (train_f[idx].repeat(2, 1), train_y[idx].repeat(2))
+        return F.cross_entropy(head(xb), yb)
+
+    train_cached(opt, lr, len(train_f), batch_size, epochs, min_steps, g, loss_of)
     head.eval()
     with torch.no_grad():
         return head(eval_f).softmax(-1)
 
 
-def knn_classify(train_f, train_y, eval_f, num_classes, k=20, temperature=0.07, chunk=1024):
+def knn_classify(train_f, train_y, eval_f, num_classes, *, k, temperature, chunk=1024):
     """DINO's weighted k-NN on L2-normalised features; returns class scores normalised to sum 1."""
     train_f = F.normalize(train_f, dim=1)
     eval_f = F.normalize(eval_f, dim=1)
@@ -177,30 +187,33 @@ def knn_classify(train_f, train_y, eval_f, num_classes, k=20, temperature=0.07, 
     return torch.cat(out)
 
 
-def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes, seed, device, epochs=30,
-             batch_size=64, blr=1e-3, layer_decay=0.65, drop_path=0.1, weight_decay=0.05, min_steps=100,
-             label_smoothing=0.1, show_progress: bool = False):
-    """End-to-end fine-tuning (MAE recipe, scaled down); returns probabilities on eval_images."""
+# The fine-tuning recipe's constants (MAE's, scaled down); its schedule (epochs, batch, lr) is in EvalConfig.
+LAYER_DECAY, DROP_PATH, WEIGHT_DECAY, LABEL_SMOOTHING = 0.65, 0.1, 0.05, 0.1
+
+
+def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes, seed, device, cfg: EvalConfig,
+             show_progress: bool = False):
+    """End-to-end fine-tuning (MAE recipe, scaled down; ``cfg.ft_*``); returns probabilities on eval_images."""
     from timm.optim import create_optimizer_v2
 
     if not bb.meta.get("trainable", True):
         raise ValueError(f"backbone {bb.label!r} ({bb.spec}) is a frozen teacher; it can be probed (linear, knn), "
                          "not fine-tuned")
-    model = bb.make(num_classes=num_classes, drop_path_rate=drop_path).to(device)
+    model = bb.make(num_classes=num_classes, drop_path_rate=DROP_PATH).to(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)  # batch order
     crop_g = torch.Generator(device).manual_seed(seed)  # crops, drawn on the device the batch is on
     n = len(train.labels)
-    bs = min(batch_size, n)
-    lr = blr * bs / 256
-    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+    bs = min(cfg.ft_batch_size, n)
+    lr = cfg.ft_blr * bs / 256
+    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=WEIGHT_DECAY, layer_decay=LAYER_DECAY)
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]  # layer-scaled lr; the schedule multiplies this
-    steps = max(epochs * math.ceil(n / bs), min_steps)
+    steps = max(cfg.ft_epochs * math.ceil(n / bs), cfg.ft_min_steps)
     warmup = max(1, steps // 10)
     model.train()
-    bar = _bar(steps, f"[{bb.label}] fine-tune", "step", show_progress)
-    for step, idx in enumerate(_batches(n, bs, steps, g)):
+    bar = progress_bar(steps, f"[{bb.label}] fine-tune", "step", show_progress)
+    for step, idx in enumerate(index_batches(n, bs, steps, g)):
         f = lr_at(step, 1.0, 0.0, warmup, steps)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * f
@@ -209,8 +222,8 @@ def finetune(bb: Backbone, train: Split, eval_images: torch.Tensor, num_classes,
                                 scale=(0.5, 1.0), generator=crop_g)
         x = normalize(x, bb.mean, bb.std)
         y = train.labels[idx].to(device)
-        with _autocast(device):
-            loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        with autocast_for(device):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=LABEL_SMOOTHING)
         optimizer_step(opt, loss, step, "fine-tuning")
         bar.update(1)
         if show_progress and step % 10 == 0:  # .item() syncs the device: only for a visible bar

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from urfm_fast.eval.data import Split, _class_order, _resize_crop
+from urfm_fast.eval.data import Split, class_order, resize_crop
 
 log = logging.getLogger("urfm_fast.evaluate")
 UB_FILES = {"train": "train.json", "val": "validation.json", "test": "test.json"}
@@ -237,11 +237,11 @@ def load_ultrabench(root: Path, size: int, task="auto", label_key=None, mask_key
         for split, rs in recs.items():
             for i, r in enumerate(rs):
                 _field(r, key, f"{_ub_file(root, split)} record {i}")
-        names = _class_order(sorted({str(r[key]) for rs in recs.values() for r in rs}))
+        names = class_order(sorted({str(r[key]) for rs in recs.values() for r in rs}))
         cls = {n: i for i, n in enumerate(names)}
         splits = {}
         for split, rs in recs.items():
-            imgs = [_resize_crop(_image(root, r, f"{_ub_file(root, split)} record {i}", scan_mask), size)
+            imgs = [resize_crop(_image(root, r, f"{_ub_file(root, split)} record {i}", scan_mask), size)
                     for i, r in enumerate(rs)]
             splits[split] = Split(torch.stack(imgs), torch.tensor([cls[str(r[key])] for r in rs]), _groups(rs, ids))
         return task, splits, names
@@ -372,7 +372,7 @@ def load_task(spec: str, size: int, task: str = "auto", labels_file=None, n_trai
     """-> (task, splits, classes) for an UltraBench folder, image/mask folders or synthetic-seg; None for the
     other ``--data`` specs (ImageFolder, shards + CSV, synthetic: eval.data.load_data). Classification splits
     are ``Split``, segmentation splits ``SegSplit``."""
-    from urfm_fast.eval.data import _check_classes
+    from urfm_fast.eval.data import check_classes
 
     root = Path(spec).expanduser()
     if spec == "synthetic-seg":
@@ -382,7 +382,7 @@ def load_task(spec: str, size: int, task: str = "auto", labels_file=None, n_trai
     if is_ultrabench(root):
         found, splits, classes = load_ultrabench(root, size, task, label_key, mask_key, scan_mask, num_classes)
         if found == "classification":
-            _check_classes(spec, splits, classes)
+            check_classes(spec, splits, classes)
         return found, splits, classes
     if is_mask_folder(root):
         return ("segmentation", *load_mask_folder(root, size, num_classes))

@@ -23,10 +23,10 @@ import torch
 
 # Each kernel file holds the torch reference and its Triton op side by side. Importing them does
 # not need triton: urfm_fast.kernels._triton guards the import and HAS_TRITON says whether it worked.
-from urfm_fast.kernels import _triton
 from urfm_fast.kernels import attention as _attention
 from urfm_fast.kernels import cosine_loss as _cosine_loss
 from urfm_fast.kernels import gather as _gather
+from urfm_fast.kernels._triton import HAS_TRITON
 from urfm_fast.kernels.attention import attention_ref
 from urfm_fast.kernels.cosine_loss import cosine_loss_ref
 from urfm_fast.kernels.gather import gather_tokens_ref, gather_visible_ref, unshuffle_ref
@@ -54,7 +54,9 @@ def get_backend() -> str:
     global _logged
     if not _logged and not torch.compiler.is_compiling():
         _logged = True
-        log.info("urfm_fast kernels backend: %s (triton available: %s)", _backend, triton_available())
+        # the default says nothing on every command's stderr; a chosen backend, or a DEBUG log, says which ran
+        level = logging.DEBUG if _backend == "auto" else logging.INFO
+        log.log(level, "urfm_fast kernels backend: %s (triton available: %s)", _backend, triton_available())
     return _backend
 
 
@@ -76,7 +78,7 @@ def use_backend(name: str):
 
 
 def triton_available() -> bool:
-    return _triton.HAS_TRITON
+    return HAS_TRITON
 
 
 def _cuda_sm80(device_index: int) -> bool:

@@ -69,16 +69,19 @@ class URFM(ViTEncoder):
                 nn.init.zeros_(m.bias)
 
     # -- masking -------------------------------------------------------------------------------
-    def sample_ids(self, batch: int, device=None, generator=None, noise=None, keep_prob=None) -> torch.Tensor:
-        """ids_shuffle [B,N] from the configured generator; the first ``cfg.num_visible`` are visible.
-        ``mask_type='attention'`` needs ``keep_prob`` [B,N], the teacher's attention (``Targets.saliency``)."""
+    def sample_ids(self, batch: int, device=None, generator=None, noise=None, keep_prob=None,
+                   num_visible: int | None = None) -> torch.Tensor:
+        """ids_shuffle [B,N] from the configured generator; the first ``num_visible`` (default
+        ``cfg.num_visible``) are visible. ``mask_type='attention'`` needs ``keep_prob`` [B,N], the teacher's
+        attention (``Targets.saliency``)."""
         cfg = self.cfg
         if cfg.mask_type == "attention":
             if keep_prob is None:
                 raise ValueError("mask_type='attention' needs keep_prob: the teacher's saliency (saliency=True)")
             return attention_masking(keep_prob.to(device), generator, noise)
         if cfg.mask_type == "block" and noise is None:
-            return block_masking(batch, cfg.grid_size, cfg.num_patches - cfg.num_visible, device, generator)
+            k = cfg.num_visible if num_visible is None else num_visible
+            return block_masking(batch, cfg.grid_size, cfg.num_patches - k, device, generator)
         return random_masking(batch, cfg.num_patches, device, generator, noise)
 
     # -- the two halves --------------------------------------------------------------------------
@@ -121,9 +124,12 @@ class URFM(ViTEncoder):
         target: torch.Tensor,
         ids_shuffle: torch.Tensor | None = None,
         cls_target: torch.Tensor | None = None,
+        num_visible: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs [B,3,H,W] (ImageNet-normalised), target [B,N,T] teacher patch features, ``cls_target`` [B,T]
-        the teacher's CLS (``loss_on='all_cls'`` only).
+        """imgs [B,3,H,W] (ImageNet-normalised), target [B,N,T] teacher patch features (or normalised pixels,
+        ``loss='mse'``), ``cls_target`` [B,T] the teacher's CLS (``loss_on='all_cls'`` only), ``num_visible``
+        this step's visible count K (a mask schedule; default ``cfg.num_visible``). Where K is N (nothing
+        masked), ``loss_on='masked'`` takes every patch: feature distillation.
 
         Returns ``(loss, pred, ids_shuffle)``: the fp32 scalar loss, the predictions it was computed on
         ([B, N-K, T] at the masked positions in ``ids_shuffle[:, K:]`` order; [B, N, T] in image order with
@@ -138,18 +144,21 @@ class URFM(ViTEncoder):
             raise ValueError(f"loss_on='all_cls' needs cls_target of shape {(B, cfg.target_dim)}, got {got}")
         if ids_shuffle is None:
             ids_shuffle = self.sample_ids(B, imgs.device)
-        ids_keep, ids_mask, ids_restore = split_ids(ids_shuffle, cfg.num_visible)
+        k = cfg.num_visible if num_visible is None else num_visible
+        ids_keep, ids_mask, ids_restore = split_ids(ids_shuffle, k)
         latent = self.forward_encoder(imgs, ids_keep)
         x = self.forward_decoder(latent, ids_restore, ids_shuffle)  # (B, 1+N, Dd)
-        if cfg.loss_on == "masked":
+        if cfg.loss_on == "masked" and k < cfg.num_patches:
             # +1 skips the CLS row; predicting only the masked rows saves a quarter of decoder_pred.
             x = ops.gather_tokens(x, ids_mask + 1)  # (B, N-K, Dd)
             target = ops.gather_tokens(target, ids_mask)  # (B, N-K, T)
-        elif cfg.loss_on == "all":
+        elif cfg.loss_on in ("all", "masked"):
             x = x[:, 1:]
         else:  # all_cls: MILAN's loss over all 1+N rows, CLS against the teacher's CLS
             target = torch.cat([cls_target[:, None].to(target.dtype), target], dim=1)  # (B, 1+N, T)
         pred = self.decoder_pred(x)  # (B, M, T)
+        if cfg.loss == "mse":  # MAE: mean squared error per element, over the rows in the loss
+            return torch.nn.functional.mse_loss(pred.float(), target.float()), pred, ids_shuffle
         loss = ops.cosine_loss(pred.flatten(0, 1), target.flatten(0, 1), target_norm=cfg.target_norm)
         return loss, pred, ids_shuffle
 

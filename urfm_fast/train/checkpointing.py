@@ -17,12 +17,11 @@ import torch
 import torch.distributed as dist
 
 from urfm_fast.checkpoints import runs as ckpt
-from urfm_fast.checkpoints.formats import CheckpointError, clean_name, load_checkpoint
+from urfm_fast.checkpoints.formats import CheckpointError, clean_name, load_checkpoint, torch_load
 from urfm_fast.checkpoints.safe_load import UntrustedCheckpoint, checkpoint_errors, dcp_cause, one_line
 from urfm_fast.model.urfm import URFM
-from urfm_fast.train import faults
 from urfm_fast.train.config import UsageError
-from urfm_fast.train.distributed import Dist, gloo_group
+from urfm_fast.train.distributed import Dist, broadcast_obj, gloo_group
 from urfm_fast.train.plan import RunPlan
 
 _DAMAGED = (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError)
@@ -66,7 +65,7 @@ def ema_names(optimizer, model) -> list[tuple[str, torch.nn.Parameter]]:
 
 def init_from(student: URFM, path: str, say) -> None:
     """--init: weights only (EMA weights when the file has them), from an official or our checkpoint."""
-    loaded = load_checkpoint(path, prefer_ema=True)
+    loaded = load_checkpoint(path, weights="ema")
     own = student.state_dict()
     sd = loaded.state_dict
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
@@ -88,13 +87,13 @@ class CheckpointManager:
     (FSDP2 shards it in place)."""
 
     def __init__(self, plan: RunPlan, d: Dist, sd_model, student, optimizer, ema, stream, mask_gen,
-                 run_config: dict, say):
+                 run_config: dict, say, faults=None):
         self.plan, self.d, self.say = plan, d, say
         self.out = Path(plan.train.out)
         self.sd_model, self.student, self.optimizer, self.ema = sd_model, student, optimizer, ema
         self.stream, self.mask_gen, self.run_config = stream, mask_gen, run_config
         self.state = TrainState()
-        self.faults = faults.faults_from_env()
+        self.faults = faults  # test-only fault injection (train/faults.py): None in production
         self.use_async = plan.train.async_save and ckpt.async_available()
         # The background writer's collectives get a gloo group of their own (DCP requires a CPU backend;
         # sharing the training group would interleave its collectives with FSDP's).
@@ -117,7 +116,7 @@ class CheckpointManager:
         finish_pending: when every rank's write is done (checked each step), at the next save, or at
         the end; until then it is only a temporary folder, which a killed run leaves unfinished."""
         self.finish_pending()
-        planner = faults.slow_planner(faults.slow_save_seconds()) if step in self.faults.get("slowsave", ()) else None
+        planner = self.faults.save_planner(step) if self.faults else None
         self.state.pending = ckpt.start_save(self.out, step, self.app_state(), self.trainer_state(),
                                              self.run_config, self.plan.train.keep,
                                              asynchronous=background and self.use_async, process_group=self.pg,
@@ -134,8 +133,10 @@ class CheckpointManager:
         if p is None:
             return None
         waited = not p.done()
-        s.last_good = ckpt.finish_save(p)
-        faults.set_last_good(s.last_good)
+        try:
+            s.last_good = ckpt.finish_save(p)
+        except CheckpointError as e:  # a full disk: say what is still there to resume from
+            raise CheckpointError(f"{e}; {self.kept()}") from None
         ran = s.step - s.pending_since
         if ran or waited:
             self.say(f"checkpoint {p.final.name} complete (written in the background while {ran} step(s) trained"
@@ -163,8 +164,18 @@ class CheckpointManager:
         model_cfg = self.student.cfg
         extra = {"config": model_cfg.to_dict(), "trainer": self.trainer_state(), "ema_updates": self.ema.num_updates,
                  "ema_decay": self.plan.train.ema_decay}
-        return ckpt.save_pth(self.out / f"checkpoint-{step:08d}.pth", msd, esd, ckpt.optim_to_ids(osd),
-                             self.stream.epoch, step, self.plan.pth_args(model_cfg), extra)
+        try:
+            return ckpt.save_pth(self.out / f"checkpoint-{step:08d}.pth", msd, esd, ckpt.optim_to_ids(osd),
+                                 self.stream.epoch, step, self.plan.pth_args(model_cfg), extra)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {self.kept()}") from None
+
+    def kept(self) -> str:
+        """What a failed write leaves behind (the end of its one-line error)."""
+        last = self.state.last_good
+        return (f"kept in {self.out}: {ckpt.CONFIG_FILE}, {ckpt.METRICS_FILE} and "
+                f"{f'the last complete checkpoint {last}' if last else 'no complete checkpoint yet'}; "
+                "make room and continue with --resume")
 
     def save_final(self) -> tuple[Path | None, Path | None]:
         """At the end or on preemption: wait for the background save, then save now (DCP, then .pth)."""
@@ -182,8 +193,17 @@ class CheckpointManager:
             self.resume()
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json_atomic(self.out / ckpt.CONFIG_FILE, self.run_config)
-            ckpt.truncate_metrics(self.out, self.state.step)
+            try:
+                ckpt.write_json_atomic(self.out / ckpt.CONFIG_FILE, self.run_config)
+                ckpt.truncate_metrics(self.out, self.state.step)
+            except OSError as e:
+                self.disk_full(e)
+                raise
+
+    def disk_full(self, e: OSError) -> None:
+        """A write failed for want of space: one line naming the file and what is kept (else returns)."""
+        if e.errno in ckpt.DISK_FULL:
+            raise CheckpointError(f"writing {e.filename or self.out} failed ({e.strerror}); {self.kept()}") from None
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -201,13 +221,17 @@ class CheckpointManager:
             if trainer is not None:
                 break
         else:
-            raise CheckpointError(f"--resume: none of the checkpoints in {out} is usable")
+            looked = out if resume == "latest" else Path(resume).expanduser()
+            raise CheckpointError(f"--resume: none of the {len(found)} checkpoint(s) in {looked} is usable "
+                                  "(see the lines above); a run of another model cannot be resumed (--init takes "
+                                  "its weights)")
         self._restore_trainer(path, trainer)
 
     def _load_dcp(self, path: Path) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        reason = ckpt.validate(path)
+        # rank 0's verdict for all: ranks that judged a folder on a shared file system apart could diverge
+        reason = broadcast_obj(ckpt.validate(path) if self.d.main else None, self.d)
         if reason:
             self.say(f"checkpoint {path} is incomplete or corrupt ({reason}); trying the previous one")
             return None
@@ -228,9 +252,7 @@ class CheckpointManager:
         """Resume from our URFM-format .pth (model, EMA, optimizer, step; trainer state when present)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        from urfm_fast.checkpoints.formats import _torch_load
-
-        obj = _torch_load(path)  # weights_only; a refused or corrupt file is one line
+        obj = torch_load(path)  # weights_only; a refused or corrupt file is one line
         try:
             names = [n for n, _ in ema_names(self.optimizer, self.sd_model)]
             osd = ckpt.optim_from_ids(obj["optimizer"], names)
@@ -259,7 +281,6 @@ class CheckpointManager:
         except _DAMAGED as e:
             raise CheckpointError(f"--resume {path}: its trainer state is damaged ({one_line(e, 120)})") from None
         s.last_good = path
-        faults.set_last_good(path)
         if trainer.get("resharded"):
             self.say("resuming on a different number of ranks: per-rank random streams are re-seeded "
                      "(use --deterministic for a curve that does not depend on it)")

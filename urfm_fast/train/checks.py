@@ -2,7 +2,7 @@
 
 ``check_train_config`` runs right after parsing (demo presets and a resumed run's own settings
 filled in), before a process group, a model or a data loader exists. Each message names the flag and
-its allowed range; cross-flag rules (divisibility, warm-up within the run, visible and masked patches
+its allowed range; cross-flag rules (divisibility, visible and masked patches
 at this image size) are checked here too, so the loop never sees a value it cannot train with.
 """
 
@@ -14,11 +14,11 @@ import re
 from pathlib import Path
 
 from urfm_fast.cli_checks import FlagError, existing, flag, float_in, int_in, writable_dir
-from urfm_fast.config import RECIPE_CHOICES
+from urfm_fast.config import MASK_SCHEDULES, RECIPE_CHOICES
 from urfm_fast.data.shards import MARKER
 
 # Fields argparse already restricts (choices, booleans) or whose loader says what is wrong (--teacher).
-CHECKED_ELSEWHERE = {"model", "target", "dist", "shard", "precision", "teacher", "deterministic",
+CHECKED_ELSEWHERE = {"model", "dist", "shard", "precision", "teacher", "deterministic",
                      "async_save", "compile", "ac", "ema_warmup"}
 BIG = 10**9  # upper bound of counts (steps, intervals): far beyond any run, small enough for any int type
 PATCH = 16  # every preset is patch 16
@@ -37,12 +37,7 @@ def _sizes(cfg) -> None:
         int_in("teacher_size", cfg.teacher_size, 32, 2048, " (0 = the teacher's own)")
     if cfg.decoder_dim % cfg.decoder_heads:
         raise FlagError(f"--decoder-heads {cfg.decoder_heads}: must divide --decoder-dim {cfg.decoder_dim}")
-    float_in("mask_ratio", cfg.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
-    n = (cfg.img_size // PATCH) ** 2
-    visible = max(1, int(n * (1.0 - cfg.mask_ratio)))
-    if visible >= n:
-        raise FlagError(f"--mask-ratio {cfg.mask_ratio}: masks no patch of the {n} at --img-size {cfg.img_size}; "
-                        f"use at least {1 / n:.3g}")
+    float_in("mask_ratio", cfg.mask_ratio, 0.0, 1.0, hi_open=True, what=" (0: no masking, feature distillation)")
     if cfg.num_workers is not None:
         int_in("num_workers", cfg.num_workers, 0, 256)
     int_in("synthetic_images", cfg.synthetic_images, 1, 10**7)
@@ -50,11 +45,23 @@ def _sizes(cfg) -> None:
 
 def _recipe(cfg) -> None:
     """The recipe switches (argparse restricts them on the command line; a resumed run's config.json
-    does not pass through argparse, so an unknown value there is refused here)."""
-    for name in ("mask_type", "decoder", "loss_on"):
-        value, allowed = getattr(cfg, name), RECIPE_CHOICES[name]
+    does not pass through argparse, so an unknown value there is refused here), and the pairs that
+    cannot train together."""
+    for name, allowed in (*((n, RECIPE_CHOICES[n]) for n in ("mask_type", "decoder", "loss_on")),
+                          ("mask_schedule", MASK_SCHEDULES), ("target", ("tokens", "proj", "pixels"))):
+        value = getattr(cfg, name)
         if value not in allowed:
             raise FlagError(f"{flag(name)} {value}: must be one of {', '.join(allowed)}")
+    float_in("mask_start", cfg.mask_start, 0.0, 1.0, hi_open=True)
+    float_in("mask_ramp", cfg.mask_ramp, 0.0, 1.0, lo_open=True, what=" (a fraction of the run)")
+    int_in("mask_levels", cfg.mask_levels, 1, 1024)
+    unmasked = cfg.mask_ratio == 0 or (cfg.mask_schedule != "constant" and cfg.mask_start == 0)
+    if cfg.decoder == "prompting" and unmasked:
+        raise FlagError("--decoder prompting: updates only mask tokens, and a step at mask ratio 0 has none; use "
+                        "--decoder standard, or a --mask-start above 0")
+    if cfg.target == "pixels" and (cfg.loss_on == "all_cls" or cfg.mask_type == "attention"):
+        raise FlagError(f"--target pixels: has no teacher CLS or attention for --loss-on {cfg.loss_on} / "
+                        f"--mask-type {cfg.mask_type}; use --loss-on masked or all, --mask-type random or block")
 
 
 def _schedule(cfg) -> None:
@@ -79,6 +86,14 @@ def _schedule(cfg) -> None:
     float_in("weight_decay", cfg.weight_decay, 0.0, 10.0)
     float_in("clip_grad", cfg.clip_grad, 0.0, float("inf"), what=" (0 = no clipping)")
     float_in("ema_decay", cfg.ema_decay, 0.0, 1.0)
+
+
+def _cache(cfg) -> None:
+    if cfg.augment not in ("crop", "none"):
+        raise FlagError(f"--augment {cfg.augment}: must be one of crop, none")
+    if cfg.cache_targets and cfg.augment != "none":
+        raise FlagError("--cache-targets: targets are the same for every epoch only without augmentation; add "
+                        "--augment none")
 
 
 def _run(cfg) -> None:
@@ -150,17 +165,6 @@ def check_train_config(cfg) -> None:
     _sizes(cfg)
     _recipe(cfg)
     _schedule(cfg)
+    _cache(cfg)
     _run(cfg)
     _paths(cfg)
-
-
-def train_warnings(cfg) -> list[str]:
-    """Values that are allowed but rarely meant: said once at start-up, never silently."""
-    out = []
-    if cfg.steps and cfg.warmup_steps is not None and cfg.warmup_steps > cfg.steps:
-        out.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run ({cfg.steps} steps): the "
-                   "learning rate never reaches its peak")
-    if not cfg.steps and cfg.warmup_steps is None and cfg.warmup_epochs > cfg.epochs:
-        out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} is longer than the run ({cfg.epochs} epochs): "
-                   "the learning rate never reaches its peak")
-    return out

@@ -8,16 +8,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from urfm_fast.cli_checks import FlagError, OneLineParser, existing
-from urfm_fast.config import BIOMEDCLIP_FILES, EFFICIENTNET_LITE0, HF_HUB_ID, RECIPE_CHOICES, TEACHER_HELP, VIT_PRESETS
-from urfm_fast.train.checks import check_train_config, train_warnings
+from urfm_fast.cli_checks import OneLineParser
+from urfm_fast.config import (
+    BIOMEDCLIP_FILES,
+    EFFICIENTNET_LITE0,
+    HF_HUB_ID,
+    MASK_SCHEDULES,
+    RECIPE_CHOICES,
+    TEACHER_HELP,
+    VIT_PRESETS,
+    add_config_flags,
+    read_config_values,
+)
+from urfm_fast.train.checks import check_train_config
 
 
 def _f(default, help: str, **kw):
@@ -33,19 +39,29 @@ class TrainConfig:
     decoder_dim: int = _f(768, "decoder width (URFM: 768)")
     decoder_depth: int = _f(8, "decoder blocks (URFM: 8)")
     decoder_heads: int = _f(16, "decoder attention heads")
-    mask_ratio: float = _f(0.75, "fraction of patches masked")
+    mask_ratio: float = _f(0.75, "fraction of patches masked (with --mask-schedule: the ratio the ramp ends at); 0 "
+                                 "masks nothing: the loss is on every patch, feature distillation")
+    mask_schedule: str = _f("constant", "the mask ratio over the run: constant (URFM's) or a ramp from --mask-start "
+                                        "to --mask-ratio over the first --mask-ramp of the steps, linear or cosine",
+                            choices=list(MASK_SCHEDULES))
+    mask_start: float = _f(0.0, "mask ratio the ramp of --mask-schedule starts from (0: unmasked distillation first)")
+    mask_ramp: float = _f(0.5, "fraction of the run the ramp of --mask-schedule takes; the target ratio after it")
+    mask_levels: int = _f(8, "the ramp moves in this many equal steps: at most levels+1 visible-token counts, each "
+                             "compiled once")
     mask_type: str = _f("random", "masking generator: random (MAE), block (BEiT) or attention (MILAN: visible "
                                   "patches sampled by the teacher's CLS attention, a CNN teacher's feature norm)",
                         choices=list(RECIPE_CHOICES["mask_type"]))
     decoder: str = _f("standard", "decoder: standard (MAE, every token updated) or prompting (MILAN: only the mask "
                                   "tokens are updated, the encoder's tokens are fixed keys/values)",
                       choices=list(RECIPE_CHOICES["decoder"]))
-    loss_on: str = _f("masked", "tokens in the loss: masked patches, all patches, or all_cls (all patches and "
-                                "CLS against the teacher's CLS, MILAN)", choices=list(RECIPE_CHOICES["loss_on"]))
+    loss_on: str = _f("masked", "tokens in the loss: masked patches (every patch at a step that masks none), all "
+                                "patches, or all_cls (all patches and CLS against the teacher's CLS, MILAN)",
+                      choices=list(RECIPE_CHOICES["loss_on"]))
     # teacher
     teacher: str = _f(HF_HUB_ID, TEACHER_HELP)
-    target: str = _f("tokens", "teacher target: final-LN patch tokens (768-d) or projected (512-d)",
-                     choices=["tokens", "proj"])
+    target: str = _f("tokens", "what the student predicts: the teacher's final-LN patch tokens (768-d), its "
+                               "projected tokens (512-d), or pixels (MAE's per-patch normalised pixels with a squared "
+                               "error: no teacher, the baseline)", choices=["tokens", "proj", "pixels"])
     teacher_size: int = _f(0, "input size of an efficientnet_lite0, timm: or open_clip: teacher (0: its own, "
                               "e.g. 224); BiomedCLIP and random see the student's images")
     # data
@@ -58,6 +74,12 @@ class TrainConfig:
                                         "the folders' sizes)")
     num_workers: int | None = _f(None, "DataLoader workers per rank (default: 8, at most the CPU cores per rank)")
     synthetic_images: int = _f(8192, "number of distinct images of the synthetic data set")
+    augment: str = _f("crop", "crop: RandomResizedCrop (scale 0.2-1) and horizontal flips, URFM's and MAE's; none: "
+                              "each image's centre square resized, the same pixels every epoch",
+                      choices=["crop", "none"])
+    cache_targets: bool = _f(False, "with --augment none: compute each image's teacher targets once, at its first "
+                                    "batch, and keep them on the device for the later epochs (a small fixed image "
+                                    "set; memory: images x patches x target width x 4 bytes)")
     # schedule and optimizer
     batch_size: int = _f(256, "global batch size (all ranks, all accumulation steps)")
     micro_batch: int = _f(0, "per-rank micro-batch; < global/ranks means gradient accumulation (0 = no accumulation)")
@@ -126,15 +148,6 @@ class Stop(Exception):
         self.code = code
 
 
-def _hint_type(hint):
-    """int | None -> (int, optional)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return inner[0], True
-    return hint, False
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m urfm_fast.pretrain",
@@ -145,86 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a YAML or JSON file of flag values, keyed by the field names "
                    "below (batch_size: 256); flags given on the command line win; the run saves the resolved "
                    "values in its config.json")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        typ, _ = _hint_type(hints[f.name])
-        meta = dict(f.metadata)
-        help_ = meta.pop("help")
-        if "(default" not in help_ and f.default is not None:  # one default per line
-            help_ += f" (default: {f.default})"
-        flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            metavar = "{" + ",".join(meta["choices"]) + "}" if "choices" in meta else f.name.upper()
-            p.add_argument(flag, type=typ, help=help_, metavar=metavar, **meta)
+    add_config_flags(p, TrainConfig)
     return p
-
-
-def _load_mapping(path: str) -> dict:
-    """The mapping a --config file holds: JSON by its .json suffix, YAML otherwise (YAML reads JSON too)."""
-    file = existing("config", path, "file")
-    text = file.read_text(errors="replace")
-    if file.suffix.lower() == ".json":
-        try:
-            values = json.loads(text)
-        except ValueError as e:
-            raise FlagError(f"--config {path}: not valid JSON ({e})") from None
-    else:
-        try:
-            import yaml  # pyyaml, a dependency
-        except ImportError:
-            raise FlagError(f"--config {path}: YAML needs pyyaml (pip install pyyaml); or give a .json file") from None
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise FlagError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    values = {} if values is None else values
-    if not isinstance(values, dict):
-        raise FlagError(f"--config {path}: must hold a mapping of field names to values, not {type(values).__name__}")
-    return values
-
-
-def read_config_file(path: str) -> dict:
-    """The flag values of a YAML or JSON file (keys: TrainConfig field names), checked as if given as flags:
-    they go through the same parser as the command line (the same types, choices and messages)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    argv, nulls = [], {}
-    for key, value in _load_mapping(path).items():
-        name = str(key).replace("-", "_")
-        if name not in fields:
-            raise FlagError(f"--config {path}: unknown key {key!r} (keys are the flag names, e.g. batch_size)")
-        typ, optional = _hint_type(hints[name])
-        flag = "--" + name.replace("_", "-")
-        if value is None and optional:
-            nulls[name] = None
-        elif typ is bool and isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif value is True and fields[name].metadata.get("nargs") == "?":  # resume: true = bare --resume
-            argv.append(flag)
-        elif isinstance(value, list) and value and fields[name].metadata.get("nargs") == "+":  # data: [A, B]
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, list) and name == "data_weights":  # [0.8, 0.2]
-            argv.append(f"{flag}={','.join(map(str, value))}")
-        elif value is None or typ is bool or isinstance(value, (bool, dict, list)):
-            raise FlagError(f"--config {path}: {key}: {value!r} is not a value of {flag}")
-        else:
-            argv.append(f"{flag}={value}")  # '=': a value may start with '-'
-    parser = build_parser()
-
-    def refuse(message: str):  # argparse's own complaint (a wrong type or choice), naming the file
-        raise FlagError(f"--config {path}: {message}")
-
-    parser.error = refuse
-    return {**vars(parser.parse_args(argv)), **nulls}
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     """-> (resolved config, the flags given, demo?)."""
     given = vars(build_parser().parse_args(argv))
     if "config" in given:  # the file's values, then the flags given on the command line over them
-        given = {**read_config_file(given.pop("config")), **given}
+        given = {**read_config_values(given.pop("config"), TrainConfig, build_parser, ("data_weights",)), **given}
     if isinstance(given.get("data"), list) and len(given["data"]) == 1:  # one folder: a string, as always
         given["data"] = given["data"][0]
     saved = _saved_train_config(given["resume"], given.get("out")) if given.get("resume") else None
@@ -240,9 +182,6 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **given}.items() if k in names})
     check_train_config(cfg)  # every value in range before anything is built (train/checks.py)
-    if int(os.environ.get("RANK", 0)) == 0:
-        for line in train_warnings(cfg):
-            print(line, file=sys.stderr, flush=True)
     return cfg, given, demo
 
 

@@ -9,7 +9,7 @@ Warm-up (timm's ModelEmaV3): after ``n`` updates the decay is ``d = min(decay, (
 the EMA follows the student closely early on (an EMA of 0.9999 without warm-up is still 99.4 % its
 initial weights after 60 steps) and reaches ``decay`` after about ``10 / (1 - decay)`` updates. The count
 ``num_updates`` (skipped steps excluded) is saved with every checkpoint and restored on resume;
-``trustworthy(n, decay)`` tells loaders whether an EMA has averaged long enough to prefer it.
+``checkpoints.formats.trustworthy(n, decay)`` tells loaders whether an EMA has averaged long enough to prefer it.
 The local tensors it works on are looked up once (after FSDP2's lazy initialisation, which may
 re-pad them: at the first update) and again after ``load_state_dict`` or ``refresh()``; FSDP2
 updates sharded parameters in place, so the same local tensors stay valid between steps.
@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from urfm_fast.checkpoints.formats import clean_name, time_constant, trustworthy  # noqa: F401 (re-exported)
-
-try:  # DTensor moved out of _tensor in torch 2.4; both spellings exist in 2.4+
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()
+from urfm_fast.checkpoints.formats import clean_name
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -120,8 +116,6 @@ class EMA:
                 continue
             if isinstance(s, DTensor) and not isinstance(src, DTensor):
                 # A full tensor (e.g. from a .pth): keep only this rank's shard of it.
-                from torch.distributed.tensor import distribute_tensor
-
                 src = distribute_tensor(src.to(s.device, torch.float32), s.device_mesh, s.placements)
             s.copy_(src)
         self.refresh()

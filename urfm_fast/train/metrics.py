@@ -7,6 +7,9 @@ so logging costs one collective per ``--log-every`` steps, not one host sync per
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import resource
 import sys
@@ -40,14 +43,18 @@ def printer(d: Dist):
     return say
 
 
-def _flops(model_cfg: URFMConfig, device: torch.device) -> tuple[float | None, float | None]:
-    """(training FLOPs per image, the device's peak FLOP/s): for MFU (optional module)."""
+def _flops(model_cfg: URFMConfig, device: torch.device, teacher: bool):
+    """(training FLOPs per image at a mask ratio, the device's peak FLOP/s): for MFU (optional module)."""
     try:
         from urfm_fast.model.flops import peak_flops, train_flops_per_image
-
-        return train_flops_per_image(model_cfg, teacher=True), peak_flops(device) if device.type == "cuda" else None
     except ImportError:
         return None, None
+
+    @functools.cache  # a mask schedule has a few levels
+    def at(ratio: float) -> int:
+        return train_flops_per_image(dataclasses.replace(model_cfg, mask_ratio=ratio), teacher=teacher)
+
+    return at, peak_flops(device) if device.type == "cuda" else None
 
 
 class MetricsLogger:
@@ -58,7 +65,7 @@ class MetricsLogger:
         from tqdm.auto import tqdm
 
         self.plan, self.d, self.say = plan, d, say
-        self.flops_per_image, self.peak = _flops(model_cfg, d.device)
+        self.flops_at, self.peak = _flops(model_cfg, d.device, teacher=plan.train.target != "pixels")
         # on rank 0 and a terminal only: in a batch job's log file the console lines say the same
         self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not d.main or not sys.stderr.isatty(),
                         dynamic_ncols=True, desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
@@ -83,9 +90,11 @@ class MetricsLogger:
             self.steps += 1
         self.bar.update(1)
 
-    def log(self, step: int, epoch: int, lr: float, grad_norm: float, skipped: int, source_counts=None) -> None:
+    def log(self, step: int, epoch: int, lr: float, grad_norm: float, skipped: int, source_counts=None,
+            mask_ratio: float | None = None) -> None:
         """One record (a collective on the loss: every rank calls this at the same steps). source_counts:
-        global samples drawn from each --data folder since the run began (several folders)."""
+        global samples drawn from each --data folder since the run began (several folders); mask_ratio: the
+        ratio of the step logged (FLOPs are counted at it)."""
         batch = self.plan.train.batch_size
         mean_loss = float(all_mean(self.loss, self.d)) / self.good if self.good else float("nan")
         dt = time.time() - self.t0
@@ -94,15 +103,21 @@ class MetricsLogger:
         rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                "images_per_s": ips, "skipped": skipped, "peak_mem_gb": peak_memory_gb(self.d.device),
                "time": time.time()}
+        if mask_ratio is not None:
+            rec["mask_ratio"] = mask_ratio
         if source_counts is not None:
             rec.update(self._shares(source_counts))
-        if self.flops_per_image:
-            rec["tflops"] = ips * self.flops_per_image / 1e12
+        if self.flops_at:
+            flops = self.flops_at(self.plan.train.mask_ratio if mask_ratio is None else mask_ratio)
+            rec["tflops"] = ips * flops / 1e12
             if self.peak:
-                rec["mfu"] = ips * self.flops_per_image / (self.peak * self.d.world)
+                rec["mfu"] = ips * flops / (self.peak * self.d.world)
         if self.file:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(rec) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: a file object's error does not name the file
+                raise OSError(e.errno, e.strerror, self.file.name) from None
         if self.tb:
             add_scalars(self.tb, "train", rec, step, TB_KEYS)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
@@ -124,6 +139,7 @@ class MetricsLogger:
     def close(self) -> None:
         self.bar.close()
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):  # the failed write was reported; its buffer cannot be flushed
+                self.file.close()
         if self.tb:
             self.tb.close()

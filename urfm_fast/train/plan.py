@@ -4,7 +4,8 @@ Every value a run derives from its flags (micro-batch and accumulation, bf16, co
 mode and shard mode, the base learning rate, the total and warm-up steps, the output folder) is
 computed here and nowhere else. The plan is frozen; ``run_config`` is what ``config.json`` holds (and
 what ``--resume`` reads back through ``config.parse_config``), ``pth_args`` the ``args`` of the
-URFM-format .pth, both from the same plan. The learning rate of a step is ``schedule.lr_at``.
+URFM-format .pth, both from the same plan. The learning rate of a step is ``schedule.lr_at``, its mask
+ratio ``RunPlan.mask_ratio``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 
 from urfm_fast.checkpoints.runs import RUN_KIND
 from urfm_fast.config import VIT_PRESETS, URFMConfig
-from urfm_fast.data.stream import DataError
+from urfm_fast.data.dataset import DataError
 from urfm_fast.train.config import TrainConfig, UsageError
 from urfm_fast.train.distributed import Dist, broadcast_obj
-from urfm_fast.train.schedule import lr_at  # noqa: F401 (the schedule of the plan's steps)
+from urfm_fast.train.schedule import mask_ratio_at
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RunPlan:
     steps_per_epoch: int = 0  # the schedule, known once the data is: see with_data
     total_steps: int = 0
     warmup_steps: int = 0
+    warmup_note: str | None = None  # a warm-up longer than the run, shortened: said once at start-up
 
     @property
     def cuda(self) -> bool:
@@ -50,20 +52,28 @@ class RunPlan:
         cfg = self.train
         steps_per_epoch = batches_per_epoch // self.accumulation
         if steps_per_epoch == 0:
-            raise DataError(f"{num_images} images are fewer than one global batch of {cfg.batch_size}")
+            raise DataError(f"{num_images} images are fewer than one global batch of {cfg.batch_size}: pass a "
+                            f"smaller --batch-size (at most {num_images})")
         total = cfg.steps or cfg.epochs * steps_per_epoch
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-        return dataclasses.replace(self, steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup)
+        warmup, note = resolve_warmup(cfg, steps_per_epoch, total)
+        return dataclasses.replace(self, steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup,
+                                   warmup_note=note)
 
     def model_config(self, target_dim: int) -> URFMConfig:
         cfg = self.train
         overrides = dict(img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, mask_type=cfg.mask_type,
-                         decoder=cfg.decoder, loss_on=cfg.loss_on,
+                         decoder=cfg.decoder, loss_on=cfg.loss_on, loss="mse" if cfg.target == "pixels" else "cosine",
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
                          decoder_num_heads=cfg.decoder_heads, target_dim=target_dim)
         if cfg.depth:
             overrides["depth"] = cfg.depth
         return URFMConfig.preset(cfg.model, **overrides)
+
+    def mask_ratio(self, step: int) -> float:
+        """The mask ratio of optimizer step ``step`` (train/schedule.py)."""
+        cfg = self.train
+        return mask_ratio_at(step, self.total_steps, cfg.mask_ratio, cfg.mask_schedule, cfg.mask_start,
+                             cfg.mask_ramp, cfg.mask_levels)
 
     def run_config(self, model_cfg: URFMConfig, teacher_source: str) -> dict:
         """config.json: written once per run (start or resume), read back by --resume."""
@@ -76,6 +86,22 @@ class RunPlan:
     def pth_args(self, model_cfg: URFMConfig) -> dict:
         """The ``args`` of a URFM-format .pth: the flags and the model config (``model_*``)."""
         return dict(dataclasses.asdict(self.train), **{f"model_{k}": v for k, v in model_cfg.to_dict().items()})
+
+
+def resolve_warmup(cfg: TrainConfig, steps_per_epoch: int, total: int) -> tuple[int, str | None]:
+    """The warm-up in steps, and a warning when it had to be shortened: a warm-up longer than the run
+    (a short --steps run with the recipe's --warmup-epochs 40) would never reach the peak learning rate,
+    so it becomes a tenth of the run, the recipe's proportion (40 of 400 epochs)."""
+    if cfg.warmup_steps is not None:
+        n, source = cfg.warmup_steps, f"--warmup-steps {cfg.warmup_steps}"
+    else:
+        n = round(cfg.warmup_epochs * steps_per_epoch)
+        source = f"--warmup-epochs {cfg.warmup_epochs:g} of {steps_per_epoch} steps"
+    if n <= total:
+        return n, None
+    short = total // 10
+    return short, (f"warning: the warm-up ({n} steps, {source}) is longer than the run ({total} steps): shortened "
+                   f"to {short} steps, a tenth of the run; set --warmup-steps to choose")
 
 
 def build_plan(cfg: TrainConfig, demo: bool, d: Dist) -> RunPlan:
