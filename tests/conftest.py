@@ -12,11 +12,18 @@ marked ``interpreter_only`` and skipped there.
 """
 
 import os
+import signal
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and
+# so does every process a test starts (an ignored signal survives exec): the Ctrl-C tests would then wait for
+# a run that never stops, or skip. Ctrl-C here is what it is in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 

@@ -107,11 +107,14 @@ def test_torch_compile_fullgraph_traces_the_triton_ops(kernel_device, kernel_dty
     with ops.use_backend("torch"):
         loss_e = _all_ops(*inputs)
         (grad_e,) = torch.autograd.grad(loss_e, inputs[-1])
-    # fp32 (interpreter): the two paths differ in summation order only; bf16 (GPU): in rounding
-    tol = 1e-5 if kernel_dtype == torch.float32 else 2e-2
+    # fp32 (interpreter): the two paths differ in summation order only, which varies with the threads' split
+    # of a reduction (seen: 1.3e-5 of the largest gradient on a loaded 2-core machine); bf16 (GPU): in rounding.
+    # A wrong gradient is off by the order of the gradient itself.
+    fp32 = kernel_dtype == torch.float32
+    tol, grad_tol = (1e-5, 1e-4) if fp32 else (2e-2, 2e-2)
     torch.testing.assert_close(loss_c, loss_e, atol=tol, rtol=tol)
     grad_scale = grad_e.abs().max().item()
-    torch.testing.assert_close(grad_c, grad_e, atol=tol * grad_scale, rtol=10 * tol)
+    torch.testing.assert_close(grad_c, grad_e, atol=grad_tol * grad_scale, rtol=10 * grad_tol)
 
 
 def test_first_op_call_inside_compile_does_not_break_the_graph(monkeypatch):

@@ -535,8 +535,8 @@ def test_ctrl_c_is_one_line_and_exit_130_without_stray_workers(tmp_path):
                     break
             workers = _children(p.pid)
             os.killpg(p.pid, signal.SIGINT)
-            p.stdout.read()
-            rc = p.wait(timeout=120)
+            p.communicate(timeout=120)
+            rc = p.returncode
         finally:
             if p.poll() is None:
                 p.kill()
