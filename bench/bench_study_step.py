@@ -1,9 +1,9 @@
 """One pretraining step of the CPU study (experiments/does_it_work.py) through the product's trainer, against
-the loop the study used before (experiments/label_efficiency.py's ``train_step``), in one process.
+a bare step of the same model (what the study's own loop did before it moved onto the trainer), in one process.
 
 Rows (group ``study_step``), on the same ViT-Ti (6 blocks, 128 px, 64 patches, decoder 128d2b), batch 32,
 EfficientNet-Lite0 targets, mask 0.75:
-    study_loop    label_efficiency.train_step: targets given, AdamW, nothing else (the baseline)
+    study_loop    normalise, forward with the targets given, backward, AdamW: nothing else (the baseline)
     product_step  Trainer.train_step with --augment none --cache-targets, the cache filled: the batch from the
                   data stream, lr schedule, grad-norm clipping and its NaN check, AdamW, EMA, metrics
 
@@ -47,17 +47,23 @@ def trainer(tmp_path_factory):
 
 
 def test_study_loop(benchmark, measure, trainer):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import label_efficiency as le
-
     from urfm_fast import URFM
+    from urfm_fast.config import IMAGENET_MEAN, IMAGENET_STD
+    from urfm_fast.data.augment import normalize
 
     model = URFM(trainer.model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
     images01, _ = next(trainer.batches)
-    targets = (trainer.teacher(images01), None)
+    targets = trainer.teacher(images01)
     ids = model.sample_ids(BATCH)
-    measure(benchmark, lambda: le.train_step("urfm", model, opt, images01, targets, ids, amp=False), items=BATCH)
+
+    def step():
+        loss = model(normalize(images01, IMAGENET_MEAN, IMAGENET_STD), targets, ids)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    measure(benchmark, step, items=BATCH)
 
 
 def test_product_step(benchmark, measure, trainer):

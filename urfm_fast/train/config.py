@@ -128,7 +128,7 @@ class TrainConfig:
 
 # Demo presets: applied when --data is not given, before the flags the user did give. The CPU demo's
 # EfficientNet-Lite0 sees 128 px (an 8 x 8 stride-16 map averaged to the student's 4 x 4 grid), as in
-# experiments/label_efficiency.py: a third of its cost at 224 px; BiomedCLIP ignores the size.
+# experiments/does_it_work.py: a third of its cost at 224 px; BiomedCLIP ignores the size.
 DEMO_CPU = dict(model="vit_tiny", depth=4, img_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                 batch_size=32, steps=60, lr=1e-3, warmup_steps=5, log_every=10, save_every=30, num_workers=0,
                 synthetic_images=960, teacher_size=128)

@@ -33,12 +33,31 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def _tqdm():
+    """tqdm where it is installed (a dependency, but a bare GPU image of torch, triton, timm and numpy, which
+    experiments/gpu_method.sh runs in, lacks it: the console lines alone then)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+class _NoBar:
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    set_postfix = close = update
+
+
 def printer(d: Dist):
-    from tqdm.auto import tqdm
+    tqdm = _tqdm()
 
     def say(msg: str) -> None:
-        if d.main:
+        if d.main and tqdm:
             tqdm.write(msg, file=sys.stdout)
+        elif d.main:
+            print(msg, flush=True)
 
     return say
 
@@ -62,13 +81,13 @@ class MetricsLogger:
 
     def __init__(self, plan: RunPlan, d: Dist, model_cfg: URFMConfig, out: Path, initial_step: int, say,
                  source_counts=None):
-        from tqdm.auto import tqdm
-
+        tqdm = _tqdm()
         self.plan, self.d, self.say = plan, d, say
         self.flops_at, self.peak = _flops(model_cfg, d.device, teacher=plan.train.target != "pixels")
         # on rank 0 and a terminal only: in a batch job's log file the console lines say the same
-        self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not d.main or not sys.stderr.isatty(),
-                        dynamic_ncols=True, desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
+        self.bar = _NoBar() if tqdm is None else tqdm(
+            total=plan.total_steps, initial=initial_step, disable=not d.main or not sys.stderr.isatty(),
+            dynamic_ncols=True, desc="pretrain", unit="step", file=sys.stderr, mininterval=1.0)
         self.file = open(out / METRICS_FILE, "a") if d.main else None
         self.tb = summary_writer(out, say) if d.main else None  # event files beside metrics.jsonl
         self.loss = torch.zeros((), device=d.device)  # summed over the window's good steps, on the device
