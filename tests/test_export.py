@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -132,6 +133,27 @@ def test_refuses_to_overwrite(exported, tmp_path, capsys):
     assert main([str(ckpt), "--out", str(out), "--force", "--live"]) == 0
     assert json.loads((out / "config.json").read_text())["urfm"]["weights"] == "model"
     main([str(ckpt), "--out", str(out), "--force"])  # restore the EMA export for other tests
+
+
+def test_an_export_cut_mid_write_leaves_no_file_that_looks_whole(exported, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    ckpt, _, _ = exported
+    out = tmp_path / "cut"
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a header")  # what a full disk leaves of the file
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert main([str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left" in err, err
+    assert not list(out.iterdir())  # no model.safetensors that looks whole, no temporary file to remove by hand
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([str(ckpt), "--out", str(out)]) == 0  # the rerun with room: nothing in its way
+    assert load_file(out / "model.safetensors")
 
 
 def test_cli_bad_checkpoint_one_line(tmp_path):

@@ -106,10 +106,20 @@ def export(checkpoint, out_dir, force: bool = False, weights: str = "auto") -> P
     # safetensors wants contiguous tensors that share no storage; fp32 as timm's own exports.
     sd = {k: v.detach().float().contiguous().clone() for k, v in ckpt.encoder_state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    # safetensors writes its file mode 0600; an export is meant to be shared, so the process's umask decides
-    os.chmod(out / "model.safetensors", 0o666 & ~_umask())
-    (out / "config.json").write_text(json.dumps(export_config(ckpt), indent=2) + "\n")
+    # Each file is written beside its name and renamed into place: a killed export or a full disk never
+    # leaves a model.safetensors that looks whole.
+    model_tmp, config_tmp = out / "model.safetensors.tmp", out / "config.json.tmp"
+    try:
+        save_file(sd, str(model_tmp), metadata={"format": "pt"})
+        # safetensors writes its file mode 0600; an export is meant to be shared, so the process's umask decides
+        os.chmod(model_tmp, 0o666 & ~_umask())
+        config_tmp.write_text(json.dumps(export_config(ckpt), indent=2) + "\n")
+    except BaseException:
+        model_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+        raise
+    os.replace(model_tmp, out / "model.safetensors")
+    os.replace(config_tmp, out / "config.json")
     return out
 
 
