@@ -42,8 +42,8 @@ from urfm_fast.data.stream import SyntheticSource
 from urfm_fast.eval.backbones import resolve_backbone
 from urfm_fast.eval.config import EvalConfig
 from urfm_fast.eval.data import Split
-from urfm_fast.eval.report import format_table, json_safe, summarize
-from urfm_fast.eval.run import run
+from urfm_fast.eval.report import format_table, json_safe, row_text, summarize
+from urfm_fast.eval.run import row_key, run
 from urfm_fast.eval.seg_data import SegSplit
 from urfm_fast.eval.segmentation import run_segmentation
 from urfm_fast.train.config import parse_config
@@ -111,26 +111,72 @@ def pretrain_run(s: dict, work: Path, label: str, flags: list[str], seed: int, i
     return done[-1], dict(facts, loss_first=curve[0], loss_last=curve[-1], config=str(out / "config.json"))
 
 
+class Ledger:
+    """Probe rows kept beside the run they score (``<run>/<name>.jsonl``; the teacher's in ``<work>/teacher``):
+    a stopped study reruns only the rows it had not finished, and a run trained again with other flags (its
+    folder made anew) takes its old rows with it."""
+
+    def __init__(self, folders: dict[str, Path], name: str):
+        self.files = {label: Path(folder) / f"{name}.jsonl" for label, folder in folders.items()}
+        self.records = []
+        for label, file in self.files.items():
+            for line in file.read_text().splitlines() if file.is_file() else []:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # the line a kill cut short: that row runs again
+                    continue
+                if r["backbone"] == label:
+                    self.records.append(r)
+
+    def done(self) -> set:
+        return {row_key(r) for r in self.records}
+
+    def add(self, r: dict) -> None:
+        self.files[r["backbone"]].parent.mkdir(parents=True, exist_ok=True)
+        with self.files[r["backbone"]].open("a") as f:
+            f.write(json.dumps(json_safe(r), default=float) + "\n")
+        self.records.append(r)
+        print(row_text(r), flush=True)
+
+    def rows(self, protocols, seeds) -> list[dict]:
+        return [r for r in self.records if r["protocol"] in protocols and r["seed"] in seeds]
+
+
+def ledger(arms: dict[str, Path], teacher: str | None, keep: Path | None, name: str) -> Ledger | None:
+    """The ledger of these arms' runs (the folder of each .pth) and the teacher's, or None (``keep`` None)."""
+    if keep is None:
+        return None
+    return Ledger({**{label: pth.parent for label, pth in arms.items()}, **({"teacher": keep / "teacher"}
+                                                                         if teacher else {})}, name)
+
+
 def classify(arms: dict[str, Path], train, ev, ev_name, protocols, seeds, teacher: str | None,
-             device="cpu") -> list[dict]:
-    """Each arm's student (and ``teacher``, a pretrain --teacher spec, as the ceiling) probed on ``ev``."""
+             device="cpu", keep: Path | None = None) -> list[dict]:
+    """Each arm's student (and ``teacher``, a pretrain --teacher spec, as the ceiling) probed on ``ev``; with
+    ``keep`` (the work folder) every row is kept as it finishes, and the rows a rerun finds are not run again."""
     backbones = [resolve_backbone(f"{label}={pth}", "vit_tiny", "token", None) for label, pth in arms.items()]
     if teacher:
         backbones.append(resolve_backbone(f"teacher=teacher:{teacher}", "vit_tiny", "avg", train[0].shape[-1]))
     splits = {"train": Split(train[0].expand(-1, 3, -1, -1).contiguous(), train[1]),
               ev_name: Split(ev[0].expand(-1, 3, -1, -1).contiguous(), ev[1])}
-    return run(backbones, splits, list(synthetic.CLASSES), protocols, FRACTIONS, seeds, torch.device(device),
-               progress=lambda line: print(line, flush=True))
+    kept = ledger(arms, teacher, keep, f"probes_{ev_name}")
+    records = run(backbones, splits, list(synthetic.CLASSES), protocols, FRACTIONS, seeds, torch.device(device),
+                  progress=lambda line: print(line, flush=True), done=kept.done() if kept else (),
+                  on_record=kept.add if kept else None)
+    return kept.rows(protocols, seeds) if kept else records
 
 
-def segment(arms: dict[str, Path], train, ev, s: dict, seeds) -> list[dict]:
+def segment(arms: dict[str, Path], train, ev, s: dict, seeds, keep: Path) -> list[dict]:
     backbones = [resolve_backbone(f"{label}={pth}", "vit_tiny", "token", None) for label, pth in arms.items()]
     backbones.append(resolve_backbone(f"teacher=teacher:{TEACHER}", "vit_tiny", "token", s["img_size"]))
     cut = lambda split, n: SegSplit(split[0][:n].expand(-1, 3, -1, -1).contiguous(), split[2][:n])  # noqa: E731
     splits = {"train": cut(train, s["seg_train"]), "test": cut(ev, s["seg_n"])}
     cfg = EvalConfig(lp_epochs=40, lp_min_steps=300, lp_lr=0.1, batch_size=64)
-    return run_segmentation(backbones, splits, list(synthetic.SEG_CLASSES), ["linear"], FRACTIONS, seeds,
-                            torch.device("cpu"), cfg, progress=lambda line: print(line, flush=True), probe_batch=32)
+    kept = ledger(arms, TEACHER, keep, "dense_test")
+    run_segmentation(backbones, splits, list(synthetic.SEG_CLASSES), ["linear"], FRACTIONS, seeds,
+                     torch.device("cpu"), cfg, progress=lambda line: print(line, flush=True), probe_batch=32,
+                     done=kept.done(), on_record=kept.add)
+    return kept.rows(["linear"], seeds)
 
 
 def pooled(records: list[dict]) -> list[dict]:
@@ -142,7 +188,7 @@ def choose_ramp(s, work, images, train, val, seeds) -> tuple[str, list[dict], di
     """The ramp whose student probes best on the validation split (linear, mean over the label fractions)."""
     runs = {f"schedule[{name}]@s0": pretrain_run(s, work, f"ramp-{i}@s0", flags, 0, images)
             for i, (name, flags) in enumerate(RAMPS.items())}
-    records = classify({k: v[0] for k, v in runs.items()}, train, val, "val", ["linear"], seeds, None)
+    records = classify({k: v[0] for k, v in runs.items()}, train, val, "val", ["linear"], seeds, None, keep=work)
     score = {name: sum(r["accuracy"] for r in records if r["backbone"] == f"schedule[{name}]@s0") for name in RAMPS}
     facts = {f"ramp-{i}@s0": v[1] for i, v in enumerate(runs.values())}  # the run folders' names
     return max(score, key=score.get), records, facts
@@ -168,9 +214,9 @@ def main(argv=None) -> int:
             label = f"{arm}@s{seed}"
             run_dir = f"ramp-{list(RAMPS).index(ramp)}@s{seed}" if arm == "schedule" else label
             arms[label], facts[label] = pretrain_run(s, work, run_dir, flags, seed, images)
-    val_records = classify(arms, train, val, "val", ["linear", "knn"], seeds, None)
-    test_records = classify(arms, train, test, "test", ["linear", "attentive", "knn"], seeds, TEACHER)
-    seg_records = segment(arms, train, test, s, seeds)
+    val_records = classify(arms, train, val, "val", ["linear", "knn"], seeds, None, keep=work)
+    test_records = classify(arms, train, test, "test", ["linear", "attentive", "knn"], seeds, TEACHER, keep=work)
+    seg_records = segment(arms, train, test, s, seeds, work)
     minutes, cpu = (time.perf_counter() - t_start) / 60, (sum(os.times()[:2]) - cpu_start) / 60
     keep_configs(out, {**ramp_facts, **facts})
     write(out, a, argv, s, ramp, facts, ramp_records, val_records, test_records, seg_records, minutes, cpu)

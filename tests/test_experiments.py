@@ -62,3 +62,15 @@ def test_does_it_work_trains_every_arm_through_the_product(tmp_path):
     assert train["random"]["lr"] == 0 and all(t["cache_targets"] and t["augment"] == "none" for t in train.values())
     kept = {p.stem for p in (tmp_path / "out" / "does_it_work_runs").glob("*.json")}
     assert {f"{arm}@s0" for arm in arms} <= kept and len(kept) == len(arms) + 3  # and the three ramps tried
+    # a study stopped mid-row (the teacher's last test row cut short) reruns that row alone, and trains nothing
+    ledger = tmp_path / "work" / "teacher" / "probes_test.jsonl"
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = [line for line in again.stdout.splitlines() if " seed=" in line and ("acc=" in line or "dice=" in line)]
+    assert len(ran) == 1 and ran[0].startswith("[teacher]"), ran
+    assert "| loss " not in again.stdout  # every run's folder was found finished: nothing trained
+    accuracy = lambda rows: {(r["backbone"], r["protocol"], r["fraction"]): r["accuracy"] for r in rows}  # noqa: E731
+    rerun = json.loads((tmp_path / "out" / "does_it_work_study.json").read_text())["test"]
+    assert accuracy(rerun) == pytest.approx(accuracy(res["test"]), abs=1e-6)
